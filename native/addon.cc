@@ -1,0 +1,42 @@
+// rnull_native: the small native shim of rnull. It does only what JavaScript cannot do well:
+// the unix socket with fd passing, mmap of guest memory, fd watching, eventfds, and the split
+// virtqueue walk that needs memory barriers. Everything else lives in TypeScript (src/).
+#include <napi.h>
+
+#include "errors.h"
+#include "fd_ops.h"
+#include "fd_watcher.h"
+#include "guest_memory.h"
+#include "socket.h"
+#include "virtqueue.h"
+
+namespace rnull {
+
+// initialize(SyscallError): registers the JS error class thrown for failed syscalls.
+static Napi::Value Initialize(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1 || !info[0].IsFunction()) {
+    ThrowTypeError(info.Env(), "expected the SyscallError class");
+    return Napi::Value();
+  }
+  AddonData* data = info.Env().GetInstanceData<AddonData>();
+  data->syscallError = Napi::Persistent(info[0].As<Napi::Function>());
+  return info.Env().Undefined();
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  AddonData* data = new AddonData();
+  env.SetInstanceData(data);
+  exports.Set("initialize", Napi::Function::New(env, Initialize, "initialize"));
+  InitFdOps(env, exports);
+  InitSocket(env, exports);
+  FdWatcher::Init(env, exports);
+  GuestMemory::Init(env, exports, &data->guestMemoryCtor);
+  Virtqueue::Init(env, exports);
+  return exports;
+}
+
+}  // namespace rnull
+
+static Napi::Object InitModule(Napi::Env env, Napi::Object exports) { return rnull::Init(env, exports); }
+
+NODE_API_MODULE(rnull_native, InitModule)

@@ -1,0 +1,28 @@
+// Errors thrown into JavaScript.
+//
+// Syscall failures become instances of the JS class SyscallError (lib: src/native/errors.ts),
+// registered once through initialize(); the addon never exits or aborts the process.
+#pragma once
+#include <napi.h>
+
+namespace rnull {
+
+// Per-environment state of the addon (safe with worker threads: one per env).
+struct AddonData {
+  Napi::FunctionReference syscallError;
+  Napi::FunctionReference guestMemoryCtor;
+};
+
+// Throws SyscallError{syscall, errno, message} (or a plain Error before initialize()).
+void ThrowSyscallError(Napi::Env env, const char* syscall, int err);
+
+// Throws a TypeError / RangeError / Error with the given message.
+void ThrowTypeError(Napi::Env env, const char* message);
+void ThrowRangeError(Napi::Env env, const char* message);
+void ThrowError(Napi::Env env, const char* message);
+
+// Argument helpers: each returns false after throwing a TypeError naming the argument.
+bool ArgInt(const Napi::CallbackInfo& info, size_t i, const char* name, int64_t* out);
+bool ArgNumber(const Napi::CallbackInfo& info, size_t i, const char* name, double* out);
+
+}  // namespace rnull

@@ -1,0 +1,34 @@
+// FdWatcher: calls a JS function whenever an fd becomes readable, on the event loop of the
+// thread that created it (libuv uv_poll). Used for the listening socket, the connection and
+// every kick eventfd. The watcher keeps itself alive (a strong reference) while it is
+// started, so a watcher the JS side dropped can never fire into a collected object.
+#pragma once
+#include <napi.h>
+#include <uv.h>
+
+namespace rnull {
+
+class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
+ public:
+  static void Init(Napi::Env env, Napi::Object exports);
+  explicit FdWatcher(const Napi::CallbackInfo& info);
+  ~FdWatcher() override;
+
+ private:
+  // new FdWatcher(fd, callback, drainEventfd): with drainEventfd the counter is read (reset)
+  // before callback() runs, so one callback answers any number of kicks.
+  Napi::Value Start(const Napi::CallbackInfo& info);
+  Napi::Value Stop(const Napi::CallbackInfo& info);
+  void StopPolling();
+  static void OnPoll(uv_poll_t* handle, int status, int events);
+  static void OnClose(uv_handle_t* handle);
+
+  int fd_;
+  bool drainEventfd_;
+  bool active_ = false;
+  uv_poll_t* poll_ = nullptr;
+  Napi::FunctionReference callback_;
+  Napi::AsyncContext* asyncContext_ = nullptr;
+};
+
+}  // namespace rnull

@@ -1,0 +1,160 @@
+#include "guest_memory.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include <string>
+
+#include "errors.h"
+
+namespace rnull {
+
+void GuestMemory::Init(Napi::Env env, Napi::Object exports, Napi::FunctionReference* ctor) {
+  Napi::Function f = DefineClass(env, "GuestMemory",
+                                 {InstanceMethod<&GuestMemory::Chunks>("chunks"), InstanceMethod<&GuestMemory::Unmap>("unmap")});
+  *ctor = Napi::Persistent(f);
+  exports.Set("GuestMemory", f);
+}
+
+namespace {
+bool GetU64(Napi::Object o, const char* key, uint64_t* out) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsNumber()) return false;
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (!(d >= 0) || d > 9007199254740991.0 || d != static_cast<double>(static_cast<uint64_t>(d))) return false;
+  *out = static_cast<uint64_t>(d);
+  return true;
+}
+}  // namespace
+
+// new GuestMemory([{ gpa, size, uaddr, mmapOffset, fd }, ...]): maps every region (MAP_SHARED,
+// read/write). Numbers are bytes. The fds stay owned by the caller (they may be closed after).
+// Throws RangeError for an empty, overflowing or overlapping region, SyscallError if mmap fails.
+GuestMemory::GuestMemory(const Napi::CallbackInfo& info) : Napi::ObjectWrap<GuestMemory>(info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsArray()) {
+    ThrowTypeError(env, "expected an array of regions");
+    return;
+  }
+  Napi::Array arr = info[0].As<Napi::Array>();
+  uint32_t nextChunk = 0;
+  for (uint32_t i = 0; i < arr.Length(); i++) {
+    Napi::Value v = arr.Get(i);
+    if (!v.IsObject()) {
+      ThrowTypeError(env, "region is not an object");
+      UnmapAll();
+      return;
+    }
+    Napi::Object o = v.As<Napi::Object>();
+    GuestRegion r = {};
+    uint64_t off = 0, fd = 0;
+    if (!GetU64(o, "gpa", &r.gpa) || !GetU64(o, "size", &r.size) || !GetU64(o, "uaddr", &r.uaddr) ||
+        !GetU64(o, "mmapOffset", &off) || !GetU64(o, "fd", &fd)) {
+      ThrowTypeError(env, "region fields gpa, size, uaddr, mmapOffset, fd must be safe non-negative integers");
+      UnmapAll();
+      return;
+    }
+    if (r.size == 0 || r.gpa + r.size < r.gpa || r.uaddr + r.size < r.uaddr || off + r.size < off) {
+      ThrowRangeError(env, "memory region is empty or wraps around");
+      UnmapAll();
+      return;
+    }
+    for (const GuestRegion& o2 : regions_) {
+      if (r.gpa < o2.gpa + o2.size && o2.gpa < r.gpa + r.size) {
+        ThrowRangeError(env, "memory regions overlap in guest-physical space");
+        UnmapAll();
+        return;
+      }
+    }
+    // Map from file offset 0 so that a mmap offset that is not page-aligned still works.
+    r.mapLength = static_cast<size_t>(off + r.size);
+    r.mapBase = ::mmap(nullptr, r.mapLength, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, static_cast<int>(fd), 0);
+    if (r.mapBase == MAP_FAILED) {
+      int e = errno;
+      UnmapAll();
+      ThrowSyscallError(env, "mmap", e);
+      return;
+    }
+    r.host = static_cast<uint8_t*>(r.mapBase) + off;
+    r.firstChunk = nextChunk;
+    nextChunk += static_cast<uint32_t>((r.size + kChunkBytes - 1) >> kChunkShift);
+    regions_.push_back(r);
+    mapped_ = true;
+  }
+  for (const GuestRegion& r : regions_) {
+    for (uint64_t start = 0; start < r.size; start += kChunkBytes) {
+      uint64_t len = r.size - start < kChunkBytes ? r.size - start : kChunkBytes;
+      Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, r.host + start, static_cast<size_t>(len));
+      if (env.IsExceptionPending()) {
+        UnmapAll();
+        return;
+      }
+      chunks_.push_back(Napi::Persistent(ab));
+    }
+  }
+}
+
+GuestMemory::~GuestMemory() { UnmapAll(); }
+
+void GuestMemory::UnmapAll() {
+  for (auto& ref : chunks_) {
+    if (!ref.IsEmpty()) {
+      Napi::ArrayBuffer ab = ref.Value();
+      if (!ab.IsEmpty() && !ab.IsDetached()) ab.Detach();
+    }
+  }
+  chunks_.clear();
+  for (const GuestRegion& r : regions_) ::munmap(r.mapBase, r.mapLength);
+  regions_.clear();
+  mapped_ = false;
+}
+
+// chunks(): ArrayBuffer[]: chunk i is the i-th 1 GiB piece of the regions, in table order.
+Napi::Value GuestMemory::Chunks(const Napi::CallbackInfo& info) {
+  Napi::Array a = Napi::Array::New(info.Env(), chunks_.size());
+  for (size_t i = 0; i < chunks_.size(); i++) a.Set(static_cast<uint32_t>(i), chunks_[i].Value());
+  return a;
+}
+
+// unmap(): detaches the chunks and unmaps every region. Callers must have stopped every
+// virtqueue using this table first (Virtqueue checks mapped() and fails safe otherwise).
+Napi::Value GuestMemory::Unmap(const Napi::CallbackInfo& info) {
+  UnmapAll();
+  return info.Env().Undefined();
+}
+
+uint8_t* GuestMemory::HostRangeGpa(uint64_t gpa, uint64_t len) const {
+  for (const GuestRegion& r : regions_) {
+    if (gpa >= r.gpa && gpa - r.gpa < r.size && len <= r.size - (gpa - r.gpa)) return r.host + (gpa - r.gpa);
+  }
+  return nullptr;
+}
+
+uint8_t* GuestMemory::HostRangeUaddr(uint64_t uaddr, uint64_t len) const {
+  for (const GuestRegion& r : regions_) {
+    if (uaddr >= r.uaddr && uaddr - r.uaddr < r.size && len <= r.size - (uaddr - r.uaddr)) return r.host + (uaddr - r.uaddr);
+  }
+  return nullptr;
+}
+
+bool GuestMemory::Translate(uint64_t gpa, uint64_t len, ChunkRef* out) const {
+  size_t n = regions_.size();
+  for (size_t k = 0; k < n; k++) {
+    size_t i = (lastHit_ + k) % n;  // descriptors cluster in one region: try the last hit first
+    const GuestRegion& r = regions_[i];
+    if (gpa < r.gpa || gpa - r.gpa >= r.size) continue;
+    lastHit_ = i;
+    uint64_t rel = gpa - r.gpa;
+    uint64_t inChunk = rel & (kChunkBytes - 1);
+    uint64_t avail = kChunkBytes - inChunk;
+    if (avail > r.size - rel) avail = r.size - rel;
+    out->chunk = r.firstChunk + static_cast<uint32_t>(rel >> kChunkShift);
+    out->offset = static_cast<uint32_t>(inChunk);
+    out->length = static_cast<uint32_t>(len < avail ? len : avail);
+    return true;
+  }
+  return false;
+}
+
+}  // namespace rnull

@@ -1,0 +1,9 @@
+// The vhost-user unix socket: listen/accept, and whole messages in and out with their fds
+// (SCM_RIGHTS). Message syntax (header fields, payload layout) is parsed in TypeScript
+// (src/vhost/message.ts); this file only moves bytes and fds.
+#pragma once
+#include <napi.h>
+
+namespace rnull {
+void InitSocket(Napi::Env env, Napi::Object exports);
+}

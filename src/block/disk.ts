@@ -1,0 +1,62 @@
+/**
+ * Disk: one block device served to a guest (the kernel's GenDisk), immutable once built:
+ * capacity, logical block size, read-only flag, serial, and the tag set and driver behind it.
+ */
+import type { Operations } from './operations';
+import type { TagSet } from './tag-set';
+
+export interface DiskOptions {
+  name: string;
+  /** Capacity in 512-byte sectors (always 512-byte units, whatever the logical block size). */
+  capacitySectors: number;
+  /** Logical block size in bytes: a power of two from 512 to 4096. */
+  logicalBlockSize: number;
+  readOnly: boolean;
+  /** Serial number returned to VIRTIO_BLK_T_GET_ID: up to 20 bytes of ASCII. */
+  serial: string;
+  /** Advertise a volatile write cache: the guest sends FLUSH requests. */
+  flush: boolean;
+  tagSet: TagSet;
+  ops: Operations;
+}
+
+/**
+ * Checks a logical block size (the counterpart of gen_disk.rs validate_block_size).
+ * @throws RangeError unless it is a power of two from 512 to 4096.
+ */
+export function validateBlockSize(bytes: number): void {
+  if (!Number.isInteger(bytes) || bytes < 512 || bytes > 4096 || (bytes & (bytes - 1)) !== 0) {
+    throw new RangeError(`block size must be a power of two from 512 to 4096 bytes, got ${bytes}`);
+  }
+}
+
+export class Disk {
+  readonly name: string;
+  readonly capacitySectors: number;
+  readonly logicalBlockSize: number;
+  readonly readOnly: boolean;
+  readonly serial: string;
+  readonly flush: boolean;
+  readonly tagSet: TagSet;
+  readonly ops: Operations;
+
+  /** @throws RangeError for a bad block size, a capacity that is not a whole number of blocks, or a bad serial. */
+  constructor(options: DiskOptions) {
+    validateBlockSize(options.logicalBlockSize);
+    const perBlock = options.logicalBlockSize / 512;
+    if (!Number.isSafeInteger(options.capacitySectors) || options.capacitySectors <= 0 || options.capacitySectors % perBlock !== 0) {
+      throw new RangeError(`capacity must be a positive whole number of ${options.logicalBlockSize}-byte blocks, got ${options.capacitySectors} sectors`);
+    }
+    if (!/^[\x20-\x7e]{0,20}$/.test(options.serial)) {
+      throw new RangeError(`serial must be at most 20 printable ASCII characters, got ${JSON.stringify(options.serial)}`);
+    }
+    this.name = options.name;
+    this.capacitySectors = options.capacitySectors;
+    this.logicalBlockSize = options.logicalBlockSize;
+    this.readOnly = options.readOnly;
+    this.serial = options.serial;
+    this.flush = options.flush;
+    this.tagSet = options.tagSet;
+    this.ops = options.ops;
+  }
+}

@@ -1,0 +1,44 @@
+/**
+ * The driver contract, after the kernel's `kernel::block::mq::Operations`
+ * (rust/kernel/block/mq/operations.rs): a driver receives requests in `queueRq`, may batch
+ * work until `commitRqs`, and ends each request exactly once (see Request).
+ */
+import type { HwQueue } from './hw-queue';
+import type { Request } from './request';
+
+/**
+ * Completion status of a request. The values are virtio-blk's status byte
+ * (VIRTIO 1.2 section 5.2.6: VIRTIO_BLK_S_OK, _IOERR, _UNSUPP), the counterpart of blk_status_t.
+ */
+export const enum BlkStatus {
+  Ok = 0,
+  IoErr = 1,
+  Unsupp = 2,
+}
+
+/** What a request asks for (the counterpart of REQ_OP_*). */
+export const enum ReqOp {
+  /** Read `bytes` from `sector` into the request's (device-writable) segments. */
+  Read = 0,
+  /** Write the request's (device-readable) segments to `sector`. */
+  Write = 1,
+  /** Make every completed write durable. No data. */
+  Flush = 2,
+}
+
+export interface Operations {
+  /**
+   * Called for each request taken from a hardware queue, with `isLast` true for the last of
+   * the current batch. The driver now owns the request and must end it (now or later) with
+   * `request.end(status)`. Returning a status other than Ok refuses the request: the core
+   * ends it with that status, and the driver must not end it too.
+   */
+  queueRq(hctx: HwQueue, request: Request, isLast: boolean): BlkStatus;
+  /** Called after a batch whose last request was not passed with isLast (kernel commit_rqs). */
+  commitRqs?(hctx: HwQueue): void;
+  /**
+   * Deferred completion: after `request.complete()`, the core calls this once the current
+   * batch is done (the counterpart of the softirq `complete` callback); the driver ends it here.
+   */
+  complete?(request: Request): void;
+}

@@ -1,0 +1,87 @@
+/**
+ * Configuration of one disk (convict schema). Keys use null_blk's names where null_blk has
+ * them (size, blocksize, memory_backed); each has a kebab-case command-line flag.
+ */
+import convict from 'convict';
+
+export interface DiskConfig {
+  name: string;
+  socket: string;
+  size: number;
+  blocksize: number;
+  memory_backed: boolean;
+  num_queues: number;
+  read_only: boolean;
+  serial: string;
+}
+
+export const diskSchema = {
+  name: {
+    doc: 'Disk name used in logs; defaults to the socket file name without its extension.',
+    format: String,
+    default: '',
+  },
+  socket: {
+    doc: 'Path of the vhost-user unix socket that QEMU connects to (rnull is the server).',
+    format: String,
+    default: './rnull.sock',
+  },
+  size: {
+    doc: 'Capacity in MiB (null_blk "size").',
+    format: 'positive-int',
+    default: 1024,
+  },
+  blocksize: {
+    doc: 'Logical block size in bytes (null_blk "blocksize"): 512, 1024, 2048 or 4096.',
+    format: [512, 1024, 2048, 4096],
+    default: 512,
+  },
+  memory_backed: {
+    doc: 'Keep written data in memory (null_blk "memory_backed"); otherwise reads return zeroes and writes are dropped.',
+    format: Boolean,
+    default: true,
+  },
+  num_queues: {
+    doc: 'Largest number of virtqueues (hardware queues) a front-end may use, 1 to 64 (QEMU: num-queues).',
+    format: 'queue-count',
+    default: 1,
+  },
+  read_only: {
+    doc: 'Offer the disk read-only (VIRTIO_BLK_F_RO); writes fail with IOERR.',
+    format: Boolean,
+    default: false,
+  },
+  serial: {
+    doc: 'Serial number answered to VIRTIO_BLK_T_GET_ID: at most 20 printable ASCII characters.',
+    format: 'serial',
+    default: 'rnull',
+  },
+};
+
+let formatsAdded = false;
+
+/** Registers the custom formats the schemas use (idempotent). */
+export function addFormats(): void {
+  if (formatsAdded) return;
+  formatsAdded = true;
+  convict.addFormat({
+    name: 'positive-int',
+    validate(v: unknown) {
+      if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0) throw new Error('expected a positive whole number');
+    },
+    coerce: (v: unknown) => (typeof v === 'string' && /^\d+$/.test(v) ? Number(v) : v),
+  });
+  convict.addFormat({
+    name: 'queue-count',
+    validate(v: unknown) {
+      if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > 64) throw new Error('expected a whole number from 1 to 64');
+    },
+    coerce: (v: unknown) => (typeof v === 'string' && /^\d+$/.test(v) ? Number(v) : v),
+  });
+  convict.addFormat({
+    name: 'serial',
+    validate(v: unknown) {
+      if (typeof v !== 'string' || !/^[\x20-\x7e]{0,20}$/.test(v)) throw new Error('expected at most 20 printable ASCII characters');
+    },
+  });
+}

@@ -1,0 +1,93 @@
+/**
+ * Loads the per-VM configuration: a JSON file `{ "log_level": ..., "disks": [ {...}, ... ] }`
+ * (each disk as in disk-schema.ts), then command-line flags on top. Every problem is reported
+ * as a ConfigError naming the file, the key, the value and what was expected.
+ */
+import convict from 'convict';
+import * as fs from 'fs';
+import * as path from 'path';
+import { addFormats, DiskConfig, diskSchema } from './disk-schema';
+
+export class ConfigError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'ConfigError';
+  }
+}
+
+export interface DaemonConfig {
+  log_level: string;
+  disks: DiskConfig[];
+}
+
+const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
+
+/** Disk keys that flags may set, by flag-derived name. */
+export type DiskOverrides = Partial<Omit<DiskConfig, 'name'>>;
+
+const topSchema = {
+  log_level: { doc: 'Log level: fatal, error, warn, info, debug, trace or silent.', format: LOG_LEVELS, default: 'info' },
+  disks: { doc: 'The disks of this VM, each on its own socket.', format: Array, default: [] as unknown[] },
+};
+
+/**
+ * Builds the daemon configuration from an optional file and flag overrides. Without a file
+ * there is one disk with the defaults (1 GiB memory-backed null disk at ./rnull.sock). Flags
+ * apply to every disk of the file; --socket only when the file has a single disk.
+ * @throws ConfigError
+ */
+export function loadConfig(file: string | undefined, overrides: DiskOverrides, logLevel?: string): DaemonConfig {
+  addFormats();
+  const where = file ?? 'command line';
+  let raw: Record<string, unknown> = {};
+  if (file !== undefined) {
+    let text: string;
+    try {
+      text = fs.readFileSync(file, 'utf8');
+    } catch (e) {
+      throw new ConfigError(`cannot read config file ${file}: ${(e as Error).message}`);
+    }
+    try {
+      raw = JSON.parse(text) as Record<string, unknown>;
+    } catch (e) {
+      throw new ConfigError(`config file ${file} is not valid JSON: ${(e as Error).message}`);
+    }
+    if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) throw new ConfigError(`config file ${file}: expected a JSON object`);
+  }
+  const top = convict(topSchema, { args: [], env: {} });
+  try {
+    top.load(raw);
+    if (logLevel !== undefined) top.set('log_level', logLevel);
+    top.validate({ allowed: 'strict' });
+  } catch (e) {
+    throw new ConfigError(`${where}: ${(e as Error).message}`);
+  }
+  let disks = (top.get('disks') as unknown[]).slice();
+  if (disks.length === 0) disks = [{}];
+  if (overrides.socket !== undefined && disks.length > 1) {
+    throw new ConfigError(`${where}: --socket cannot apply to ${disks.length} disks; give each disk its socket in the file`);
+  }
+  const out = disks.map((d, i) => loadDisk(d, overrides, `${where}: disks[${i}]`));
+  const sockets = new Set<string>();
+  for (const [i, d] of out.entries()) {
+    const abs = path.resolve(d.socket);
+    if (sockets.has(abs)) throw new ConfigError(`${where}: disks[${i}].socket: ${d.socket} is used by another disk`);
+    sockets.add(abs);
+  }
+  return { log_level: top.get('log_level') as string, disks: out };
+}
+
+function loadDisk(raw: unknown, overrides: DiskOverrides, where: string): DiskConfig {
+  if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) throw new ConfigError(`${where}: expected an object`);
+  const c = convict<DiskConfig>(diskSchema as convict.Schema<DiskConfig>, { args: [], env: {} });
+  try {
+    c.load(raw as Partial<DiskConfig>);
+    for (const [k, v] of Object.entries(overrides)) if (v !== undefined) c.set(k as keyof DiskConfig, v as never);
+    c.validate({ allowed: 'strict' });
+  } catch (e) {
+    throw new ConfigError(`${where}: ${(e as Error).message}`);
+  }
+  const d = c.getProperties();
+  if (d.name === '') d.name = path.basename(d.socket).replace(/\.[^.]*$/, '');
+  return d;
+}

@@ -1,0 +1,115 @@
+/**
+ * rnull daemon entry point: `rnull [--config vm.json] [flags]`.
+ *
+ * Serves each configured disk on its vhost-user socket until SIGTERM or SIGINT, then stops
+ * the rings, removes the sockets and exits 0. Exit status 2 for a bad configuration, 1 for
+ * any other start-up failure.
+ */
+import { Command, InvalidArgumentError, Option } from 'commander';
+import pino from 'pino';
+import { ConfigError, DiskOverrides, loadConfig } from '../config/load';
+import { qemuCommandLine, Service } from './service';
+
+function int(name: string) {
+  return (v: string): number => {
+    if (!/^\d+$/.test(v)) throw new InvalidArgumentError(`${name} expects a whole number, got "${v}"`);
+    return Number(v);
+  };
+}
+
+function bool(v: string): boolean {
+  if (v === 'true' || v === '1') return true;
+  if (v === 'false' || v === '0') return false;
+  throw new InvalidArgumentError(`expected true or false, got "${v}"`);
+}
+
+export function buildCli(): Command {
+  return new Command('rnull')
+    .description('vhost-user-blk back-end serving null_blk-style disks to QEMU guests')
+    .option('-c, --config <file>', 'per-VM configuration file (JSON)')
+    .option('--socket <path>', 'vhost-user socket path (default ./rnull.sock)')
+    .option('--size <MiB>', 'capacity in MiB (default 1024)', int('--size'))
+    .addOption(new Option('--blocksize <bytes>', 'logical block size (default 512)').choices(['512', '1024', '2048', '4096']).argParser(Number))
+    .option('--memory-backed <bool>', 'keep written data (default true)', bool)
+    .option('--num-queues <n>', 'largest number of virtqueues (default 1)', int('--num-queues'))
+    .option('--read-only <bool>', 'offer the disk read-only (default false)', bool)
+    .option('--serial <text>', 'GET_ID serial, at most 20 ASCII characters (default "rnull")')
+    .addOption(new Option('--log-level <level>', 'log level (default info)').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
+    .showHelpAfterError();
+}
+
+interface CliOptions {
+  config?: string;
+  socket?: string;
+  size?: number;
+  blocksize?: number;
+  memoryBacked?: boolean;
+  numQueues?: number;
+  readOnly?: boolean;
+  serial?: string;
+  logLevel?: string;
+}
+
+export async function main(argv: string[]): Promise<void> {
+  const cli = buildCli().parse(argv);
+  const o = cli.opts<CliOptions>();
+  const overrides: DiskOverrides = {
+    socket: o.socket,
+    size: o.size,
+    blocksize: o.blocksize,
+    memory_backed: o.memoryBacked,
+    num_queues: o.numQueues,
+    read_only: o.readOnly,
+    serial: o.serial,
+  };
+  let config;
+  try {
+    config = loadConfig(o.config, overrides, o.logLevel);
+  } catch (e) {
+    if (e instanceof ConfigError) {
+      process.stderr.write(`rnull: ${e.message}\n`);
+      process.exit(2);
+    }
+    throw e;
+  }
+  const log = pino({ level: config.log_level, base: { pid: process.pid } });
+  const service = new Service(config.disks, log);
+  try {
+    service.start();
+  } catch (e) {
+    log.fatal({ err: e }, `cannot start: ${(e as Error).message}`);
+    process.exit(1);
+  }
+  for (const d of service.disks) {
+    log.info(
+      { disk: d.config.name, socket: d.config.socket, sizeMiB: d.config.size, blocksize: d.config.blocksize, memoryBacked: d.config.memory_backed, numQueues: d.config.num_queues },
+      'serving null disk',
+    );
+  }
+  log.info({ qemu: qemuCommandLine(config.disks) }, `attach with: ${qemuCommandLine(config.disks)}`);
+  let stopping = false;
+  const stop = (signal: string): void => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal }, 'shutting down');
+    service.stop().then(
+      () => {
+        log.info('stopped');
+        process.exit(0);
+      },
+      (e: unknown) => {
+        log.error({ err: e }, 'shutdown failed');
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
+}
+
+if (require.main === module) {
+  main(process.argv).catch((e: unknown) => {
+    process.stderr.write(`rnull: ${(e as Error).stack ?? String(e)}\n`);
+    process.exit(1);
+  });
+}

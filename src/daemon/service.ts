@@ -1,0 +1,79 @@
+/**
+ * Service: the disks of one daemon, each with its driver, tag set, vhost-user device and
+ * socket; started together and stopped together (rings stopped, sockets removed).
+ */
+import * as path from 'path';
+import type { Logger } from 'pino';
+import { Disk } from '../block/disk';
+import { TagSet } from '../block/tag-set';
+import type { DiskConfig } from '../config/disk-schema';
+import { NullDriver } from '../drivers/null/null-driver';
+import { MAX_QUEUE_SIZE } from '../native';
+import { VhostUserBlkDevice } from '../vhost/blk-device';
+import { VhostUserServer } from '../vhost/server';
+
+const MIB_SECTORS = 2048; // 512-byte sectors per MiB
+
+export interface ServedDisk {
+  config: DiskConfig;
+  disk: Disk;
+  driver: NullDriver;
+  device: VhostUserBlkDevice;
+  server: VhostUserServer;
+}
+
+/** Builds a null disk and its vhost-user server from its configuration (not yet listening). */
+export function createDisk(config: DiskConfig, log: Logger): ServedDisk {
+  const driver = new NullDriver({ memoryBacked: config.memory_backed });
+  const tagSet = new TagSet({ nrHwQueues: config.num_queues, queueDepth: MAX_QUEUE_SIZE });
+  const disk = new Disk({
+    name: config.name,
+    capacitySectors: config.size * MIB_SECTORS,
+    logicalBlockSize: config.blocksize,
+    readOnly: config.read_only,
+    serial: config.serial,
+    flush: true,
+    tagSet,
+    ops: driver,
+  });
+  const dlog = log.child({ disk: config.name });
+  const device = new VhostUserBlkDevice(disk, config.num_queues, dlog);
+  const server = new VhostUserServer(config.socket, device, dlog);
+  return { config, disk, driver, device, server };
+}
+
+/** The QEMU options that attach `d` to a guest (memory must be shared with the back-end). */
+export function qemuCommandLine(disks: readonly DiskConfig[]): string {
+  const parts = ['qemu-system-x86_64 -machine q35 -m 1G', '-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem'];
+  disks.forEach((d, i) => {
+    parts.push(`-chardev socket,id=rnull${i},path=${path.resolve(d.socket)},reconnect=1`);
+    parts.push(`-device vhost-user-blk-pci,chardev=rnull${i},num-queues=${d.num_queues}`);
+  });
+  return parts.join(' ');
+}
+
+export class Service {
+  readonly disks: ServedDisk[];
+
+  constructor(configs: readonly DiskConfig[], private readonly log: Logger) {
+    this.disks = configs.map((c) => createDisk(c, log));
+  }
+
+  /** Listens on every socket; on a failure, closes the ones already open and rethrows. */
+  start(): void {
+    const started: ServedDisk[] = [];
+    try {
+      for (const d of this.disks) {
+        d.server.listen();
+        started.push(d);
+      }
+    } catch (e) {
+      for (const d of started) void d.server.close();
+      throw e;
+    }
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all(this.disks.map((d) => d.server.close()));
+  }
+}

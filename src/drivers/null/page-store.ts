@@ -1,0 +1,64 @@
+/**
+ * PageStore: the memory backing of a null disk, a sparse map from page number to a 4 KiB page
+ * (null_blk and rnull keep the same shape: an xarray of pages). Pages that were never written
+ * read as zeroes. Pages are carved from 1 MiB slabs, so the data path allocates one object per
+ * 256 new pages, not one per page.
+ *
+ * Byte positions are disk offsets in bytes (sector * 512).
+ */
+export const PAGE_SIZE = 4096;
+const PAGE_SHIFT = 12;
+const SLAB_PAGES = 256;
+
+export class PageStore {
+  private readonly pages = new Map<number, Buffer>();
+  private slab: Buffer | null = null;
+  private slabUsed = SLAB_PAGES;
+
+  /** Pages allocated so far (each 4 KiB of memory). */
+  get pageCount(): number {
+    return this.pages.size;
+  }
+
+  /** Copies `len` bytes of `src` from `srcOff` into the disk at byte `pos`. */
+  write(pos: number, src: Buffer, srcOff: number, len: number): void {
+    while (len > 0) {
+      const pageNo = Math.floor(pos / PAGE_SIZE);
+      const inPage = pos - pageNo * PAGE_SIZE;
+      const n = Math.min(len, PAGE_SIZE - inPage);
+      let page = this.pages.get(pageNo);
+      if (page === undefined) {
+        page = this.allocPage();
+        this.pages.set(pageNo, page);
+      }
+      src.copy(page, inPage, srcOff, srcOff + n);
+      pos += n;
+      srcOff += n;
+      len -= n;
+    }
+  }
+
+  /** Copies `len` bytes from the disk at byte `pos` into `dst` at `dstOff` (zeroes where unwritten). */
+  read(pos: number, dst: Buffer, dstOff: number, len: number): void {
+    while (len > 0) {
+      const pageNo = Math.floor(pos / PAGE_SIZE);
+      const inPage = pos - pageNo * PAGE_SIZE;
+      const n = Math.min(len, PAGE_SIZE - inPage);
+      const page = this.pages.get(pageNo);
+      if (page === undefined) dst.fill(0, dstOff, dstOff + n);
+      else page.copy(dst, dstOff, inPage, inPage + n);
+      pos += n;
+      dstOff += n;
+      len -= n;
+    }
+  }
+
+  private allocPage(): Buffer {
+    if (this.slabUsed === SLAB_PAGES) {
+      this.slab = Buffer.alloc(SLAB_PAGES << PAGE_SHIFT);
+      this.slabUsed = 0;
+    }
+    const start = this.slabUsed++ << PAGE_SHIFT;
+    return (this.slab as Buffer).subarray(start, start + PAGE_SIZE);
+  }
+}

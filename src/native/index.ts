@@ -1,0 +1,100 @@
+/**
+ * Typed binding of the native shim (native/*.cc, built by binding.gyp into
+ * build/Release/rnull_native.node). See each C++ file for the contract of its functions.
+ */
+import * as path from 'path';
+import { SyscallError } from './errors';
+
+/** One region of a vhost-user memory table; every field in bytes (vhost-user.rst, "Memory regions"). */
+export interface MemoryRegionSpec {
+  gpa: number;
+  size: number;
+  uaddr: number;
+  mmapOffset: number;
+  fd: number;
+}
+
+/** The mapped memory table; chunk i is the i-th (at most 1 GiB) piece of the regions in order. */
+export interface NativeGuestMemory {
+  chunks(): ArrayBuffer[];
+  unmap(): void;
+}
+
+export interface VirtqueueConfig {
+  memory: NativeGuestMemory;
+  /** Ring size in descriptors: a power of two, 1..1024. */
+  size: number;
+  /** Front-end virtual addresses of the descriptor table, avail ring and used ring. */
+  descAddr: number;
+  availAddr: number;
+  usedAddr: number;
+  /** Next avail index to read (SET_VRING_BASE). */
+  lastAvailIdx: number;
+  eventIdx: boolean;
+  indirect: boolean;
+  /** size * MAX_SEGMENTS * SEGMENT_WORDS words: [chunk, offset, length, flags] per segment, by head. */
+  segments: Uint32Array;
+  /** size * BATCH_WORDS words: [head, segmentCount, chainError] per popped chain. */
+  batch: Uint32Array;
+  /** size * 2 words: [head, bytesWritten] per used element to publish. */
+  used: Uint32Array;
+}
+
+export interface VirtqueueState {
+  ready: boolean;
+  broken: boolean;
+  brokenReason: string;
+  lastAvailIdx: number;
+  usedIdx: number;
+  inflight: number;
+  calls: number;
+}
+
+export interface NativeVirtqueue {
+  configure(config: VirtqueueConfig): void;
+  setCallFd(fd: number): void;
+  /** Chains popped into the batch (0: none), or -1 once the queue is broken. */
+  pop(): number;
+  /** Publishes used[0..n); returns how many were published. */
+  push(n: number): number;
+  /** Stops the ring; returns the next avail index (for GET_VRING_BASE). */
+  stop(): number;
+  state(): VirtqueueState;
+}
+
+export interface NativeFdWatcher {
+  start(): void;
+  stop(): void;
+}
+
+export interface ReceivedMessage {
+  /** Bytes of the message in the buffer (header + payload); 0 at end of stream. */
+  length: number;
+  fds: number[];
+}
+
+interface NativeAddon {
+  initialize(errorClass: typeof SyscallError): void;
+  close(fd: number): void;
+  eventfd(): number;
+  eventfdRead(fd: number): number;
+  eventfdWrite(fd: number): void;
+  memfdCreate(name: string, size: number): number;
+  listenUnix(path: string): number;
+  connectUnix(path: string): number;
+  acceptUnix(fd: number): number;
+  recvMessage(fd: number, buf: Buffer): ReceivedMessage | null;
+  sendMessage(fd: number, buf: Buffer, length: number, fds?: number[]): void;
+  FdWatcher: new (fd: number, callback: (status: number) => void, drainEventfd: boolean) => NativeFdWatcher;
+  GuestMemory: new (regions: MemoryRegionSpec[]) => NativeGuestMemory;
+  Virtqueue: new () => NativeVirtqueue;
+  virtqueueConstants: { MAX_QUEUE_SIZE: number; MAX_SEGMENTS: number; SEGMENT_WORDS: number; BATCH_WORDS: number };
+}
+
+// eslint-disable-next-line @typescript-eslint/no-var-requires
+const addon: NativeAddon = require(path.join(__dirname, '..', '..', 'build', 'Release', 'rnull_native.node'));
+addon.initialize(SyscallError);
+
+export const native = addon;
+export const { MAX_QUEUE_SIZE, MAX_SEGMENTS, SEGMENT_WORDS, BATCH_WORDS } = addon.virtqueueConstants;
+export { SyscallError };

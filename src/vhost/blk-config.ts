@@ -1,0 +1,52 @@
+/**
+ * virtio-blk device configuration space (VIRTIO 1.2 section 5.2.4, struct virtio_blk_config)
+ * and the feature bits that describe it (5.2.3). Built once per disk; GET_CONFIG serves slices.
+ */
+import type { Disk } from '../block/disk';
+import { bit, Feature } from './protocol';
+
+/** Size of the config space served (the struct is 96 bytes with the zoned fields; rest reads 0). */
+export const CONFIG_SPACE_BYTES = 256;
+/**
+ * seg_max: data segments per request. With header and status that is 128 descriptors, each of
+ * which can split in two at a memory region edge: within native MAX_SEGMENTS (256).
+ */
+export const SEG_MAX = 126;
+
+/** Field offsets in struct virtio_blk_config. */
+const OFF_CAPACITY = 0;
+const OFF_SEG_MAX = 12;
+const OFF_BLK_SIZE = 20;
+const OFF_PHYSICAL_BLOCK_EXP = 24;
+const OFF_MIN_IO_SIZE = 26;
+const OFF_OPT_IO_SIZE = 28;
+const OFF_NUM_QUEUES = 34;
+
+/** The virtio feature bits rnull offers for `disk` (VIRTIO_F_VERSION_1 and ring features included). */
+export function blkFeatures(disk: Disk): bigint {
+  let f =
+    bit(Feature.VERSION_1) |
+    bit(Feature.RING_EVENT_IDX) |
+    bit(Feature.RING_INDIRECT_DESC) |
+    bit(Feature.BLK_SEG_MAX) |
+    bit(Feature.BLK_BLK_SIZE) |
+    bit(Feature.BLK_TOPOLOGY) |
+    bit(Feature.BLK_MQ) |
+    bit(Feature.VHOST_USER_PROTOCOL_FEATURES);
+  if (disk.flush) f |= bit(Feature.BLK_FLUSH);
+  if (disk.readOnly) f |= bit(Feature.BLK_RO);
+  return f;
+}
+
+/** The config space of `disk` served with `numQueues` virtqueues. All fields little-endian. */
+export function blkConfigSpace(disk: Disk, numQueues: number): Buffer {
+  const c = Buffer.alloc(CONFIG_SPACE_BYTES);
+  c.writeBigUInt64LE(BigInt(disk.capacitySectors), OFF_CAPACITY); // 512-byte sectors
+  c.writeUInt32LE(SEG_MAX, OFF_SEG_MAX);
+  c.writeUInt32LE(disk.logicalBlockSize, OFF_BLK_SIZE); // bytes
+  c.writeUInt8(0, OFF_PHYSICAL_BLOCK_EXP); // physical block = logical block
+  c.writeUInt16LE(1, OFF_MIN_IO_SIZE); // in logical blocks
+  c.writeUInt32LE(0, OFF_OPT_IO_SIZE); // no optimal size
+  c.writeUInt16LE(numQueues, OFF_NUM_QUEUES);
+  return c;
+}

@@ -1,0 +1,343 @@
+/**
+ * VhostUserBlkDevice: the vhost-user back-end state of one disk, with one handler per
+ * front-end message (vhost-user.rst, "Front-end message types"), named after it.
+ *
+ * The connection (connection.ts) checks header syntax and which messages may carry fds; the
+ * handlers here check meaning (ring indexes, sizes, negotiated features) and throw
+ * VhostUserError for anything wrong, which ends the connection with a logged error.
+ *
+ * Ring life cycle (vhost-user.rst "Ring states"): a ring starts when SET_VRING_KICK arrives
+ * with memory, size and addresses known; it is processed while also enabled (always, unless
+ * VHOST_USER_F_PROTOCOL_FEATURES was negotiated, then after SET_VRING_ENABLE 1); it stops at
+ * GET_VRING_BASE, which answers only once the ring's in-flight requests have completed.
+ */
+import type { Logger } from 'pino';
+import type { Disk } from '../block/disk';
+import { MAX_QUEUE_SIZE } from '../native';
+import { VirtioBlkQueue } from '../virtqueue/blk-queue';
+import { GuestMemoryMap } from '../virtqueue/guest-memory';
+import { blkConfigSpace, blkFeatures } from './blk-config';
+import {
+  Message,
+  readConfigAccess,
+  readMemTable,
+  readU64,
+  readVringAddr,
+  readVringFile,
+  readVringState,
+} from './message';
+import { bit, Feature, hasBit, ProtocolFeature, Req, requestName } from './protocol';
+import { closeFd, Vring } from './vring';
+
+export class VhostUserError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'VhostUserError';
+  }
+}
+
+/** Protocol features offered (GET_PROTOCOL_FEATURES). */
+export const PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG);
+
+/**
+ * A handler's answer: a payload for messages that have their own reply, `undefined` for
+ * success without one, or `false` for a refusal that keeps the connection (REPLY_ACK failure).
+ */
+export type HandlerResult = Buffer | undefined | false;
+
+type Handler = (msg: Message) => HandlerResult | Promise<HandlerResult>;
+
+export interface MessageSpec {
+  handler: Handler;
+  /** The message has a reply of its own (REPLY_ACK does not apply). */
+  hasReply: boolean;
+  /** The message may carry fds (all others must not). */
+  fds: boolean;
+}
+
+export class VhostUserBlkDevice {
+  readonly disk: Disk;
+  readonly numQueues: number;
+  readonly vrings: Vring[];
+  private readonly log: Logger;
+  private readonly offered: bigint;
+  private readonly config: Buffer;
+  private features = 0n;
+  private protocolFeatures = 0n;
+  private memory: GuestMemoryMap | null = null;
+  readonly specs: ReadonlyMap<number, MessageSpec>;
+
+  constructor(disk: Disk, numQueues: number, log: Logger) {
+    if (numQueues > disk.tagSet.nrHwQueues) {
+      throw new RangeError(`num-queues ${numQueues} exceeds the tag set's ${disk.tagSet.nrHwQueues} hardware queues`);
+    }
+    this.disk = disk;
+    this.numQueues = numQueues;
+    this.log = log;
+    this.offered = blkFeatures(disk);
+    this.config = blkConfigSpace(disk, numQueues);
+    this.vrings = [];
+    for (let i = 0; i < numQueues; i++) {
+      this.vrings.push(new Vring(i, new VirtioBlkQueue(i, disk.tagSet.hctx(i), disk, log)));
+    }
+    const s = new Map<number, MessageSpec>();
+    const def = (req: Req, handler: Handler, hasReply = false, fds = false): void => {
+      s.set(req, { handler: handler.bind(this), hasReply, fds });
+    };
+    def(Req.GET_FEATURES, this.getFeatures, true);
+    def(Req.SET_FEATURES, this.setFeatures);
+    def(Req.GET_PROTOCOL_FEATURES, this.getProtocolFeatures, true);
+    def(Req.SET_PROTOCOL_FEATURES, this.setProtocolFeatures);
+    def(Req.SET_OWNER, this.setOwner);
+    def(Req.RESET_OWNER, this.resetOwner);
+    def(Req.GET_QUEUE_NUM, this.getQueueNum, true);
+    def(Req.GET_CONFIG, this.getConfig, true);
+    def(Req.SET_CONFIG, this.setConfig);
+    def(Req.SET_MEM_TABLE, this.setMemTable, false, true);
+    def(Req.SET_VRING_NUM, this.setVringNum);
+    def(Req.SET_VRING_ADDR, this.setVringAddr);
+    def(Req.SET_VRING_BASE, this.setVringBase);
+    def(Req.GET_VRING_BASE, this.getVringBase, true);
+    def(Req.SET_VRING_KICK, this.setVringKick, false, true);
+    def(Req.SET_VRING_CALL, this.setVringCall, false, true);
+    def(Req.SET_VRING_ERR, this.setVringErr, false, true);
+    def(Req.SET_VRING_ENABLE, this.setVringEnable);
+    this.specs = s;
+  }
+
+  /** True once REPLY_ACK was negotiated. */
+  get replyAck(): boolean {
+    return hasBit(this.protocolFeatures, ProtocolFeature.REPLY_ACK);
+  }
+
+  /**
+   * Back to the state of a fresh connection: stops every ring (waiting for in-flight requests),
+   * closes eventfds, unmaps guest memory, forgets negotiated features.
+   */
+  async reset(): Promise<void> {
+    await this.stopRings();
+    for (const r of this.vrings) r.reset();
+    this.releaseMemory();
+    this.features = 0n;
+    this.protocolFeatures = 0n;
+  }
+
+  // --- feature negotiation -------------------------------------------------------------
+
+  private getFeatures(): HandlerResult {
+    return u64(this.offered);
+  }
+
+  private setFeatures(msg: Message): HandlerResult {
+    const f = readU64(msg);
+    if ((f & ~this.offered) !== 0n) {
+      throw new VhostUserError(`SET_FEATURES acks features 0x${(f & ~this.offered).toString(16)} that were not offered`);
+    }
+    this.features = f;
+    return undefined;
+  }
+
+  private getProtocolFeatures(): HandlerResult {
+    return u64(PROTOCOL_FEATURES);
+  }
+
+  private setProtocolFeatures(msg: Message): HandlerResult {
+    const f = readU64(msg);
+    if ((f & ~PROTOCOL_FEATURES) !== 0n) {
+      throw new VhostUserError(`SET_PROTOCOL_FEATURES acks 0x${(f & ~PROTOCOL_FEATURES).toString(16)} that were not offered`);
+    }
+    this.protocolFeatures = f;
+    return undefined;
+  }
+
+  private setOwner(): HandlerResult {
+    return undefined;
+  }
+
+  private async resetOwner(): Promise<HandlerResult> {
+    await this.reset();
+    return undefined;
+  }
+
+  private getQueueNum(): HandlerResult {
+    return u64(BigInt(this.numQueues));
+  }
+
+  // --- config space ----------------------------------------------------------------------
+
+  private getConfig(msg: Message): HandlerResult {
+    const a = readConfigAccess(msg);
+    const reply = Buffer.alloc(12 + a.size);
+    reply.writeUInt32LE(a.offset, 0);
+    reply.writeUInt32LE(a.size, 4);
+    reply.writeUInt32LE(a.flags, 8);
+    if (a.offset > this.config.length || a.size > this.config.length - a.offset) {
+      this.log.error({ offset: a.offset, size: a.size }, 'GET_CONFIG outside the config space');
+      return Buffer.alloc(0); // "zero length of payload to indicate an error"
+    }
+    this.config.copy(reply, 12, a.offset, a.offset + a.size);
+    return reply;
+  }
+
+  private setConfig(msg: Message): HandlerResult {
+    const a = readConfigAccess(msg);
+    // Every field rnull offers is read-only (no VIRTIO_BLK_F_CONFIG_WCE yet).
+    this.log.warn({ offset: a.offset, size: a.size }, 'SET_CONFIG refused: the config space is read-only');
+    return false;
+  }
+
+  // --- memory ----------------------------------------------------------------------------
+
+  private async setMemTable(msg: Message): Promise<HandlerResult> {
+    const regions = readMemTable(msg);
+    let map: GuestMemoryMap;
+    try {
+      map = new GuestMemoryMap(regions, msg.fds);
+    } catch (e) {
+      throw new VhostUserError(`SET_MEM_TABLE: ${(e as Error).message}`);
+    } finally {
+      for (const fd of msg.fds) closeFd(fd); // the mappings keep the memory alive
+      msg.fds.length = 0;
+    }
+    // Running rings move to the new table: stop them (their requests finish on the old one),
+    // swap, restart where they stopped.
+    const running = this.vrings.filter((r) => r.queue.isRunning);
+    for (const r of running) r.base = await r.queue.stop();
+    this.releaseMemory();
+    this.memory = map;
+    this.log.info({ regions: regions.length, bytes: map.size }, 'guest memory mapped');
+    for (const r of running) this.startRing(r);
+    return undefined;
+  }
+
+  private releaseMemory(): void {
+    if (this.memory !== null) {
+      this.memory.release();
+      this.memory = null;
+    }
+  }
+
+  // --- rings -------------------------------------------------------------------------------
+
+  private ring(index: number, what: string): Vring {
+    const r = this.vrings[index];
+    if (r === undefined) throw new VhostUserError(`${what}: ring ${index} does not exist (${this.numQueues} queues)`);
+    return r;
+  }
+
+  private setVringNum(msg: Message): HandlerResult {
+    const { index, num } = readVringState(msg);
+    const r = this.ring(index, 'SET_VRING_NUM');
+    const max = Math.min(MAX_QUEUE_SIZE, this.disk.tagSet.queueDepth);
+    if (num === 0 || num > max || (num & (num - 1)) !== 0) {
+      throw new VhostUserError(`SET_VRING_NUM: ring size ${num} is not a power of two from 1 to ${max}`);
+    }
+    r.num = num;
+    return undefined;
+  }
+
+  private setVringAddr(msg: Message): HandlerResult {
+    const a = readVringAddr(msg);
+    this.ring(a.index, 'SET_VRING_ADDR').addr = a;
+    return undefined;
+  }
+
+  private setVringBase(msg: Message): HandlerResult {
+    const { index, num } = readVringState(msg);
+    if (num > 0xffff) throw new VhostUserError(`SET_VRING_BASE: index ${num} does not fit 16 bits`);
+    this.ring(index, 'SET_VRING_BASE').base = num;
+    return undefined;
+  }
+
+  private async getVringBase(msg: Message): Promise<HandlerResult> {
+    const { index } = readVringState(msg);
+    const r = this.ring(index, 'GET_VRING_BASE');
+    if (r.queue.isRunning) r.base = await r.queue.stop();
+    r.closeFds();
+    const reply = Buffer.alloc(8);
+    reply.writeUInt32LE(index, 0);
+    reply.writeUInt32LE(r.base, 4);
+    return reply;
+  }
+
+  private setVringKick(msg: Message): HandlerResult {
+    const f = readVringFile(msg);
+    const r = this.ring(f.index, 'SET_VRING_KICK');
+    if (f.noFd) throw new VhostUserError('SET_VRING_KICK without an fd: polling mode is not supported');
+    r.setKickFd(msg.fds[0]);
+    msg.fds.length = 0;
+    if (!r.queue.isRunning) this.startRing(r);
+    return undefined;
+  }
+
+  private setVringCall(msg: Message): HandlerResult {
+    const f = readVringFile(msg);
+    const r = this.ring(f.index, 'SET_VRING_CALL');
+    r.setCallFd(f.noFd ? -1 : msg.fds[0]);
+    msg.fds.length = 0;
+    return undefined;
+  }
+
+  private setVringErr(msg: Message): HandlerResult {
+    const f = readVringFile(msg);
+    const r = this.ring(f.index, 'SET_VRING_ERR');
+    r.setErrFd(f.noFd ? -1 : msg.fds[0]);
+    msg.fds.length = 0;
+    return undefined;
+  }
+
+  private setVringEnable(msg: Message): HandlerResult {
+    const { index, num } = readVringState(msg);
+    const r = this.ring(index, 'SET_VRING_ENABLE');
+    if (num > 1) throw new VhostUserError(`SET_VRING_ENABLE: state ${num} is neither 0 nor 1`);
+    r.enabled = num === 1;
+    r.queue.setEnabled(this.ringEnabled(r));
+    return undefined;
+  }
+
+  private ringEnabled(r: Vring): boolean {
+    return hasBit(this.features, Feature.VHOST_USER_PROTOCOL_FEATURES) ? r.enabled : true;
+  }
+
+  private startRing(r: Vring): void {
+    if (this.memory === null) throw new VhostUserError(`ring ${r.index} started before SET_MEM_TABLE`);
+    if (r.num === 0 || r.addr === null) throw new VhostUserError(`ring ${r.index} started before its size and addresses were set`);
+    try {
+      r.queue.start(
+        {
+          memory: this.memory,
+          size: r.num,
+          descAddr: r.addr.descAddr,
+          availAddr: r.addr.availAddr,
+          usedAddr: r.addr.usedAddr,
+          lastAvailIdx: r.base,
+          eventIdx: hasBit(this.features, Feature.RING_EVENT_IDX),
+          indirect: hasBit(this.features, Feature.RING_INDIRECT_DESC),
+          kickFd: r.kickFd,
+          callFd: r.callFd,
+        },
+        this.ringEnabled(r),
+      );
+    } catch (e) {
+      throw new VhostUserError(`ring ${r.index}: ${(e as Error).message}`);
+    }
+    this.log.debug({ queue: r.index, size: r.num, base: r.base }, 'ring started');
+  }
+
+  private async stopRings(): Promise<void> {
+    for (const r of this.vrings) {
+      if (r.queue.isRunning) r.base = await r.queue.stop();
+    }
+  }
+
+  /** Name of a request, for logs. */
+  static requestName(code: number): string {
+    return requestName(code);
+  }
+}
+
+function u64(v: bigint): Buffer {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64LE(v);
+  return b;
+}

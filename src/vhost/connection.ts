@@ -1,0 +1,150 @@
+/**
+ * VhostUserConnection: one front-end (QEMU) on the socket. Reads whole messages (with their
+ * fds), checks the header and the fd rules, runs the device's handler, and sends the reply or
+ * the REPLY_ACK answer. Messages are handled one at a time: while a handler is pending (e.g.
+ * GET_VRING_BASE waiting for in-flight requests), the socket is not read.
+ *
+ * Any malformed or unsupported message is logged with its name and the reason, and the
+ * connection is closed cleanly: the device is reset (rings stopped, memory unmapped) so the
+ * next front-end starts from scratch.
+ */
+import type { Logger } from 'pino';
+import { native, NativeFdWatcher } from '../native';
+import { MessageError, type Message, writeHeader } from './message';
+import { VhostUserBlkDevice, VhostUserError, type HandlerResult } from './blk-device';
+import {
+  FLAG_NEED_REPLY,
+  FLAG_REPLY,
+  FLAG_VERSION,
+  FLAG_VERSION_MASK,
+  HEADER_SIZE,
+  MAX_PAYLOAD,
+  requestName,
+} from './protocol';
+import { closeFd } from './vring';
+
+export class VhostUserConnection {
+  private readonly watcher: NativeFdWatcher;
+  private readonly inBuf = Buffer.alloc(HEADER_SIZE + MAX_PAYLOAD);
+  private readonly outBuf = Buffer.alloc(HEADER_SIZE + MAX_PAYLOAD);
+  private busy = false;
+  private closing: Promise<void> | null = null;
+
+  /** `onClosed` runs once the device has been reset after the connection ended. */
+  constructor(
+    private readonly fd: number,
+    private readonly device: VhostUserBlkDevice,
+    private readonly log: Logger,
+    private readonly onClosed: () => void,
+  ) {
+    this.watcher = new native.FdWatcher(fd, (status) => this.onReadable(status), false);
+    this.watcher.start();
+  }
+
+  get isClosing(): boolean {
+    return this.closing !== null;
+  }
+
+  /** Reads and handles whatever is pending now (also used to notice a hang-up early). */
+  poll(): void {
+    this.onReadable(0);
+  }
+
+  private onReadable(status: number): void {
+    if (this.busy || this.closing !== null) return;
+    if (status !== 0) {
+      void this.close('socket error');
+      return;
+    }
+    let msg: Message | null;
+    try {
+      msg = this.receive();
+    } catch (e) {
+      void this.close(`bad message: ${(e as Error).message}`, 'error');
+      return;
+    }
+    if (msg === null) return;
+    void this.handle(msg);
+  }
+
+  /** One message, or null when none is pending; throws for a malformed header. Closes on EOF. */
+  private receive(): Message | null {
+    const r = native.recvMessage(this.fd, this.inBuf);
+    if (r === null) return null;
+    if (r.length === 0) {
+      void this.close('front-end disconnected');
+      return null;
+    }
+    const request = this.inBuf.readUInt32LE(0);
+    const flags = this.inBuf.readUInt32LE(4);
+    const msg: Message = { request, flags, payload: Buffer.from(this.inBuf.subarray(HEADER_SIZE, r.length)), fds: r.fds };
+    if ((flags & FLAG_VERSION_MASK) !== FLAG_VERSION) {
+      this.closeFds(msg);
+      throw new MessageError(`${requestName(request)}: header version ${flags & FLAG_VERSION_MASK}, expected ${FLAG_VERSION}`);
+    }
+    return msg;
+  }
+
+  private async handle(msg: Message): Promise<void> {
+    const name = requestName(msg.request);
+    const spec = this.device.specs.get(msg.request);
+    this.busy = true;
+    this.watcher.stop(); // level-triggered: do not spin while a handler is pending
+    try {
+      if (spec === undefined) throw new VhostUserError(`unsupported request ${name}`);
+      if (!spec.fds && msg.fds.length > 0) throw new MessageError(`${name} carries ${msg.fds.length} fds, expected none`);
+      this.log.trace({ request: name, size: msg.payload.length, fds: msg.fds.length }, 'message');
+      const result: HandlerResult = await spec.handler(msg);
+      if (this.closing !== null) return;
+      if (spec.hasReply) {
+        this.reply(msg.request, result === false || result === undefined ? Buffer.alloc(0) : result);
+      } else if ((msg.flags & FLAG_NEED_REPLY) !== 0 && this.device.replyAck) {
+        const ack = Buffer.alloc(8);
+        ack.writeBigUInt64LE(result === false ? 1n : 0n);
+        this.reply(msg.request, ack);
+      }
+    } catch (e) {
+      this.closeFds(msg);
+      const err = e as Error;
+      const expected = err instanceof VhostUserError || err instanceof MessageError;
+      void this.close(`${expected ? '' : 'internal error: '}${err.message}`, 'error', expected ? undefined : err);
+      return;
+    } finally {
+      this.busy = false;
+    }
+    if (this.closing === null) this.watcher.start(); // fires at once if more is pending
+  }
+
+  private reply(request: number, payload: Buffer): void {
+    writeHeader(this.outBuf, request, FLAG_VERSION | FLAG_REPLY, payload.length);
+    payload.copy(this.outBuf, HEADER_SIZE);
+    native.sendMessage(this.fd, this.outBuf, HEADER_SIZE + payload.length);
+  }
+
+  private closeFds(msg: Message): void {
+    for (const fd of msg.fds) closeFd(fd);
+    msg.fds.length = 0;
+  }
+
+  /**
+   * Ends the connection: stops reading, resets the device (waiting for in-flight requests),
+   * closes the socket. Idempotent; resolves when done.
+   */
+  close(reason: string, level: 'info' | 'error' = 'info', cause?: Error): Promise<void> {
+    if (this.closing === null) {
+      this.closing = (async () => {
+        this.watcher.stop();
+        if (level === 'error') this.log.error({ err: cause }, `vhost-user connection closed: ${reason}`);
+        else this.log.info(`vhost-user connection closed: ${reason}`);
+        try {
+          await this.device.reset();
+        } catch (e) {
+          this.log.error({ err: e }, 'device reset failed');
+        }
+        closeFd(this.fd);
+        this.onClosed();
+      })();
+    }
+    return this.closing;
+  }
+}

@@ -1,0 +1,149 @@
+/**
+ * vhost-user message codec: syntax only (sizes, field ranges), no device state. Each reader
+ * throws MessageError naming the message and what was wrong; the connection logs it and
+ * disconnects (vhost-user.rst gives no way to reject a malformed message otherwise).
+ */
+import { HEADER_SIZE, MAX_MEM_REGIONS, VRING_IDX_MASK, VRING_NOFD_MASK, requestName } from './protocol';
+
+export class MessageError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'MessageError';
+  }
+}
+
+/** A received message: header fields, a view of its payload, and the fds that came with it. */
+export interface Message {
+  request: number;
+  flags: number;
+  payload: Buffer;
+  fds: number[];
+}
+
+export interface VringState {
+  index: number;
+  num: number;
+}
+
+/** SET_VRING_ADDR: the front-end's virtual addresses of the three ring parts (bytes). */
+export interface VringAddr {
+  index: number;
+  flags: number;
+  descAddr: number;
+  usedAddr: number;
+  availAddr: number;
+  logAddr: number;
+}
+
+/** SET_MEM_TABLE region: guest-physical address, size, front-end address, offset into the fd. */
+export interface MemRegion {
+  gpa: number;
+  size: number;
+  uaddr: number;
+  mmapOffset: number;
+}
+
+export interface ConfigAccess {
+  offset: number;
+  size: number;
+  flags: number;
+  data: Buffer;
+}
+
+export interface VringFile {
+  index: number;
+  /** true when bit 8 says no fd rides along (the front-end polls / wants polling). */
+  noFd: boolean;
+}
+
+function expectSize(msg: Message, size: number): void {
+  if (msg.payload.length !== size) {
+    throw new MessageError(`${requestName(msg.request)}: payload is ${msg.payload.length} bytes, expected ${size}`);
+  }
+}
+
+/** A u64 field as a number; values above 2^53 are refused (no address or size here is that big). */
+function safeU64(buf: Buffer, offset: number, what: string): number {
+  const v = buf.readBigUInt64LE(offset);
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new MessageError(`${what} 0x${v.toString(16)} is out of range`);
+  return Number(v);
+}
+
+export function readU64(msg: Message): bigint {
+  expectSize(msg, 8);
+  return msg.payload.readBigUInt64LE(0);
+}
+
+export function readVringState(msg: Message): VringState {
+  expectSize(msg, 8);
+  return { index: msg.payload.readUInt32LE(0), num: msg.payload.readUInt32LE(4) };
+}
+
+export function readVringAddr(msg: Message): VringAddr {
+  expectSize(msg, 40);
+  const p = msg.payload;
+  const name = requestName(msg.request);
+  return {
+    index: p.readUInt32LE(0),
+    flags: p.readUInt32LE(4),
+    descAddr: safeU64(p, 8, `${name}: descriptor table address`),
+    usedAddr: safeU64(p, 16, `${name}: used ring address`),
+    availAddr: safeU64(p, 24, `${name}: avail ring address`),
+    logAddr: safeU64(p, 32, `${name}: log address`),
+  };
+}
+
+export function readVringFile(msg: Message): VringFile {
+  const v = Number(readU64(msg) & 0xffffn);
+  if ((v & ~(VRING_IDX_MASK | VRING_NOFD_MASK)) !== 0) {
+    throw new MessageError(`${requestName(msg.request)}: unknown bits in 0x${v.toString(16)}`);
+  }
+  const noFd = (v & VRING_NOFD_MASK) !== 0;
+  const expectedFds = noFd ? 0 : 1;
+  if (msg.fds.length !== expectedFds) {
+    throw new MessageError(`${requestName(msg.request)}: ${msg.fds.length} fds attached, expected ${expectedFds}`);
+  }
+  return { index: v & VRING_IDX_MASK, noFd };
+}
+
+/** SET_MEM_TABLE: u32 nregions, u32 padding, then 32 bytes per region; one fd per region. */
+export function readMemTable(msg: Message): MemRegion[] {
+  const p = msg.payload;
+  if (p.length < 8) throw new MessageError(`SET_MEM_TABLE: payload of ${p.length} bytes is shorter than 8`);
+  const n = p.readUInt32LE(0);
+  if (n === 0 || n > MAX_MEM_REGIONS) throw new MessageError(`SET_MEM_TABLE: ${n} regions, expected 1 to ${MAX_MEM_REGIONS}`);
+  expectSize(msg, 8 + 32 * n);
+  if (msg.fds.length !== n) throw new MessageError(`SET_MEM_TABLE: ${msg.fds.length} fds for ${n} regions`);
+  const regions: MemRegion[] = [];
+  for (let i = 0; i < n; i++) {
+    const o = 8 + 32 * i;
+    regions.push({
+      gpa: safeU64(p, o, `SET_MEM_TABLE: region ${i} guest address`),
+      size: safeU64(p, o + 8, `SET_MEM_TABLE: region ${i} size`),
+      uaddr: safeU64(p, o + 16, `SET_MEM_TABLE: region ${i} user address`),
+      mmapOffset: safeU64(p, o + 24, `SET_MEM_TABLE: region ${i} mmap offset`),
+    });
+  }
+  return regions;
+}
+
+/** GET_CONFIG/SET_CONFIG: u32 offset, u32 size, u32 flags, then size bytes. */
+export function readConfigAccess(msg: Message): ConfigAccess {
+  const p = msg.payload;
+  if (p.length < 12) throw new MessageError(`${requestName(msg.request)}: payload of ${p.length} bytes is shorter than 12`);
+  const offset = p.readUInt32LE(0);
+  const size = p.readUInt32LE(4);
+  if (size !== p.length - 12) {
+    throw new MessageError(`${requestName(msg.request)}: size field ${size} does not match the ${p.length - 12} bytes sent`);
+  }
+  return { offset, size, flags: p.readUInt32LE(8), data: p.subarray(12) };
+}
+
+/** Writes a header into buf[0..12). */
+export function writeHeader(buf: Buffer, request: number, flags: number, size: number): void {
+  buf.writeUInt32LE(request, 0);
+  buf.writeUInt32LE(flags, 4);
+  buf.writeUInt32LE(size, 8);
+}
+
+export { HEADER_SIZE };

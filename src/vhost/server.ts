@@ -1,0 +1,116 @@
+/**
+ * VhostUserServer: the listening unix socket of one disk. rnull is the server, QEMU the client;
+ * one front-end at a time. When a front-end goes away, the device is reset and the next
+ * connection (a restarted or reconnecting QEMU) is served; the disk's data stays.
+ */
+import * as fs from 'fs';
+import type { Logger } from 'pino';
+import { native, NativeFdWatcher, SyscallError } from '../native';
+import type { VhostUserBlkDevice } from './blk-device';
+import { VhostUserConnection } from './connection';
+
+const ECONNREFUSED = 111;
+
+export class VhostUserServer {
+  private listenFd = -1;
+  private watcher: NativeFdWatcher | null = null;
+  private connection: VhostUserConnection | null = null;
+  /** A connection accepted while the previous one was still being torn down. */
+  private pendingFd = -1;
+  /** Connections served so far. */
+  connections = 0;
+
+  constructor(
+    readonly socketPath: string,
+    readonly device: VhostUserBlkDevice,
+    private readonly log: Logger,
+  ) {}
+
+  /**
+   * Binds and listens. A stale socket file (nobody listening) is replaced.
+   * @throws Error if the path is a live socket or not a socket; SyscallError from bind/listen.
+   */
+  listen(): void {
+    removeStaleSocket(this.socketPath);
+    this.listenFd = native.listenUnix(this.socketPath);
+    this.watcher = new native.FdWatcher(this.listenFd, () => this.onAcceptable(), false);
+    this.watcher.start();
+    this.log.info({ socket: this.socketPath }, 'listening');
+  }
+
+  private onAcceptable(): void {
+    for (;;) {
+      const fd = native.acceptUnix(this.listenFd);
+      if (fd < 0) return;
+      if (this.connection !== null) {
+        // A reconnecting front-end may connect before we noticed the old one hang up.
+        this.connection.poll();
+        if (this.connection !== null && this.connection.isClosing && this.pendingFd < 0) {
+          this.pendingFd = fd;
+          continue;
+        }
+        this.log.warn('refusing a second front-end: this disk is already attached');
+        native.close(fd);
+        continue;
+      }
+      this.serve(fd);
+    }
+  }
+
+  private serve(fd: number): void {
+    this.connections++;
+    this.log.info({ connection: this.connections }, 'front-end connected');
+    this.connection = new VhostUserConnection(fd, this.device, this.log, () => {
+      this.connection = null;
+      if (this.pendingFd >= 0) {
+        const next = this.pendingFd;
+        this.pendingFd = -1;
+        this.serve(next);
+      }
+    });
+  }
+
+  /** Stops listening, disconnects the front-end (stopping its rings) and removes the socket. */
+  async close(): Promise<void> {
+    if (this.watcher !== null) {
+      this.watcher.stop();
+      this.watcher = null;
+    }
+    if (this.pendingFd >= 0) {
+      native.close(this.pendingFd);
+      this.pendingFd = -1;
+    }
+    if (this.connection !== null) await this.connection.close('daemon shutting down');
+    if (this.listenFd >= 0) {
+      native.close(this.listenFd);
+      this.listenFd = -1;
+      try {
+        fs.unlinkSync(this.socketPath);
+      } catch {
+        // already gone
+      }
+    }
+  }
+}
+
+/** Removes `path` if it is a socket nobody listens on; throws if it is live or not a socket. */
+function removeStaleSocket(path: string): void {
+  let st: fs.Stats;
+  try {
+    st = fs.lstatSync(path);
+  } catch {
+    return;
+  }
+  if (!st.isSocket()) throw new Error(`${path} exists and is not a socket; refusing to replace it`);
+  try {
+    const fd = native.connectUnix(path);
+    native.close(fd);
+  } catch (e) {
+    if (e instanceof SyscallError && e.errno === ECONNREFUSED) {
+      fs.unlinkSync(path);
+      return;
+    }
+    throw e;
+  }
+  throw new Error(`${path} is in use by another process`);
+}

@@ -1,0 +1,60 @@
+/**
+ * Vring: what the front-end told us about one virtqueue (SET_VRING_NUM/ADDR/BASE/KICK/CALL/
+ * ERR/ENABLE), and the VirtioBlkQueue that serves it once started. Owns the eventfds it holds.
+ */
+import { native } from '../native';
+import type { VirtioBlkQueue } from '../virtqueue/blk-queue';
+import type { VringAddr } from './message';
+
+export class Vring {
+  num = 0;
+  addr: VringAddr | null = null;
+  /** Next avail index (SET_VRING_BASE; updated by GET_VRING_BASE). */
+  base = 0;
+  kickFd = -1;
+  callFd = -1;
+  errFd = -1;
+  /** SET_VRING_ENABLE state (used when VHOST_USER_F_PROTOCOL_FEATURES was negotiated). */
+  enabled = false;
+
+  constructor(
+    readonly index: number,
+    readonly queue: VirtioBlkQueue,
+  ) {}
+
+  setKickFd(fd: number): void {
+    closeFd(this.kickFd);
+    this.kickFd = fd;
+  }
+
+  setCallFd(fd: number): void {
+    this.queue.setCallFd(fd); // switch before closing the old one
+    closeFd(this.callFd);
+    this.callFd = fd;
+  }
+
+  setErrFd(fd: number): void {
+    closeFd(this.errFd);
+    this.errFd = fd;
+  }
+
+  /** Closes the eventfds (after GET_VRING_BASE or a disconnect). */
+  closeFds(): void {
+    this.setKickFd(-1);
+    this.setCallFd(-1);
+    this.setErrFd(-1);
+  }
+
+  /** Forgets everything the front-end said (a new connection). */
+  reset(): void {
+    this.closeFds();
+    this.num = 0;
+    this.addr = null;
+    this.base = 0;
+    this.enabled = false;
+  }
+}
+
+export function closeFd(fd: number): void {
+  if (fd >= 0) native.close(fd);
+}

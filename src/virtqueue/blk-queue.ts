@@ -1,0 +1,326 @@
+/**
+ * VirtioBlkQueue: one virtqueue serving one hardware queue of a disk.
+ *
+ * A kick drains the avail ring in batches (one native pop() per batch), turns each chain into
+ * a Request (BlkRequestParser) and dispatches it to the driver; ended requests become used
+ * elements, published together (one native push() per batch: one used->idx store, at most one
+ * call). Completions that arrive outside a batch (deferred, timers) are published on the next
+ * turn of the event loop, again as one batch.
+ *
+ * Invariants:
+ * - a head is either with the guest, or in flight here (popped, not yet pushed) — the native
+ *   queue enforces it and marks the queue broken if the guest offers an in-flight head;
+ * - a head's status byte is written before its used element is published;
+ * - stop() resolves only once every popped head has been pushed back (nothing left behind).
+ */
+import type { Logger } from 'pino';
+import type { Disk } from '../block/disk';
+import type { CompletionSink, HwQueue } from '../block/hw-queue';
+import { BlkStatus } from '../block/operations';
+import type { Request } from '../block/request';
+import { BATCH_WORDS, MAX_SEGMENTS, native, NativeFdWatcher, NativeVirtqueue, SEGMENT_WORDS } from '../native';
+import { BlkRequestParser, ParseOutcome, serialId } from './blk-request';
+import type { GuestMemoryMap } from './guest-memory';
+
+/** Names of the chain errors native/virtqueue.h reports, by code. */
+const CHAIN_ERRORS = [
+  'ok',
+  'buffer outside guest memory',
+  'zero-length buffer',
+  'device-readable buffer after a device-writable one',
+  'too many segments',
+  'descriptor loop',
+  'next index outside the table',
+  'bad indirect descriptor',
+];
+
+export interface VringSetup {
+  memory: GuestMemoryMap;
+  /** Ring size in descriptors. */
+  size: number;
+  descAddr: number;
+  availAddr: number;
+  usedAddr: number;
+  lastAvailIdx: number;
+  eventIdx: boolean;
+  indirect: boolean;
+  kickFd: number;
+  callFd: number;
+}
+
+export interface QueueStats {
+  requests: number;
+  badChains: number;
+  failedRequests: number;
+  batches: number;
+}
+
+export class VirtioBlkQueue implements CompletionSink {
+  readonly index: number;
+  readonly stats: QueueStats = { requests: 0, badChains: 0, failedRequests: 0, batches: 0 };
+  private readonly vq: NativeVirtqueue = new native.Virtqueue();
+  private readonly hctx: HwQueue;
+  private readonly disk: Disk;
+  private readonly log: Logger;
+  private size = 0;
+  private segments = new Uint32Array(0);
+  private batch = new Uint32Array(0);
+  private used = new Uint32Array(0);
+  /** Status byte location and used length per head, kept while the head is in flight. */
+  private statusChunk = new Uint32Array(0);
+  private statusOffset = new Uint32Array(0);
+  private usedLen = new Uint32Array(0);
+  private parser: BlkRequestParser | null = null;
+  private views: Buffer[] = [];
+  private kickWatcher: NativeFdWatcher | null = null;
+  private usedCount = 0;
+  private inflight = 0;
+  private draining = false;
+  private publishScheduled = false;
+  private running = false;
+  private enabled = false;
+  private brokenLogged = false;
+  private lastNoiseLog = 0;
+  private idleWaiters: Array<() => void> = [];
+  private readonly publishLater = (): void => {
+    this.publishScheduled = false;
+    this.publish();
+  };
+  private readonly onKick = (status: number): void => {
+    if (status !== 0) {
+      this.log.error({ queue: this.index, status }, 'kick eventfd poll failed; queue stops');
+      this.stopWatching();
+      return;
+    }
+    this.drain();
+  };
+
+  constructor(index: number, hctx: HwQueue, disk: Disk, log: Logger) {
+    this.index = index;
+    this.hctx = hctx;
+    this.disk = disk;
+    this.log = log;
+  }
+
+  /**
+   * Starts the ring: configures the native virtqueue and watches the kick eventfd. Processing
+   * begins once the ring is also enabled (setEnabled). Takes no ownership of kickFd/callFd.
+   * @throws RangeError when the ring does not lie in guest memory or is larger than the tag set.
+   */
+  start(setup: VringSetup, enabled: boolean): void {
+    if (setup.size > this.hctx.depth) {
+      throw new RangeError(`ring size ${setup.size} exceeds the hardware queue depth ${this.hctx.depth}`);
+    }
+    if (this.size !== setup.size) {
+      this.size = setup.size;
+      this.segments = new Uint32Array(setup.size * MAX_SEGMENTS * SEGMENT_WORDS);
+      this.batch = new Uint32Array(setup.size * BATCH_WORDS);
+      this.used = new Uint32Array(setup.size * 2);
+      this.statusChunk = new Uint32Array(setup.size);
+      this.statusOffset = new Uint32Array(setup.size);
+      this.usedLen = new Uint32Array(setup.size);
+    }
+    this.views = setup.memory.views;
+    this.parser = new BlkRequestParser(
+      {
+        capacitySectors: this.disk.capacitySectors,
+        logicalBlockSize: this.disk.logicalBlockSize,
+        readOnly: this.disk.readOnly,
+        flush: this.disk.flush,
+        serialId: serialId(this.disk.serial),
+      },
+      this.views,
+      this.segments,
+    );
+    this.vq.configure({
+      memory: setup.memory.table,
+      size: setup.size,
+      descAddr: setup.descAddr,
+      availAddr: setup.availAddr,
+      usedAddr: setup.usedAddr,
+      lastAvailIdx: setup.lastAvailIdx,
+      eventIdx: setup.eventIdx,
+      indirect: setup.indirect,
+      segments: this.segments,
+      batch: this.batch,
+      used: this.used,
+    });
+    this.vq.setCallFd(setup.callFd);
+    this.hctx.attach(this.disk.ops, this);
+    this.running = true;
+    this.brokenLogged = false;
+    this.kickWatcher = new native.FdWatcher(setup.kickFd, this.onKick, true);
+    this.setEnabled(enabled);
+  }
+
+  /** SET_VRING_ENABLE: a disabled ring is not processed (kicks wait until it is enabled). */
+  setEnabled(enabled: boolean): void {
+    this.enabled = enabled;
+    if (!this.running || this.kickWatcher === null) return;
+    if (enabled) {
+      this.kickWatcher.start();
+      this.drain(); // buffers made available before the ring was enabled
+    } else {
+      this.kickWatcher.stop();
+    }
+  }
+
+  /** SET_VRING_CALL on a running ring: signal this eventfd from now on (-1: none). */
+  setCallFd(fd: number): void {
+    if (this.running) this.vq.setCallFd(fd);
+  }
+
+  get isRunning(): boolean {
+    return this.running;
+  }
+
+  /**
+   * GET_VRING_BASE: stops taking new chains, waits until every in-flight request has ended and
+   * been published, then stops the ring. Resolves with the next avail index.
+   */
+  async stop(): Promise<number> {
+    this.stopWatching();
+    if (this.inflight > 0) {
+      await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
+    }
+    this.publish();
+    this.running = false;
+    this.hctx.detach();
+    return this.vq.stop();
+  }
+
+  private stopWatching(): void {
+    if (this.kickWatcher !== null) {
+      this.kickWatcher.stop();
+      this.kickWatcher = null;
+    }
+  }
+
+  /** Drains the avail ring: batch after batch until it is empty. */
+  drain(): void {
+    if (!this.running || !this.enabled || this.draining) return;
+    this.draining = true;
+    const parser = this.parser as BlkRequestParser;
+    const requests = this.hctx.requests;
+    const batch = this.batch;
+    try {
+      for (;;) {
+        const n = this.vq.pop();
+        if (n <= 0) {
+          if (n < 0) this.reportBroken();
+          break;
+        }
+        this.stats.batches++;
+        this.inflight += n;
+        let lastDispatched = false;
+        for (let i = 0; i < n; i++) {
+          const b = i * BATCH_WORDS;
+          const head = batch[b];
+          const nseg = batch[b + 1];
+          const chainError = batch[b + 2];
+          const base = head * MAX_SEGMENTS * SEGMENT_WORDS;
+          lastDispatched = false;
+          if (chainError !== 0) {
+            this.badChain(head, base, nseg, chainError);
+            continue;
+          }
+          const rq = requests[head];
+          const outcome = parser.parse(base, nseg, rq);
+          if (outcome === ParseOutcome.Dispatch) {
+            this.statusChunk[head] = parser.statusChunk;
+            this.statusOffset[head] = parser.statusOffset;
+            this.usedLen[head] = parser.usedLen;
+            rq.memory = this.views;
+            rq.segments = this.segments;
+            this.stats.requests++;
+            lastDispatched = i === n - 1;
+            this.hctx.dispatch(rq, lastDispatched);
+          } else if (outcome === ParseOutcome.Finish) {
+            if (parser.status !== BlkStatus.Ok) this.noise(head, parser.reason);
+            this.finish(head, parser.statusChunk, parser.statusOffset, parser.status, parser.usedLen);
+          } else {
+            this.noise(head, parser.reason);
+            this.addUsed(head, 0);
+          }
+        }
+        if (!lastDispatched) this.hctx.commit();
+        if (this.hctx.hasDeferred) this.hctx.runDeferred();
+        this.publish();
+      }
+    } finally {
+      this.draining = false;
+    }
+  }
+
+  /** CompletionSink: a request ended; its used element joins the current batch. */
+  requestEnded(rq: Request): void {
+    const head = rq.tag;
+    const status = rq.status;
+    if (status !== BlkStatus.Ok) this.stats.failedRequests++;
+    this.finish(head, this.statusChunk[head], this.statusOffset[head], status, status === BlkStatus.Ok ? this.usedLen[head] : 1);
+    this.hctx.release(rq);
+    if (!this.draining && !this.publishScheduled) {
+      this.publishScheduled = true;
+      setImmediate(this.publishLater);
+    }
+  }
+
+  private finish(head: number, chunk: number, offset: number, status: BlkStatus, usedLen: number): void {
+    const view = this.views[chunk];
+    if (view !== undefined && offset < view.length) view[offset] = status;
+    this.addUsed(head, usedLen);
+  }
+
+  private addUsed(head: number, len: number): void {
+    const u = this.usedCount * 2;
+    this.used[u] = head;
+    this.used[u + 1] = len;
+    this.usedCount++;
+  }
+
+  /** Publishes the collected used elements: one native crossing, at most one call. */
+  private publish(): void {
+    const n = this.usedCount;
+    if (n === 0) return;
+    this.usedCount = 0;
+    const published = this.vq.push(n);
+    this.inflight -= published;
+    if (this.inflight === 0 && this.idleWaiters.length > 0) {
+      const waiters = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const w of waiters) w();
+    }
+  }
+
+  private badChain(head: number, base: number, nseg: number, code: number): void {
+    this.stats.badChains++;
+    this.noise(head, CHAIN_ERRORS[code] ?? `chain error ${code}`);
+    if (nseg === 1) {
+      // The status byte could still be located: fail the request with IOERR.
+      this.finish(head, this.segments[base], this.segments[base + 1], BlkStatus.IoErr, 1);
+    } else {
+      this.addUsed(head, 0);
+    }
+  }
+
+  /** Guest mistakes are logged at debug, at most once a second per queue. */
+  private noise(head: number, reason: string): void {
+    const now = Date.now();
+    if (now - this.lastNoiseLog < 1000) return;
+    this.lastNoiseLog = now;
+    this.log.debug({ queue: this.index, head, reason }, 'request failed');
+  }
+
+  private reportBroken(): void {
+    if (this.brokenLogged) return;
+    this.brokenLogged = true;
+    const st = this.vq.state();
+    this.log.error({ queue: this.index, reason: st.brokenReason }, 'virtqueue broken by the guest; no further requests are taken from it');
+    this.stopWatching();
+  }
+
+  /** Native ring state, for tests and diagnostics. */
+  state(): ReturnType<NativeVirtqueue['state']> {
+    return this.vq.state();
+  }
+}

@@ -1,0 +1,61 @@
+/**
+ * Starts a real rnull disk (driver, tag set, vhost-user device, server) in this process on a
+ * temporary socket, with logs captured in memory for assertions.
+ */
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import pino from 'pino';
+import { Writable } from 'stream';
+import type { DiskConfig } from '../../src/config/disk-schema';
+import { createDisk, ServedDisk } from '../../src/daemon/service';
+
+export interface TestBackend extends ServedDisk {
+  socket: string;
+  logs: Array<Record<string, unknown>>;
+  close(): Promise<void>;
+}
+
+export function startBackend(overrides: Partial<DiskConfig> = {}): TestBackend {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'rnull-test-'));
+  const socket = path.join(dir, 'disk.sock');
+  const logs: Array<Record<string, unknown>> = [];
+  const sink = new Writable({
+    write(chunk: Buffer, _enc, cb) {
+      for (const line of chunk.toString().split('\n')) if (line.trim() !== '') logs.push(JSON.parse(line));
+      cb();
+    },
+  });
+  const log = pino({ level: 'debug' }, sink);
+  const config: DiskConfig = {
+    name: 'test',
+    socket,
+    size: 16,
+    blocksize: 512,
+    memory_backed: true,
+    num_queues: 2,
+    read_only: false,
+    serial: 'rnull-test',
+    ...overrides,
+  };
+  const served = createDisk(config, log);
+  served.server.listen();
+  return {
+    ...served,
+    socket,
+    logs,
+    async close() {
+      await served.server.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Waits until `pred()` holds, polling on the event loop. */
+export async function until(pred: () => boolean, what: string, timeoutMs = 5000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!pred()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+}
