@@ -298,7 +298,8 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
     if (again == availIdx) break;
     availIdx = again;
   }
-  return Napi::Number::New(env, count);
+  // Chains popped before the queue broke are still returned (they are in flight); -1 after.
+  return Napi::Number::New(env, broken_ && count == 0 ? -1 : static_cast<double>(count));
 }
 
 // push(n): publishes used elements used[0..n) = [head, bytesWritten]: entries first, then a
