@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 
 #include <string>
 
@@ -66,6 +67,20 @@ GuestMemory::GuestMemory(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Gues
         UnmapAll();
         return;
       }
+    }
+    // A mapping past the end of its file would map fine and SIGBUS on first touch: refuse it.
+    struct stat st;
+    if (::fstat(static_cast<int>(fd), &st) < 0) {
+      int e = errno;
+      UnmapAll();
+      ThrowSyscallError(env, "fstat", e);
+      return;
+    }
+    if (S_ISREG(st.st_mode) && off + r.size > static_cast<uint64_t>(st.st_size)) {
+      UnmapAll();
+      ThrowRangeError(env, ("memory region ends at byte " + std::to_string(off + r.size) + " of an fd that has only " +
+                            std::to_string(st.st_size)).c_str());
+      return;
     }
     // Map from file offset 0 so that a mmap offset that is not page-aligned still works.
     r.mapLength = static_cast<size_t>(off + r.size);
