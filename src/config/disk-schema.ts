@@ -38,7 +38,7 @@ export const diskSchema = {
   },
   memory_backed: {
     doc: 'Keep written data in memory (null_blk "memory_backed"); otherwise reads return zeroes and writes are dropped.',
-    format: Boolean,
+    format: 'bool',
     default: true,
   },
   num_queues: {
@@ -48,7 +48,7 @@ export const diskSchema = {
   },
   read_only: {
     doc: 'Offer the disk read-only (VIRTIO_BLK_F_RO); writes fail with IOERR.',
-    format: Boolean,
+    format: 'bool',
     default: false,
   },
   serial: {
@@ -77,6 +77,12 @@ export function addFormats(): void {
       if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > 64) throw new Error('expected a whole number from 1 to 64');
     },
     coerce: (v: unknown) => (typeof v === 'string' && /^\d+$/.test(v) ? Number(v) : v),
+  });
+  convict.addFormat({
+    name: 'bool',
+    validate(v: unknown) {
+      if (typeof v !== 'boolean') throw new Error('expected true or false');
+    },
   });
   convict.addFormat({
     name: 'serial',

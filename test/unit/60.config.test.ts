@@ -1,0 +1,64 @@
+/** config/: per-VM files, flags on top, and messages that name the key, the value and what was expected. */
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { ConfigError, loadConfig } from '../../src/config/load';
+
+function file(content: unknown): string {
+  const p = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'rnull-cfg-')), 'vm.json');
+  fs.writeFileSync(p, typeof content === 'string' ? content : JSON.stringify(content));
+  return p;
+}
+
+describe('loadConfig()', () => {
+  test('no file: one 1 GiB memory-backed disk at ./rnull.sock with 512-byte blocks', () => {
+    const c = loadConfig(undefined, {});
+    expect(c.disks).toEqual([
+      { name: 'rnull', socket: './rnull.sock', size: 1024, blocksize: 512, memory_backed: true, num_queues: 1, read_only: false, serial: 'rnull' },
+    ]);
+    expect(c.log_level).toBe('info');
+  });
+
+  test('flags override the defaults', () => {
+    const c = loadConfig(undefined, { socket: '/tmp/vm1.sock', size: 64, blocksize: 4096, memory_backed: false });
+    expect(c.disks[0]).toMatchObject({ name: 'vm1', socket: '/tmp/vm1.sock', size: 64, blocksize: 4096, memory_backed: false });
+  });
+
+  test('a file with several disks; flags apply to each', () => {
+    const p = file({ log_level: 'debug', disks: [{ socket: '/tmp/a.sock', size: 10 }, { socket: '/tmp/b.sock', name: 'data', read_only: true }] });
+    const c = loadConfig(p, { num_queues: 4 });
+    expect(c.log_level).toBe('debug');
+    expect(c.disks.map((d) => [d.name, d.size, d.read_only, d.num_queues])).toEqual([
+      ['a', 10, false, 4],
+      ['data', 1024, true, 4],
+    ]);
+  });
+
+  const bad: Array<[string, unknown, RegExp]> = [
+    ['a block size null_blk would refuse', { disks: [{ blocksize: 1000 }] }, /disks\[0\]: blocksize: must be one of the possible values: \[512,1024,2048,4096\]: value was 1000/],
+    ['a negative size', { disks: [{ size: -5 }] }, /disks\[0\]: size: expected a positive whole number: value was -5/],
+    ['a misspelled key', { disks: [{ memorybacked: false }] }, /disks\[0\]: configuration param 'memorybacked' not declared in the schema/],
+    ['a boolean given as a string', { disks: [{ memory_backed: 'yes' }] }, /memory_backed: expected true or false: value was "yes"/],
+    ['too many queues', { disks: [{ num_queues: 65 }] }, /num_queues: expected a whole number from 1 to 64: value was 65/],
+    ['a long serial', { disks: [{ serial: 'x'.repeat(21) }] }, /serial: expected at most 20 printable ASCII characters/],
+    ['an unknown log level', { log_level: 'loud' }, /log_level: must be one of the possible values/],
+    ['two disks on one socket', { disks: [{ socket: '/tmp/x.sock' }, { socket: '/tmp/x.sock' }] }, /disks\[1\]\.socket: \/tmp\/x\.sock is used by another disk/],
+    ['a disk that is not an object', { disks: [7] }, /disks\[0\]: expected an object/],
+  ];
+  test.each(bad)('refuses %s, naming the file and key', (_what, content, pattern) => {
+    const p = file(content);
+    expect(() => loadConfig(p, {})).toThrow(ConfigError);
+    expect(() => loadConfig(p, {})).toThrow(pattern);
+    expect(() => loadConfig(p, {})).toThrow(p);
+  });
+
+  test('refuses a file that is not JSON, or does not exist', () => {
+    expect(() => loadConfig(file('{ disks: ['), {})).toThrow(/is not valid JSON/);
+    expect(() => loadConfig('/nonexistent/vm.json', {})).toThrow(/cannot read config file \/nonexistent\/vm.json/);
+  });
+
+  test('refuses --socket for a file with several disks', () => {
+    const p = file({ disks: [{ socket: '/tmp/a.sock' }, { socket: '/tmp/b.sock' }] });
+    expect(() => loadConfig(p, { socket: '/tmp/c.sock' })).toThrow(/--socket cannot apply to 2 disks/);
+  });
+});

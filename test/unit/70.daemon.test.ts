@@ -1,0 +1,120 @@
+/**
+ * daemon/: the real `rnull` process (bin/rnull over dist/), started as a user would: its
+ * defaults, its flags, its errors, and a clean SIGTERM/SIGINT shutdown with the socket removed.
+ */
+import { ChildProcess, spawn, spawnSync } from 'child_process';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { Req } from '../../src/vhost/protocol';
+import { until } from '../helpers/backend';
+import { TestFrontend } from '../helpers/frontend';
+
+const BIN = path.join(__dirname, '..', '..', 'bin', 'rnull');
+
+interface Daemon {
+  proc: ChildProcess;
+  out: string[];
+  exit: Promise<number | null>;
+}
+
+function start(args: string[], cwd: string): Daemon {
+  const proc = spawn(process.execPath, [BIN, ...args], { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+  const out: string[] = [];
+  proc.stdout!.on('data', (d: Buffer) => out.push(...d.toString().split('\n').filter((l) => l !== '')));
+  proc.stderr!.on('data', (d: Buffer) => out.push(d.toString()));
+  const exit = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
+  return { proc, out, exit };
+}
+
+let dir: string;
+let d: Daemon | undefined;
+beforeEach(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'rnull-daemon-'));
+});
+afterEach(async () => {
+  if (d !== undefined && d.proc.exitCode === null) {
+    d.proc.kill('SIGKILL');
+    await d.exit;
+  }
+  d = undefined;
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+test('with no arguments it serves a 1 GiB disk at ./rnull.sock and logs the QEMU command line', async () => {
+  d = start([], dir);
+  const sock = path.join(dir, 'rnull.sock');
+  await until(() => fs.existsSync(sock), 'socket', 10000);
+  await until(() => d!.out.some((l) => l.includes('vhost-user-blk-pci')), 'QEMU command line', 10000);
+  const line = JSON.parse(d.out.find((l) => l.includes('vhost-user-blk-pci'))!);
+  expect(line.qemu).toContain(`-chardev socket,id=rnull0,path=${sock}`);
+  expect(line.qemu).toContain('memory-backend-memfd,id=mem,size=1G,share=on');
+  const fe = new TestFrontend(sock);
+  const cfg = (await fe.getConfig(0, 24)).subarray(12);
+  expect(cfg.readBigUInt64LE(0)).toBe(1024n * 2048n);
+  expect(cfg.readUInt32LE(20)).toBe(512);
+  fe.close();
+  d.proc.kill('SIGTERM');
+  expect(await d.exit).toBe(0);
+  expect(fs.existsSync(sock)).toBe(false);
+});
+
+test('SIGINT with a front-end attached and rings running: exits 0, socket removed', async () => {
+  const sock = path.join(dir, 'vm1.sock');
+  d = start(['--socket', sock, '--size', '8', '--blocksize', '4096', '--num-queues', '2'], dir);
+  await until(() => fs.existsSync(sock), 'socket', 10000);
+  const fe = new TestFrontend(sock);
+  await fe.setup({ queues: 2 });
+  expect(await fe.blk(1, 0, 8, { readLen: 4096 })).toMatchObject({ status: 0, len: 4097 });
+  d.proc.kill('SIGINT');
+  expect(await d.exit).toBe(0);
+  expect(fs.existsSync(sock)).toBe(false);
+  await fe.waitClosed();
+  fe.close();
+});
+
+test('a config file with two disks serves both sockets', async () => {
+  const cfg = path.join(dir, 'vm.json');
+  fs.writeFileSync(cfg, JSON.stringify({ disks: [{ socket: path.join(dir, 'a.sock'), size: 4 }, { socket: path.join(dir, 'b.sock'), size: 8, blocksize: 4096 }] }));
+  d = start(['--config', cfg], dir);
+  await until(() => fs.existsSync(path.join(dir, 'a.sock')) && fs.existsSync(path.join(dir, 'b.sock')), 'sockets', 10000);
+  for (const [name, sectors] of [['a.sock', 4n * 2048n], ['b.sock', 8n * 2048n]] as const) {
+    const fe = new TestFrontend(path.join(dir, name));
+    expect((await fe.getConfig(0, 8)).subarray(12).readBigUInt64LE(0)).toBe(sectors);
+    expect(await fe.getU64(Req.GET_QUEUE_NUM)).toBe(1n);
+    fe.close();
+  }
+  d.proc.kill('SIGTERM');
+  expect(await d.exit).toBe(0);
+});
+
+test('a bad config file: exit 2 with a message naming the key, the value and what was expected', () => {
+  const cfg = path.join(dir, 'vm.json');
+  fs.writeFileSync(cfg, JSON.stringify({ disks: [{ blocksize: 3000 }] }));
+  const r = spawnSync(process.execPath, [BIN, '--config', cfg], { cwd: dir, encoding: 'utf8' });
+  expect(r.status).toBe(2);
+  expect(r.stderr).toContain(`rnull: ${cfg}: disks[0]: blocksize: must be one of the possible values: [512,1024,2048,4096]: value was 3000`);
+});
+
+test('a bad flag: non-zero exit and the reason', () => {
+  const r = spawnSync(process.execPath, [BIN, '--size', 'big'], { cwd: dir, encoding: 'utf8' });
+  expect(r.status).not.toBe(0);
+  expect(r.stderr).toContain('--size expects a whole number, got "big"');
+});
+
+test('a socket path in use by a live daemon is refused; a stale one is replaced', async () => {
+  const sock = path.join(dir, 'x.sock');
+  d = start(['--socket', sock], dir);
+  await until(() => fs.existsSync(sock), 'socket', 10000);
+  const r = spawnSync(process.execPath, [BIN, '--socket', sock], { cwd: dir, encoding: 'utf8' });
+  expect(r.status).toBe(1);
+  expect(r.stdout).toContain('is in use by another process');
+  d.proc.kill('SIGKILL'); // leaves a stale socket file behind
+  await d.exit;
+  expect(fs.existsSync(sock)).toBe(true);
+  d = start(['--socket', sock], dir);
+  await until(() => d!.out.some((l) => l.includes('"listening"')), 'listening', 10000);
+  const fe = new TestFrontend(sock);
+  expect(await fe.getU64(Req.GET_QUEUE_NUM)).toBe(1n);
+  fe.close();
+});
