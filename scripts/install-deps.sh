@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs the Debian packages rnull's guest (QEMU) tests need.
+#
+#   qemu-system-x86    qemu-system-x86_64, boots the test guest (TCG)
+#   qemu-utils         qemu-img (qemu-storage-daemon, the reference back-end,
+#                      comes with qemu-system-x86 via qemu-system-common)
+#   fio                I/O load + data verification inside the guest
+#   busybox-static     the guest's shell and userland
+#   linux-image-amd64  the guest kernel (/boot/vmlinuz-*) and its modules
+#   cpio, kmod         inspecting / handling initramfs and modules by hand
+#   e2fsprogs          mkfs.ext4 inside the guest
+#
+# Idempotent: when every package is already installed it does nothing (not
+# even `apt-get update`). Uses sudo only when not running as root.
+set -euo pipefail
+
+PACKAGES=(qemu-system-x86 qemu-utils fio busybox-static linux-image-amd64 cpio e2fsprogs kmod)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+  [[ "$status" == installed ]] || missing+=("$pkg")
+done
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+  echo "install-deps: all packages present (${PACKAGES[*]})"
+  exit 0
+fi
+
+SUDO=()
+if [[ $(id -u) -ne 0 ]]; then
+  command -v sudo >/dev/null || { echo "install-deps: not root and no sudo; cannot install ${missing[*]}" >&2; exit 1; }
+  SUDO=(sudo)
+fi
+
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${SUDO[@]}" apt-get update -qq
+"${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "install-deps: done"
