@@ -55,7 +55,7 @@ export class HwQueue {
     request.state = RequestState.InFlight;
     request.generation++;
     this.inFlight++;
-    const status = (this.ops as Operations).queueRq(this, request, isLast);
+    const status = (this.ops as Operations).queueRq(request, isLast);
     if (status !== BlkStatus.Ok && request.state === RequestState.InFlight) request.end(status);
   }
 

@@ -29,12 +29,15 @@ export const enum ReqOp {
 export interface Operations {
   /**
    * Called for each request taken from a hardware queue, with `isLast` true for the last of
-   * the current batch. The driver now owns the request and must end it (now or later) with
+   * the current batch (its hardware queue is `request.hctx`). The driver now owns the request and must end it (now or later) with
    * `request.end(status)`. Returning a status other than Ok refuses the request: the core
    * ends it with that status, and the driver must not end it too.
    */
-  queueRq(hctx: HwQueue, request: Request, isLast: boolean): BlkStatus;
-  /** Called after a batch whose last request was not passed with isLast (kernel commit_rqs). */
+  queueRq(request: Request, isLast: boolean): BlkStatus;
+  /**
+   * Called after a batch whose last request was not passed with isLast (kernel commit_rqs):
+   * submit whatever queueRq held back for `hctx` (e.g. ring a doorbell once).
+   */
   commitRqs?(hctx: HwQueue): void;
   /**
    * Deferred completion: after `request.complete()`, the core calls this once the current

@@ -17,7 +17,7 @@ import type { Logger } from 'pino';
 import type { Disk } from '../block/disk';
 import type { CompletionSink, HwQueue } from '../block/hw-queue';
 import { BlkStatus } from '../block/operations';
-import type { Request } from '../block/request';
+import { Request, RequestState } from '../block/request';
 import { BATCH_WORDS, MAX_SEGMENTS, native, NativeFdWatcher, NativeVirtqueue, SEGMENT_WORDS } from '../native';
 import { BlkRequestParser, ParseOutcome, serialId } from './blk-request';
 import type { GuestMemoryMap } from './guest-memory';
@@ -234,7 +234,11 @@ export class VirtioBlkQueue implements CompletionSink {
             rq.segments = this.segments;
             this.stats.requests++;
             lastDispatched = i === n - 1;
-            this.hctx.dispatch(rq, lastDispatched);
+            try {
+              this.hctx.dispatch(rq, lastDispatched);
+            } catch (e) {
+              this.driverFailed(rq, e as Error);
+            }
           } else if (outcome === ParseOutcome.Finish) {
             if (parser.status !== BlkStatus.Ok) this.noise(head, parser.reason);
             this.finish(head, parser.statusChunk, parser.statusOffset, parser.status, parser.usedLen);
@@ -301,6 +305,15 @@ export class VirtioBlkQueue implements CompletionSink {
     } else {
       this.addUsed(head, 0);
     }
+  }
+
+  /**
+   * A driver threw from queueRq: a bug, but one request's, not the daemon's. The request
+   * fails with IOERR (if the driver had not ended it) and the error is logged.
+   */
+  private driverFailed(rq: Request, err: Error): void {
+    this.log.error({ queue: this.index, tag: rq.tag, err }, 'driver failed a request');
+    if (rq.state === RequestState.InFlight) rq.end(BlkStatus.IoErr);
   }
 
   /** Guest mistakes are logged at debug, at most once a second per queue. */

@@ -8,7 +8,11 @@ import * as path from 'path';
 import pino from 'pino';
 import { Writable } from 'stream';
 import type { DiskConfig } from '../../src/config/disk-schema';
+import { Disk } from '../../src/block/disk';
+import type { Operations } from '../../src/block/operations';
 import { createDisk, ServedDisk } from '../../src/daemon/service';
+import { VhostUserBlkDevice } from '../../src/vhost/blk-device';
+import { VhostUserServer } from '../../src/vhost/server';
 
 export interface TestBackend extends ServedDisk {
   socket: string;
@@ -16,7 +20,10 @@ export interface TestBackend extends ServedDisk {
   close(): Promise<void>;
 }
 
-export function startBackend(overrides: Partial<DiskConfig> = {}): TestBackend {
+/**
+ * `ops`, when given, replaces the null driver (the disk, device and server are the real ones).
+ */
+export function startBackend(overrides: Partial<DiskConfig> = {}, ops?: Operations): TestBackend {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'rnull-test-'));
   const socket = path.join(dir, 'disk.sock');
   const logs: Array<Record<string, unknown>> = [];
@@ -39,6 +46,11 @@ export function startBackend(overrides: Partial<DiskConfig> = {}): TestBackend {
     ...overrides,
   };
   const served = createDisk(config, log);
+  if (ops !== undefined) {
+    const disk = new Disk({ ...served.disk, ops });
+    const device = new VhostUserBlkDevice(disk, config.num_queues, log);
+    Object.assign(served, { disk, device, server: new VhostUserServer(socket, device, log) });
+  }
   served.server.listen();
   return {
     ...served,

@@ -4,7 +4,6 @@
  * as long as the daemon runs (a guest reconnecting finds its data); otherwise reads return
  * zeroes and writes are dropped.
  */
-import type { HwQueue } from '../../block/hw-queue';
 import { BlkStatus, Operations, ReqOp } from '../../block/operations';
 import type { Request } from '../../block/request';
 import { SEGMENT_WORDS } from '../../native';
@@ -22,7 +21,7 @@ export class NullDriver implements Operations {
     this.store = options.memoryBacked ? new PageStore() : null;
   }
 
-  queueRq(_hctx: HwQueue, rq: Request, _isLast: boolean): BlkStatus {
+  queueRq(rq: Request, _isLast: boolean): BlkStatus {
     switch (rq.op) {
       case ReqOp.Read:
         if (this.store !== null) this.transfer(rq, false);

@@ -1,0 +1,149 @@
+/** block/: the Request state machine, HwQueue dispatch and deferred completion, TagSet and Disk checks. */
+import { Disk, validateBlockSize } from '../../src/block/disk';
+import type { CompletionSink, HwQueue } from '../../src/block/hw-queue';
+import { BlkStatus, Operations, ReqOp } from '../../src/block/operations';
+import { Request, RequestState, RequestStateError } from '../../src/block/request';
+import { TagSet } from '../../src/block/tag-set';
+import { startBackend, TestBackend } from '../helpers/backend';
+import { TestFrontend } from '../helpers/frontend';
+
+class RecordingSink implements CompletionSink {
+  ended: Array<[number, BlkStatus]> = [];
+  constructor(private readonly hctx: HwQueue) {}
+  requestEnded(rq: Request): void {
+    this.ended.push([rq.tag, rq.status]);
+    this.hctx.release(rq);
+  }
+}
+
+function queueWith(ops: Operations): { hctx: HwQueue; sink: RecordingSink } {
+  const hctx = new TagSet({ nrHwQueues: 1, queueDepth: 8 }).hctx(0);
+  const sink = new RecordingSink(hctx);
+  hctx.attach(ops, sink);
+  return { hctx, sink };
+}
+
+describe('Request', () => {
+  test('ending twice throws and publishes once', () => {
+    let held: Request | undefined;
+    const { hctx, sink } = queueWith({ queueRq: (rq) => ((held = rq), BlkStatus.Ok) });
+    hctx.dispatch(hctx.requests[3], true);
+    expect(held!.state).toBe(RequestState.InFlight);
+    held!.end(BlkStatus.Ok);
+    expect(() => held!.end(BlkStatus.IoErr)).toThrow(RequestStateError);
+    expect(() => held!.end(BlkStatus.IoErr)).toThrow(/tag 3 on hardware queue 0 ended while idle/);
+    expect(sink.ended).toEqual([[3, BlkStatus.Ok]]);
+  });
+
+  test('ending a request that was never started throws', () => {
+    const { hctx, sink } = queueWith({ queueRq: () => BlkStatus.Ok });
+    expect(() => hctx.requests[0].end(BlkStatus.Ok)).toThrow(/ended while idle/);
+    expect(sink.ended).toEqual([]);
+  });
+
+  test('the generation changes each time a tag is reused, exposing stale handles', () => {
+    const seen: number[] = [];
+    const { hctx } = queueWith({ queueRq: (rq) => (seen.push(rq.generation), rq.end(BlkStatus.Ok), BlkStatus.Ok) });
+    hctx.dispatch(hctx.requests[1], true);
+    hctx.dispatch(hctx.requests[1], true);
+    expect(seen).toEqual([1, 2]);
+  });
+
+  test('a status other than Ok from queueRq ends the request with it', () => {
+    const { hctx, sink } = queueWith({ queueRq: () => BlkStatus.Unsupp });
+    hctx.dispatch(hctx.requests[2], true);
+    expect(sink.ended).toEqual([[2, BlkStatus.Unsupp]]);
+    expect(hctx.inFlight).toBe(0);
+  });
+
+  test('complete(): Operations.complete runs after the batch, not inside queueRq', () => {
+    const order: string[] = [];
+    const { hctx, sink } = queueWith({
+      queueRq: (rq) => (order.push(`queue ${rq.tag}`), rq.complete(), BlkStatus.Ok),
+      complete: (rq) => (order.push(`complete ${rq.tag}`), rq.end(BlkStatus.Ok)),
+    });
+    hctx.dispatch(hctx.requests[0], false);
+    hctx.dispatch(hctx.requests[1], true);
+    expect(sink.ended).toEqual([]);
+    expect(hctx.hasDeferred).toBe(true);
+    hctx.runDeferred();
+    expect(order).toEqual(['queue 0', 'queue 1', 'complete 0', 'complete 1']);
+    expect(sink.ended).toEqual([[0, BlkStatus.Ok], [1, BlkStatus.Ok]]);
+  });
+
+  test('complete() without a complete operation, or twice, throws', () => {
+    const { hctx } = queueWith({ queueRq: () => BlkStatus.Ok });
+    hctx.dispatch(hctx.requests[0], true);
+    expect(() => hctx.requests[0].complete()).toThrow(/no complete operation/);
+    const q2 = queueWith({ queueRq: () => BlkStatus.Ok, complete: () => undefined });
+    q2.hctx.dispatch(q2.hctx.requests[0], true);
+    q2.hctx.requests[0].complete();
+    expect(() => q2.hctx.requests[0].complete()).toThrow(/completed while not in flight/);
+  });
+});
+
+describe('TagSet and Disk', () => {
+  test('preallocates one Request per tag per hardware queue', () => {
+    const ts = new TagSet({ nrHwQueues: 3, queueDepth: 16 });
+    expect(ts.hwQueues.map((q) => q.requests.length)).toEqual([16, 16, 16]);
+    expect(ts.hctx(2).requests[15].tag).toBe(15);
+    expect(() => ts.hctx(3)).toThrow(/hardware queue 3 does not exist/);
+    expect(() => new TagSet({ nrHwQueues: 0, queueDepth: 16 })).toThrow(RangeError);
+    expect(() => new TagSet({ nrHwQueues: 1, queueDepth: 2048 })).toThrow(/1 to 1024/);
+  });
+
+  test('block sizes: powers of two from 512 to 4096 only; capacity whole blocks', () => {
+    for (const ok of [512, 1024, 2048, 4096]) expect(() => validateBlockSize(ok)).not.toThrow();
+    for (const bad of [0, 256, 1000, 8192]) expect(() => validateBlockSize(bad)).toThrow(/power of two from 512 to 4096/);
+    const base = { name: 'd', readOnly: false, serial: 's', flush: true, tagSet: new TagSet({ nrHwQueues: 1, queueDepth: 8 }), ops: { queueRq: () => BlkStatus.Ok } };
+    expect(() => new Disk({ ...base, capacitySectors: 9, logicalBlockSize: 4096 })).toThrow(/whole number of 4096-byte blocks/);
+    expect(() => new Disk({ ...base, capacitySectors: 8, logicalBlockSize: 4096, serial: 'x'.repeat(21) })).toThrow(/serial/);
+  });
+});
+
+describe('a driver bug fails one request, not the daemon', () => {
+  let be: TestBackend;
+  let fe: TestFrontend;
+  afterEach(async () => {
+    fe.close();
+    await be.close();
+  });
+
+  test('queueRq throwing: that request gets IOERR, the error is logged, the next one works', async () => {
+    let calls = 0;
+    const ops: Operations = {
+      queueRq(rq) {
+        if (calls++ === 0) throw new Error('driver exploded');
+        if (rq.op === ReqOp.Read) for (let i = 0; i < rq.segCount; i++) rq.memory[rq.segments[rq.segBase + 4 * i]].fill(7, rq.segments[rq.segBase + 4 * i + 1], rq.segments[rq.segBase + 4 * i + 1] + rq.segments[rq.segBase + 4 * i + 2]);
+        rq.end(BlkStatus.Ok);
+        return BlkStatus.Ok;
+      },
+    };
+    be = startBackend({}, ops);
+    fe = new TestFrontend(be.socket);
+    await fe.setup();
+    expect(await fe.blk(0, 0, 0, { readLen: 512 })).toMatchObject({ status: 1, len: 1 });
+    expect(be.logs.some((l) => l.msg === 'driver failed a request')).toBe(true);
+    const r = await fe.blk(0, 0, 0, { readLen: 512 });
+    expect(r.status).toBe(0);
+    expect(r.data!.every((b) => b === 7)).toBe(true);
+  });
+
+  test('a request completed later (outside the batch) is published, and GET_VRING_BASE waits for it', async () => {
+    const held: Request[] = [];
+    be = startBackend({}, { queueRq: (rq) => (held.push(rq), BlkStatus.Ok) });
+    fe = new TestFrontend(be.socket);
+    await fe.setup();
+    const p = fe.blk(0, 0, 0, { readLen: 512 });
+    await new Promise((r) => setTimeout(r, 20));
+    expect(fe.rings[0].usedIdx()).toBe(0);
+    const base = fe.call(11 /* GET_VRING_BASE */, Buffer.from([0, 0, 0, 0, 0, 0, 0, 0]));
+    let answered = false;
+    void base.then(() => (answered = true));
+    await new Promise((r) => setTimeout(r, 20));
+    expect(answered).toBe(false); // still waiting for the in-flight request
+    held[0].end(BlkStatus.Ok);
+    expect((await base).payload.readUInt32LE(4)).toBe(1);
+    expect(await p).toMatchObject({ status: 0, len: 513 });
+  });
+});
