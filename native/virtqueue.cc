@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "errors.h"
@@ -13,6 +14,23 @@ constexpr uint16_t kDescFNext = 1;      // VIRTQ_DESC_F_NEXT
 constexpr uint16_t kDescFWrite = 2;     // VIRTQ_DESC_F_WRITE
 constexpr uint16_t kDescFIndirect = 4;  // VIRTQ_DESC_F_INDIRECT
 constexpr uint16_t kAvailFNoInterrupt = 1;
+constexpr uint16_t kUsedFNoNotify = 1;
+// Smallest non-zero polling budget: below a few microseconds a spin cannot beat a wake-up.
+constexpr uint64_t kMinPollNs = 2000;
+
+inline uint64_t NowNs() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
 
 // vring_need_event(): VIRTIO 1.2 section 2.7.10, "the event index" comparison.
 inline bool NeedEvent(uint16_t eventIdx, uint16_t newIdx, uint16_t oldIdx) {
@@ -42,6 +60,7 @@ void Virtqueue::Init(Napi::Env env, Napi::Object exports) {
                                  {
                                      InstanceMethod<&Virtqueue::Configure>("configure"),
                                      InstanceMethod<&Virtqueue::SetCallFd>("setCallFd"),
+                                     InstanceMethod<&Virtqueue::SetPolling>("setPolling"),
                                      InstanceMethod<&Virtqueue::Pop>("pop"),
                                      InstanceMethod<&Virtqueue::Push>("push"),
                                      InstanceMethod<&Virtqueue::Stop>("stop"),
@@ -143,6 +162,9 @@ Napi::Value Virtqueue::Configure(const Napi::CallbackInfo& info) {
   inflightCount_ = 0;
   broken_ = false;
   brokenReason_.clear();
+  sleeping_ = true;
+  sleptAtNs_ = 0;
+  pollNs_ = pollMaxNs_;
   ready_ = true;
   if (eventIdx_) {
     // avail_event = where we will look next, so a ring restarted at a non-zero index kicks us.
@@ -158,6 +180,21 @@ Napi::Value Virtqueue::SetCallFd(const Napi::CallbackInfo& info) {
   int64_t fd;
   if (!ArgInt(info, 0, "fd", &fd)) return Napi::Value();
   callFd_ = static_cast<int>(fd);
+  return info.Env().Undefined();
+}
+
+// setPolling(maxNs): after a batch, spin on the avail index for up to the current adaptive
+// budget (at most maxNs nanoseconds) before sleeping on the kick eventfd; 0 disables polling.
+// While spinning, the driver's kicks stay suppressed (VIRTIO 1.2 section 2.7.10).
+Napi::Value Virtqueue::SetPolling(const Napi::CallbackInfo& info) {
+  int64_t ns;
+  if (!ArgInt(info, 0, "maxNs", &ns)) return Napi::Value();
+  if (ns < 0 || ns > 1000000000) {
+    ThrowRangeError(info.Env(), "polling limit must be 0 to 1e9 ns");
+    return Napi::Value();
+  }
+  pollMaxNs_ = static_cast<uint64_t>(ns);
+  pollNs_ = pollMaxNs_;
   return info.Env().Undefined();
 }
 
@@ -248,17 +285,28 @@ uint32_t Virtqueue::Walk(uint16_t head, uint32_t* seg, uint32_t* nseg) {
   return err;
 }
 
-// pop(): drains available chains into the batch; returns how many (0: ring empty), or -1 when
-// the queue is broken (see state().brokenReason). With VIRTIO_RING_F_EVENT_IDX it re-arms
-// avail_event once the ring looks empty and re-checks, so no kick can be lost.
+// pop(): pops available chains into the batch and returns how many, or -1 once the queue is
+// broken (see state().brokenReason). When the ring is empty it may first spin for the adaptive
+// polling budget (setPolling); it returns 0 only after re-arming notifications and re-checking
+// the avail index, so a kick can never be lost.
 Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (broken_) return Napi::Number::New(env, -1);
   if (!Usable()) return Napi::Number::New(env, 0);
   volatile uint16_t* availIdxP = avail_ + 1;
   volatile uint16_t* availEvent = reinterpret_cast<volatile uint16_t*>(used_ + 4 + 8 * size_);
+  volatile uint16_t* usedFlags = reinterpret_cast<volatile uint16_t*>(used_);
+  if (sleeping_) {
+    sleeping_ = false;
+    // Woken by a kick: had we kept polling this long, we would have caught this work.
+    if (pollMaxNs_ > 0 && NowNs() - sleptAtNs_ < pollMaxNs_) {
+      pollNs_ = pollNs_ * 2 < kMinPollNs ? kMinPollNs : pollNs_ * 2;
+      if (pollNs_ > pollMaxNs_) pollNs_ = pollMaxNs_;
+    }
+  }
   uint16_t availIdx = __atomic_load_n(availIdxP, __ATOMIC_ACQUIRE);
   uint32_t count = 0;
+  bool spun = false;
   const uint32_t mask = size_ - 1;
   for (;;) {
     uint16_t pending = static_cast<uint16_t>(availIdx - lastAvail_);
@@ -290,13 +338,41 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
       pending--;
       count++;
     }
-    if (broken_ || pending > 0 || count >= size_) break;
-    if (!eventIdx_) break;
-    __atomic_store_n(availEvent, lastAvail_, __ATOMIC_RELAXED);
+    // Hand over what we have; the caller comes back for more (notifications stay off meanwhile).
+    if (broken_ || count > 0) break;
+    if (!spun && pollNs_ > 0) {
+      spun = true;
+      spins_++;
+      if (!eventIdx_) *usedFlags = *usedFlags | kUsedFNoNotify;
+      uint64_t deadline = NowNs() + pollNs_;
+      uint16_t seen = availIdx;
+      while (seen == availIdx && NowNs() < deadline) {
+        CpuRelax();
+        seen = __atomic_load_n(availIdxP, __ATOMIC_ACQUIRE);
+      }
+      if (seen != availIdx) {
+        spinHits_++;
+        availIdx = seen;
+        continue;
+      }
+      pollNs_ /= 2;
+      if (pollNs_ < kMinPollNs) pollNs_ = 0;
+    }
+    // Going to sleep: re-arm notifications, then make sure nothing arrived in between.
+    if (eventIdx_) {
+      __atomic_store_n(availEvent, lastAvail_, __ATOMIC_RELAXED);
+    } else {
+      *usedFlags = *usedFlags & static_cast<uint16_t>(~kUsedFNoNotify);
+    }
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     uint16_t again = __atomic_load_n(availIdxP, __ATOMIC_ACQUIRE);
-    if (again == availIdx) break;
-    availIdx = again;
+    if (again != availIdx) {
+      availIdx = again;
+      continue;
+    }
+    sleeping_ = true;
+    sleptAtNs_ = NowNs();
+    break;
   }
   // Chains popped before the queue broke are still returned (they are in flight); -1 after.
   return Napi::Number::New(env, broken_ && count == 0 ? -1 : static_cast<double>(count));
@@ -386,6 +462,9 @@ Napi::Value Virtqueue::State(const Napi::CallbackInfo& info) {
   o.Set("usedIdx", usedIdx_);
   o.Set("inflight", inflightCount_);
   o.Set("calls", calls_);
+  o.Set("pollNs", static_cast<double>(pollNs_));
+  o.Set("spins", spins_);
+  o.Set("spinHits", spinHits_);
   return o;
 }
 

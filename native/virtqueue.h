@@ -17,6 +17,8 @@
 //   again while in flight, a head >= size, or an avail index more than size ahead marks the
 //   queue broken (nothing more is popped) instead of touching the in-flight request's slot;
 // - every guest-supplied address, length and index is checked before use (see Walk);
+// - a kick is never lost: pop() returns 0 only after re-arming notifications (avail_event or
+//   clearing VRING_USED_F_NO_NOTIFY) and re-checking the avail index behind a full fence;
 // - ring memory stays mapped while configured: the GuestMemory is referenced, and mapped() is
 //   checked on every entry point.
 #pragma once
@@ -64,6 +66,7 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
 
   Napi::Value Configure(const Napi::CallbackInfo& info);
   Napi::Value SetCallFd(const Napi::CallbackInfo& info);
+  Napi::Value SetPolling(const Napi::CallbackInfo& info);
   Napi::Value Pop(const Napi::CallbackInfo& info);
   Napi::Value Push(const Napi::CallbackInfo& info);
   Napi::Value Stop(const Napi::CallbackInfo& info);
@@ -97,6 +100,13 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   uint32_t inflightCount_ = 0;
   int callFd_ = -1;
   double calls_ = 0;  // statistics: calls signalled
+  // Adaptive polling (see Pop): the budget grows when work comes back soon after the queue
+  // went to sleep and halves when a spin finds nothing, between 0 and pollMaxNs_.
+  uint64_t pollMaxNs_ = 0;
+  uint64_t pollNs_ = 0;
+  uint64_t sleptAtNs_ = 0;
+  bool sleeping_ = true;  // notifications re-armed, waiting for a kick
+  double spins_ = 0, spinHits_ = 0;  // statistics
 };
 
 }  // namespace rnull

@@ -33,6 +33,7 @@ export function buildCli(): Command {
     .option('--memory-backed <bool>', 'keep written data (default true)', bool)
     .option('--num-queues <n>', 'largest number of virtqueues (default 1)', int('--num-queues'))
     .option('--read-only <bool>', 'offer the disk read-only (default false)', bool)
+    .option('--poll-us <us>', 'busy-poll limit per virtqueue after a batch, 0-1000 (default 50)', int('--poll-us'))
     .option('--serial <text>', 'GET_ID serial, at most 20 ASCII characters (default "rnull")')
     .addOption(new Option('--log-level <level>', 'log level (default info)').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
     .showHelpAfterError();
@@ -47,6 +48,7 @@ interface CliOptions {
   numQueues?: number;
   readOnly?: boolean;
   serial?: string;
+  pollUs?: number;
   logLevel?: string;
 }
 
@@ -61,6 +63,7 @@ export async function main(argv: string[]): Promise<void> {
     num_queues: o.numQueues,
     read_only: o.readOnly,
     serial: o.serial,
+    poll_us: o.pollUs,
   };
   let config;
   try {

@@ -37,7 +37,7 @@ export function createDisk(config: DiskConfig, log: Logger): ServedDisk {
     ops: driver,
   });
   const dlog = log.child({ disk: config.name });
-  const device = new VhostUserBlkDevice(disk, config.num_queues, dlog);
+  const device = new VhostUserBlkDevice(disk, config.num_queues, dlog, config.poll_us);
   const server = new VhostUserServer(config.socket, device, dlog);
   return { config, disk, driver, device, server };
 }

@@ -48,11 +48,16 @@ export interface VirtqueueState {
   usedIdx: number;
   inflight: number;
   calls: number;
+  pollNs: number;
+  spins: number;
+  spinHits: number;
 }
 
 export interface NativeVirtqueue {
   configure(config: VirtqueueConfig): void;
   setCallFd(fd: number): void;
+  /** Adaptive busy-polling limit in ns after a batch (0: sleep on the kick eventfd at once). */
+  setPolling(maxNs: number): void;
   /** Chains popped into the batch (0: none), or -1 once the queue is broken. */
   pop(): number;
   /** Publishes used[0..n); returns how many were published. */

@@ -67,7 +67,10 @@ export class VhostUserBlkDevice {
   private memory: GuestMemoryMap | null = null;
   readonly specs: ReadonlyMap<number, MessageSpec>;
 
-  constructor(disk: Disk, numQueues: number, log: Logger) {
+  /**
+   * @param pollUs busy-poll limit per virtqueue after a batch, in microseconds (0: none)
+   */
+  constructor(disk: Disk, numQueues: number, log: Logger, private readonly pollUs = 0) {
     if (numQueues > disk.tagSet.nrHwQueues) {
       throw new RangeError(`num-queues ${numQueues} exceeds the tag set's ${disk.tagSet.nrHwQueues} hardware queues`);
     }
@@ -315,6 +318,7 @@ export class VhostUserBlkDevice {
           indirect: hasBit(this.features, Feature.RING_INDIRECT_DESC),
           kickFd: r.kickFd,
           callFd: r.callFd,
+          pollUs: this.pollUs,
         },
         this.ringEnabled(r),
       );

@@ -46,6 +46,8 @@ export interface VringSetup {
   indirect: boolean;
   kickFd: number;
   callFd: number;
+  /** Busy-poll limit after a batch, in microseconds (0: none). */
+  pollUs: number;
 }
 
 export interface QueueStats {
@@ -146,6 +148,7 @@ export class VirtioBlkQueue implements CompletionSink {
       used: this.used,
     });
     this.vq.setCallFd(setup.callFd);
+    this.vq.setPolling(setup.pollUs * 1000);
     this.hctx.attach(this.disk.ops, this);
     this.running = true;
     this.brokenLogged = false;

@@ -43,6 +43,7 @@ export function startBackend(overrides: Partial<DiskConfig> = {}, ops?: Operatio
     num_queues: 2,
     read_only: false,
     serial: 'rnull-test',
+    poll_us: 0,
     ...overrides,
   };
   const served = createDisk(config, log);

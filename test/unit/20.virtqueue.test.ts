@@ -4,6 +4,7 @@
  */
 import { BATCH_WORDS, MAX_SEGMENTS, native, NativeVirtqueue, SEGMENT_WORDS } from '../../src/native';
 import { DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DriverRing, writeDesc } from '../helpers/driver-ring';
+import { Worker } from 'worker_threads';
 import { GuestRam } from '../helpers/guest-ram';
 
 const SIZE = 16;
@@ -338,8 +339,10 @@ describe('Virtqueue notifications', () => {
     h.ring.setUsedEvent(5); // driver wants a call once used idx passes 5
     const heads: number[] = [];
     for (let i = 0; i < 3; i++) heads.push(h.ring.addChain([{ addr: a, len: 16 }]));
-    h.pop();
-    expect(h.ring.availEvent()).toBe(3);
+    expect((h.pop() as Popped[]).length).toBe(3);
+    expect(h.ring.availEvent()).toBe(0); // not re-armed while there may be more to take
+    expect(h.pop()).toEqual([]);
+    expect(h.ring.availEvent()).toBe(3); // re-armed once the ring is empty
     h.push(heads.map((x) => [x, 0] as [number, number]));
     expect(native.eventfdRead(call)).toBe(0); // used idx 0 -> 3 does not cross 5
     const more: number[] = [];
@@ -373,5 +376,73 @@ describe('GuestMemory', () => {
     expect(() => new native.GuestMemory([{ gpa: 0, size: 8192, uaddr: 0, mmapOffset: 0, fd }, { gpa: 4096, size: 8192, uaddr: 1 << 20, mmapOffset: 0, fd }])).toThrow(/overlap/);
     expect(() => new native.GuestMemory([{ gpa: 0, size: 0, uaddr: 0, mmapOffset: 0, fd }])).toThrow(/empty/);
     expect(() => new native.GuestMemory([{ gpa: 0, size: 4096, uaddr: 0, mmapOffset: 0, fd: -1 }])).toThrow(/mmap/);
+  });
+});
+
+describe('Virtqueue adaptive polling', () => {
+  /** Offers `head` (a one-descriptor chain at desc slot `head`) from another thread after `delayUs`. */
+  function offerFromWorker(ram: GuestRam, availAddr: number, head: number, delayUs: number): Worker {
+    const addon = require.resolve('../../build/Release/rnull_native.node');
+    const region = ram.regions[0];
+    const code = `
+      const { workerData } = require('worker_threads');
+      const native = require(workerData.addon);
+      const mem = new native.GuestMemory([workerData.region]);
+      const view = Buffer.from(mem.chunks()[0]);
+      const until = process.hrtime.bigint() + BigInt(workerData.delayUs * 1000);
+      while (process.hrtime.bigint() < until) {}
+      const a = workerData.availAddr;
+      const idx = view.readUInt16LE(a + 2);
+      view.writeUInt16LE(workerData.head, a + 4 + 2 * (idx % 16));
+      view.writeUInt16LE((idx + 1) & 0xffff, a + 2);
+      mem.unmap();
+    `;
+    return new Worker(code, { eval: true, workerData: { addon, region: { ...region, fd: ram.fd }, availAddr, head, delayUs } });
+  }
+
+  test('work offered while spinning is popped without a kick; kicks stay suppressed meanwhile', async () => {
+    h = new Harness({ eventIdx: false });
+    h.vq.setPolling(500_000_000); // up to 0.5 s, far longer than the worker's delay
+    h.ring.setDesc(2, { addr: h.ram.alloc(16), len: 16 });
+    const w = offerFromWorker(h.ram, h.ring.availAddr, 2, 20_000);
+    await new Promise((r) => w.once('online', r));
+    const got = h.pop() as Popped[]; // spins until the worker offers head 2
+    await new Promise((r) => w.once('exit', r));
+    expect(got.map((p) => p.head)).toEqual([2]);
+    expect(h.vq.state()).toMatchObject({ spins: 1, spinHits: 1 });
+    const usedFlags = () => h.ram.bytes(h.ring.usedAddr, 2).readUInt16LE(0);
+    expect(usedFlags()).toBe(1); // VRING_USED_F_NO_NOTIFY while we keep polling
+    h.vq.setPolling(2000);
+    expect(h.pop()).toEqual([]); // the spin runs out: notifications re-armed before sleeping
+    expect(usedFlags()).toBe(0);
+  });
+
+  const idle = (us: number): void => {
+    const end = process.hrtime.bigint() + BigInt(us * 1000);
+    while (process.hrtime.bigint() < end) {
+      // an idle disk: no kick for longer than the polling limit
+    }
+  };
+
+  test('the budget halves after each fruitless spin down to none; work soon after sleeping grows it again', () => {
+    h = new Harness();
+    h.vq.setPolling(64_000);
+    for (let i = 0; i < 10; i++) {
+      h.pop();
+      idle(100);
+    }
+    // 64 -> 32 -> 16 -> 8 -> 4 -> 2 us, and a fruitless 2 us spin drops to none: six spins in all.
+    expect(h.vq.state()).toMatchObject({ pollNs: 0, spins: 6, spinHits: 0 });
+    h.pop(); // after an idle period: nothing to spin for
+    expect(h.vq.state().spins).toBe(6);
+    h.pop(); // called again within the limit after sleeping (as a quick kick would): budget grows
+    expect(h.vq.state().spins).toBe(7); // to the 2 us floor, spent once (fruitlessly) here
+  });
+
+  test('polling off: pop() never spins', () => {
+    h = new Harness();
+    h.vq.setPolling(0);
+    for (let i = 0; i < 5; i++) h.pop();
+    expect(h.vq.state()).toMatchObject({ pollNs: 0, spins: 0 });
   });
 });
