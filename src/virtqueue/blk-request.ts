@@ -63,15 +63,16 @@ export class BlkRequestParser {
   reason = '';
 
   private readonly header = Buffer.alloc(HEADER_BYTES);
+  private readonly headerWords = new DataView(this.header.buffer, this.header.byteOffset, HEADER_BYTES);
+  /** DataViews over the chunks: a header word is one load (Buffer.readUInt32LE is four). */
+  private words: DataView[];
 
   constructor(
     private readonly disk: DiskGeometry,
     private views: Buffer[],
     private readonly segments: Uint32Array,
-  ) {}
-
-  setViews(views: Buffer[]): void {
-    this.views = views;
+  ) {
+    this.words = views.map((v) => new DataView(v.buffer, v.byteOffset, v.byteLength));
   }
 
   /**
@@ -95,10 +96,24 @@ export class BlkRequestParser {
       nseg--;
       last -= SEGMENT_WORDS;
     }
-    // Header: the first 16 bytes, all device-readable.
+    // Header: the first 16 bytes, all device-readable. Read in place when one segment holds
+    // it (Linux always does that); gather it into a scratch buffer otherwise.
     let s = base;
     const end = base + nseg * SEGMENT_WORDS;
+    let hdr: DataView<ArrayBufferLike> = this.headerWords;
+    let hoff = 0;
     let got = 0;
+    if (nseg > 0 && (segs[s + 3] & 1) === 0 && segs[s + 2] >= HEADER_BYTES) {
+      hdr = this.words[segs[s]];
+      hoff = segs[s + 1];
+      got = HEADER_BYTES;
+      if (segs[s + 2] === HEADER_BYTES) {
+        s += SEGMENT_WORDS;
+      } else {
+        segs[s + 1] += HEADER_BYTES;
+        segs[s + 2] -= HEADER_BYTES;
+      }
+    }
     while (got < HEADER_BYTES) {
       if (s >= end || (segs[s + 3] & 1) !== 0) return this.fail(BlkStatus.IoErr, 'request header shorter than 16 device-readable bytes');
       const view = this.views[segs[s]];
@@ -113,9 +128,9 @@ export class BlkRequestParser {
         segs[s + 2] -= take;
       }
     }
-    const type = this.header.readUInt32LE(0);
-    const sectorLo = this.header.readUInt32LE(8);
-    const sectorHi = this.header.readUInt32LE(12);
+    const type = hdr.getUint32(hoff, true);
+    const sectorLo = hdr.getUint32(hoff + 8, true);
+    const sectorHi = hdr.getUint32(hoff + 12, true);
     // Data: the segments between header and status; one direction for all of them.
     let bytes = 0;
     let writable = 0;

@@ -426,17 +426,20 @@ describe('Virtqueue adaptive polling', () => {
 
   test('the budget halves after each fruitless spin down to none; work soon after sleeping grows it again', () => {
     h = new Harness();
-    h.vq.setPolling(64_000);
-    for (let i = 0; i < 10; i++) {
-      h.pop();
-      idle(100);
+    h.vq.setPolling(2_000_000); // 2 ms limit
+    let spinsBefore = -1;
+    for (let i = 0; i < 16 && h.vq.state().pollNs > 0; i++) {
+      spinsBefore = h.vq.state().spins;
+      h.pop(); // ring empty: spins for the whole budget, then halves it
+      expect(h.vq.state().spins).toBe(spinsBefore + 1);
+      idle(2500); // no kick for longer than the limit: nothing grows
     }
-    // 64 -> 32 -> 16 -> 8 -> 4 -> 2 us, and a fruitless 2 us spin drops to none: six spins in all.
-    expect(h.vq.state()).toMatchObject({ pollNs: 0, spins: 6, spinHits: 0 });
-    h.pop(); // after an idle period: nothing to spin for
-    expect(h.vq.state().spins).toBe(6);
-    h.pop(); // called again within the limit after sleeping (as a quick kick would): budget grows
-    expect(h.vq.state().spins).toBe(7); // to the 2 us floor, spent once (fruitlessly) here
+    // 2 ms halves to below the 2 us floor in ten fruitless spins, then polling stops.
+    expect(h.vq.state()).toMatchObject({ pollNs: 0, spins: 10, spinHits: 0 });
+    h.pop(); // an idle period ended: no budget, no spin
+    expect(h.vq.state().spins).toBe(10);
+    h.pop(); // called again well within the limit after sleeping (as a quick kick would): grows
+    expect(h.vq.state().spins).toBe(11);
   });
 
   test('polling off: pop() never spins', () => {
