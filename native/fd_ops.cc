@@ -4,6 +4,7 @@
 #include <stdint.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "errors.h"
@@ -77,6 +78,29 @@ Napi::Value MemfdCreate(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, fd);
 }
 
+// copyBytes(dst, dstOffset, src, srcOffset, length): memmove between two Uint8Arrays (guest
+// memory views and page-store pages) without creating a view per copy, as Buffer#copy does.
+// Throws RangeError when either range falls outside its array.
+Napi::Value CopyBytes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 5 || !info[0].IsTypedArray() || !info[2].IsTypedArray()) {
+    ThrowTypeError(env, "expected (Uint8Array, offset, Uint8Array, offset, length)");
+    return Napi::Value();
+  }
+  Napi::Uint8Array dst = info[0].As<Napi::Uint8Array>();
+  Napi::Uint8Array src = info[2].As<Napi::Uint8Array>();
+  double dOff = info[1].As<Napi::Number>().DoubleValue();
+  double sOff = info[3].As<Napi::Number>().DoubleValue();
+  double len = info[4].As<Napi::Number>().DoubleValue();
+  if (!(dOff >= 0 && sOff >= 0 && len >= 0) || dOff + len > static_cast<double>(dst.ByteLength()) ||
+      sOff + len > static_cast<double>(src.ByteLength())) {
+    ThrowRangeError(env, "copyBytes: range outside the array");
+    return Napi::Value();
+  }
+  memmove(dst.Data() + static_cast<size_t>(dOff), src.Data() + static_cast<size_t>(sOff), static_cast<size_t>(len));
+  return env.Undefined();
+}
+
 }  // namespace
 
 void InitFdOps(Napi::Env env, Napi::Object exports) {
@@ -85,6 +109,7 @@ void InitFdOps(Napi::Env env, Napi::Object exports) {
   exports.Set("eventfdRead", Napi::Function::New(env, EventFdRead, "eventfdRead"));
   exports.Set("eventfdWrite", Napi::Function::New(env, EventFdWrite, "eventfdWrite"));
   exports.Set("memfdCreate", Napi::Function::New(env, MemfdCreate, "memfdCreate"));
+  exports.Set("copyBytes", Napi::Function::New(env, CopyBytes, "copyBytes"));
 }
 
 }  // namespace rnull

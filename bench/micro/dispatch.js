@@ -5,7 +5,7 @@
  * with the avail ring refilled in-process — no socket, no eventfds, no second process.
  * It gives the per-request floor of the data path; `npm run bench` measures the real thing.
  *
- *   node bench/micro/dispatch.js [--requests N] [--batch N] [--memory-backed] [--bs BYTES]
+ *   node bench/micro/dispatch.js [--requests N] [--batch N] [--memory-backed] [--write] [--bs BYTES]
  */
 'use strict';
 const path = require('path');
@@ -26,6 +26,7 @@ const REQUESTS = opt('--requests', 5_000_000);
 const BATCH = opt('--batch', 32);
 const BS = opt('--bs', 4096);
 const MEMORY_BACKED = args.includes('--memory-backed');
+const WRITE = args.includes('--write');
 const SIZE = 256;
 
 // Guest RAM: one 64 MiB memfd, gpa 0, front-end address elsewhere.
@@ -43,7 +44,7 @@ for (let h = 0; h < HEADS; h++) {
   const hdr = DATA + h * (BS + 64);
   const data = hdr + 32;
   const st = data + BS;
-  view.writeUInt32LE(0, hdr); // VIRTIO_BLK_T_IN
+  view.writeUInt32LE(WRITE ? 1 : 0, hdr); // VIRTIO_BLK_T_OUT or _IN
   view.writeBigUInt64LE(BigInt((h * 8) % 100000), hdr + 8);
   const d = DESC + 16 * 3 * h;
   const put = (i, addr, len, flags, next) => {
@@ -55,7 +56,7 @@ for (let h = 0; h < HEADS; h++) {
   };
   void d;
   put(3 * h, hdr, 16, 1, 3 * h + 1);
-  put(3 * h + 1, data, BS, 3, 3 * h + 2);
+  put(3 * h + 1, data, BS, WRITE ? 1 : 3, 3 * h + 2); // device-readable for writes
   put(3 * h + 2, st, 1, 2, 0);
 }
 
@@ -101,6 +102,7 @@ const res = {
   batch: BATCH,
   bs: BS,
   memoryBacked: MEMORY_BACKED,
+  write: WRITE,
   nsPerRequest: +(ns / done).toFixed(1),
   cpuNsPerRequest: +(((cpu.user + cpu.system) * 1000) / done).toFixed(1),
   mrps: +((done / ns) * 1000).toFixed(3),

@@ -85,6 +85,8 @@ interface NativeAddon {
   eventfdRead(fd: number): number;
   eventfdWrite(fd: number): void;
   memfdCreate(name: string, size: number): number;
+  /** memmove(dst + dstOffset, src + srcOffset, length); RangeError outside either array. */
+  copyBytes(dst: Uint8Array, dstOffset: number, src: Uint8Array, srcOffset: number, length: number): void;
   listenUnix(path: string): number;
   connectUnix(path: string): number;
   acceptUnix(fd: number): number;
