@@ -1,5 +1,6 @@
 /** drivers/null: the sparse page store and the zero (not memory-backed) disk. */
 import { PageStore, PAGE_SIZE } from '../../src/drivers/null/page-store';
+import { native } from '../../src/native';
 import { startBackend, TestBackend } from '../helpers/backend';
 import { TestFrontend } from '../helpers/frontend';
 
@@ -37,6 +38,18 @@ describe('PageStore', () => {
     expect(out.equals(a)).toBe(true);
     s.read(5 * 2 ** 32, out, 0, 512);
     expect(out.equals(b)).toBe(true);
+  });
+});
+
+describe('native.copyBytes', () => {
+  test('copies between arrays and refuses ranges outside either one', () => {
+    const a = Buffer.from('abcdefgh');
+    const b = Buffer.alloc(8, 0x2e);
+    native.copyBytes(b, 2, a, 3, 4);
+    expect(b.toString()).toBe('..defg..');
+    expect(() => native.copyBytes(b, 6, a, 0, 4)).toThrow(/outside the array/);
+    expect(() => native.copyBytes(b, 0, a, 7, 2)).toThrow(/outside the array/);
+    expect(() => native.copyBytes(b, -1, a, 0, 1)).toThrow(/outside the array/);
   });
 });
 
