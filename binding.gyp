@@ -9,7 +9,8 @@
         "native/socket.cc",
         "native/fd_watcher.cc",
         "native/guest_memory.cc",
-        "native/virtqueue.cc"
+        "native/virtqueue.cc",
+        "native/timer.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"],

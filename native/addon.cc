@@ -8,6 +8,7 @@
 #include "fd_watcher.h"
 #include "guest_memory.h"
 #include "socket.h"
+#include "timer.h"
 #include "virtqueue.h"
 
 namespace rnull {
@@ -32,6 +33,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   FdWatcher::Init(env, exports);
   GuestMemory::Init(env, exports, &data->guestMemoryCtor);
   Virtqueue::Init(env, exports);
+  Timer::Init(env, exports);
   return exports;
 }
 

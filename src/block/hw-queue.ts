@@ -5,16 +5,20 @@
  *
  * Invariants:
  * - requests[tag] exists for every tag < depth and is never replaced (no allocation per I/O);
- * - a request is in flight on at most one path at a time (Request's state machine).
+ * - `inFlight` counts requests owned by the driver (refcount >= 1);
+ * - a request reaches the sink exactly once per start: through Request.end() (2 -> 0) or
+ *   through abort() (any refcount -> 0, generation bumped so leaked handles go stale).
  */
 import { BlkStatus, Operations } from './operations';
-import { Request, RequestState } from './request';
+import { Request, TAG_BITS } from './request';
 
 /** Where completions go: the submission side that owns the tags (e.g. a virtqueue). */
 export interface CompletionSink {
-  /** The request was ended; publish its completion (possibly batched). */
+  /** The request ended (refcount 0, status set); publish its completion (possibly batched). */
   requestEnded(request: Request): void;
 }
+
+const TAG_SPACE = 1 << TAG_BITS;
 
 export class HwQueue {
   readonly index: number;
@@ -23,9 +27,9 @@ export class HwQueue {
   private ops: Operations | null = null;
   private sink: CompletionSink | null = null;
   /** Requests waiting for Operations.complete (deferred completion), in order. */
-  private deferred: Request[] = [];
+  private readonly deferred: Request[];
   private deferredCount = 0;
-  /** Requests the driver currently owns (InFlight). */
+  /** Requests the driver currently owns. */
   inFlight = 0;
 
   constructor(index: number, depth: number) {
@@ -42,21 +46,23 @@ export class HwQueue {
     this.sink = sink;
   }
 
-  /** Disconnects the sink (a virtqueue stopped); must only happen with nothing in flight. */
+  /** Disconnects the sink (a virtqueue stopped); only with nothing in flight. */
   detach(): void {
     this.sink = null;
   }
 
   /**
-   * Starts `request` (prepared by the caller: op, sector, bytes, segments) and hands it to the
-   * driver. A refusal from queueRq ends it with the returned status.
+   * Starts `request` (prepared by the caller: op, sector, bytes, segments; `nowNs` is the
+   * batch's monotonic time) and hands it to the driver with one handle (refcount 2). A status
+   * other than Ok from queueRq ends it with that status.
    */
-  dispatch(request: Request, isLast: boolean): void {
-    request.state = RequestState.InFlight;
+  dispatch(request: Request, isLast: boolean, nowNs: number): void {
+    request.refcount = 2;
     request.generation++;
+    request.startNs = nowNs;
     this.inFlight++;
     const status = (this.ops as Operations).queueRq(request, isLast);
-    if (status !== BlkStatus.Ok && request.state === RequestState.InFlight) request.end(status);
+    if (status !== BlkStatus.Ok && request.refcount !== 0) this.abort(request, status);
   }
 
   /** End of a batch whose last request did not carry isLast. */
@@ -65,13 +71,47 @@ export class HwQueue {
     if (ops.commitRqs !== undefined) ops.commitRqs(this);
   }
 
+  /**
+   * The request of `tag` with a new handle (refcount + 1), if the driver owns it; null when
+   * the tag is out of range or the request is not in flight (blk_mq_tag_to_rq, checked).
+   */
+  tagToRq(tag: number): Request | null {
+    const rq = this.requests[tag];
+    if (rq === undefined || rq.refcount === 0) return null;
+    rq.refcount++;
+    return rq;
+  }
+
+  /**
+   * Turns a leaked handle (Request.leak()) back into the request, or null when that request
+   * was ended meanwhile (e.g. by a timeout) or recycled for a newer one.
+   */
+  reclaim(ref: number): Request | null {
+    const tag = ref % TAG_SPACE;
+    const rq = this.requests[tag];
+    if (rq === undefined || rq.refcount < 2 || rq.generation !== (ref - tag) / TAG_SPACE) return null;
+    return rq;
+  }
+
+  /**
+   * Ends a request whatever handles exist (timeouts, teardown): the generation moves on, so
+   * leaked handles become stale and reclaim() refuses them. No-op if the core owns it.
+   */
+  abort(request: Request, status: BlkStatus): void {
+    if (request.refcount === 0) return;
+    request.refcount = 0;
+    request.generation++;
+    request.status = status;
+    this.requestEnded(request);
+  }
+
   /** Runs the deferred completions collected during the batch (softirq-style). */
   runDeferred(): void {
-    const ops = this.ops as Operations;
+    const complete = (this.ops as Operations).complete as (r: Request) => void;
     for (let i = 0; i < this.deferredCount; i++) {
       const rq = this.deferred[i];
       this.deferred[i] = undefined as unknown as Request;
-      if (rq.state === RequestState.InFlight && rq.completing) (ops.complete as (r: Request) => void)(rq);
+      if (rq.refcount >= 2) complete(rq);
     }
     this.deferredCount = 0;
   }
@@ -82,18 +122,19 @@ export class HwQueue {
     this.deferred[this.deferredCount++] = request;
   }
 
-  /** @internal Request.end() */
+  /** @internal Request.end() and abort() */
   requestEnded(request: Request): void {
     this.inFlight--;
     if (this.sink !== null) this.sink.requestEnded(request);
   }
 
-  /** @internal the sink published the completion: the tag is free again. */
-  release(request: Request): void {
-    request.state = RequestState.Idle;
-  }
-
   get hasDeferred(): boolean {
     return this.deferredCount > 0;
+  }
+
+  /** The requests the driver owns, for timeout scans and teardown. */
+  forEachInFlight(fn: (rq: Request) => void): void {
+    if (this.inFlight === 0) return;
+    for (const rq of this.requests) if (rq.refcount !== 0) fn(rq);
   }
 }

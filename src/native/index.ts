@@ -67,6 +67,15 @@ export interface NativeVirtqueue {
   state(): VirtqueueState;
 }
 
+/** A CLOCK_MONOTONIC timerfd armed at absolute deadlines (native/timer.h). */
+export interface NativeTimer {
+  readonly fd: number;
+  /** Fires once at `deadlineNs` (monotonicNs() units); re-arming replaces the deadline. */
+  arm(deadlineNs: number): void;
+  disarm(): void;
+  close(): void;
+}
+
 export interface NativeFdWatcher {
   start(): void;
   stop(): void;
@@ -95,6 +104,9 @@ interface NativeAddon {
   FdWatcher: new (fd: number, callback: (status: number) => void, drainEventfd: boolean) => NativeFdWatcher;
   GuestMemory: new (regions: MemoryRegionSpec[]) => NativeGuestMemory;
   Virtqueue: new () => NativeVirtqueue;
+  Timer: new () => NativeTimer;
+  /** CLOCK_MONOTONIC in nanoseconds. */
+  monotonicNs(): number;
   virtqueueConstants: { MAX_QUEUE_SIZE: number; MAX_SEGMENTS: number; SEGMENT_WORDS: number; BATCH_WORDS: number };
 }
 

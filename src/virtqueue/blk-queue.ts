@@ -17,7 +17,7 @@ import type { Logger } from 'pino';
 import type { Disk } from '../block/disk';
 import type { CompletionSink, HwQueue } from '../block/hw-queue';
 import { BlkStatus } from '../block/operations';
-import { Request, RequestState } from '../block/request';
+import type { Request } from '../block/request';
 import { BATCH_WORDS, MAX_SEGMENTS, native, NativeFdWatcher, NativeVirtqueue, SEGMENT_WORDS } from '../native';
 import { BlkRequestParser, ParseOutcome, serialId } from './blk-request';
 import type { GuestMemoryMap } from './guest-memory';
@@ -215,6 +215,7 @@ export class VirtioBlkQueue implements CompletionSink {
         }
         this.stats.batches++;
         this.inflight += n;
+        const now = native.monotonicNs();
         let lastDispatched = false;
         for (let i = 0; i < n; i++) {
           const b = i * BATCH_WORDS;
@@ -238,7 +239,7 @@ export class VirtioBlkQueue implements CompletionSink {
             this.stats.requests++;
             lastDispatched = i === n - 1;
             try {
-              this.hctx.dispatch(rq, lastDispatched);
+              this.hctx.dispatch(rq, lastDispatched, now);
             } catch (e) {
               this.driverFailed(rq, e as Error);
             }
@@ -265,7 +266,6 @@ export class VirtioBlkQueue implements CompletionSink {
     const status = rq.status;
     if (status !== BlkStatus.Ok) this.stats.failedRequests++;
     this.finish(head, this.statusChunk[head], this.statusOffset[head], status, status === BlkStatus.Ok ? this.usedLen[head] : 1);
-    this.hctx.release(rq);
     if (!this.draining && !this.publishScheduled) {
       this.publishScheduled = true;
       setImmediate(this.publishLater);
@@ -316,7 +316,7 @@ export class VirtioBlkQueue implements CompletionSink {
    */
   private driverFailed(rq: Request, err: Error): void {
     this.log.error({ queue: this.index, tag: rq.tag, err }, 'driver failed a request');
-    if (rq.state === RequestState.InFlight) rq.end(BlkStatus.IoErr);
+    this.hctx.abort(rq, BlkStatus.IoErr);
   }
 
   /** Guest mistakes are logged at debug, at most once a second per queue. */

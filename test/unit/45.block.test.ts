@@ -2,56 +2,125 @@
 import { Disk, validateBlockSize } from '../../src/block/disk';
 import type { CompletionSink, HwQueue } from '../../src/block/hw-queue';
 import { BlkStatus, Operations, ReqOp } from '../../src/block/operations';
-import { Request, RequestState, RequestStateError } from '../../src/block/request';
+import { Request, RequestStateError } from '../../src/block/request';
 import { TagSet } from '../../src/block/tag-set';
 import { startBackend, TestBackend } from '../helpers/backend';
 import { TestFrontend } from '../helpers/frontend';
 
 class RecordingSink implements CompletionSink {
   ended: Array<[number, BlkStatus]> = [];
-  constructor(private readonly hctx: HwQueue) {}
   requestEnded(rq: Request): void {
     this.ended.push([rq.tag, rq.status]);
-    this.hctx.release(rq);
   }
 }
 
 function queueWith(ops: Operations): { hctx: HwQueue; sink: RecordingSink } {
   const hctx = new TagSet({ nrHwQueues: 1, queueDepth: 8 }).hctx(0);
-  const sink = new RecordingSink(hctx);
+  const sink = new RecordingSink();
   hctx.attach(ops, sink);
   return { hctx, sink };
 }
 
-describe('Request', () => {
-  test('ending twice throws and publishes once', () => {
-    let held: Request | undefined;
-    const { hctx, sink } = queueWith({ queueRq: (rq) => ((held = rq), BlkStatus.Ok) });
-    hctx.dispatch(hctx.requests[3], true);
-    expect(held!.state).toBe(RequestState.InFlight);
-    held!.end(BlkStatus.Ok);
-    expect(() => held!.end(BlkStatus.IoErr)).toThrow(RequestStateError);
-    expect(() => held!.end(BlkStatus.IoErr)).toThrow(/tag 3 on hardware queue 0 ended while idle/);
+/** A driver that keeps every request it is given, for the test to act on. */
+function holdingQueue(): { hctx: HwQueue; sink: RecordingSink; held: Request[] } {
+  const held: Request[] = [];
+  return { ...queueWith({ queueRq: (rq) => (held.push(rq), BlkStatus.Ok) }), held };
+}
+
+describe('Request ownership (refcount states as the merged Rust Request)', () => {
+  test('queueRq receives one handle: refcount 2; end() takes it to 0 and publishes once', () => {
+    const { hctx, sink, held } = holdingQueue();
+    hctx.dispatch(hctx.requests[3], true, 0);
+    expect(held[0].refcount).toBe(2);
+    expect(hctx.inFlight).toBe(1);
+    held[0].end(BlkStatus.Ok);
+    expect(held[0].refcount).toBe(0);
     expect(sink.ended).toEqual([[3, BlkStatus.Ok]]);
+    expect(hctx.inFlight).toBe(0);
   });
 
-  test('ending a request that was never started throws', () => {
-    const { hctx, sink } = queueWith({ queueRq: () => BlkStatus.Ok });
-    expect(() => hctx.requests[0].end(BlkStatus.Ok)).toThrow(/ended while idle/);
+  test('ending twice throws and changes nothing', () => {
+    const { hctx, sink, held } = holdingQueue();
+    hctx.dispatch(hctx.requests[3], true, 0);
+    held[0].end(BlkStatus.Ok);
+    expect(() => held[0].end(BlkStatus.IoErr)).toThrow(RequestStateError);
+    expect(() => held[0].end(BlkStatus.IoErr)).toThrow(/tag 3 on hardware queue 0 ended while it is not owned by the driver/);
+    expect(sink.ended).toEqual([[3, BlkStatus.Ok]]);
+    expect(held[0].status).toBe(BlkStatus.Ok);
+  });
+
+  test('ending while another handle exists throws and changes nothing; after drop() it works', () => {
+    const { hctx, sink, held } = holdingQueue();
+    hctx.dispatch(hctx.requests[1], true, 0);
+    const other = held[0].clone();
+    expect(held[0].refcount).toBe(3);
+    expect(() => held[0].end(BlkStatus.Ok)).toThrow(/ended while 2 handles exist/);
+    expect(held[0].refcount).toBe(3);
+    expect(sink.ended).toEqual([]);
+    other.drop();
+    held[0].end(BlkStatus.Ok);
+    expect(sink.ended).toEqual([[1, BlkStatus.Ok]]);
+  });
+
+  test('a request never started cannot be ended, cloned or completed', () => {
+    const { hctx, sink } = queueWith({ queueRq: () => BlkStatus.Ok, complete: () => undefined });
+    const rq = hctx.requests[0];
+    expect(() => rq.end(BlkStatus.Ok)).toThrow(/not owned by the driver/);
+    expect(() => rq.clone()).toThrow(/cloned while it is not owned/);
+    expect(() => rq.complete()).toThrow(/completed while it is not owned/);
     expect(sink.ended).toEqual([]);
   });
 
-  test('the generation changes each time a tag is reused, exposing stale handles', () => {
+  test('tagToRq(): a new handle for a request the driver owns, null otherwise', () => {
+    const { hctx, held } = holdingQueue();
+    expect(hctx.tagToRq(5)).toBeNull(); // idle tag
+    expect(hctx.tagToRq(100)).toBeNull(); // no such tag
+    hctx.dispatch(hctx.requests[5], true, 0);
+    held[0].drop(); // driver owns it, no handle: refcount 1
+    expect(held[0].refcount).toBe(1);
+    expect(() => held[0].end(BlkStatus.Ok)).toThrow(/no handle is held/);
+    const h = hctx.tagToRq(5)!;
+    expect(h.refcount).toBe(2);
+    h.end(BlkStatus.Ok);
+    expect(hctx.tagToRq(5)).toBeNull();
+  });
+
+  test('leak()/reclaim(): a numeric handle survives a timer; stale after the tag is reused', () => {
+    const { hctx, held } = holdingQueue();
+    hctx.dispatch(hctx.requests[2], true, 0);
+    const ref = held[0].leak();
+    expect(hctx.reclaim(ref)).toBe(held[0]);
+    held[0].end(BlkStatus.Ok);
+    expect(hctx.reclaim(ref)).toBeNull(); // ended
+    hctx.dispatch(hctx.requests[2], true, 0); // the tag serves a newer request
+    expect(hctx.reclaim(ref)).toBeNull(); // the old handle must not reach it
+    expect(hctx.reclaim(held[1].ref)).toBe(held[1]);
+  });
+
+  test('abort() ends whatever handles exist and makes leaked handles stale (a timeout)', () => {
+    const { hctx, sink, held } = holdingQueue();
+    hctx.dispatch(hctx.requests[4], true, 0);
+    const ref = held[0].leak();
+    held[0].clone();
+    hctx.abort(held[0], BlkStatus.IoErr);
+    expect(sink.ended).toEqual([[4, BlkStatus.IoErr]]);
+    expect(hctx.reclaim(ref)).toBeNull();
+    expect(() => held[0].end(BlkStatus.Ok)).toThrow(/not owned/); // a late completion is refused
+    hctx.abort(held[0], BlkStatus.IoErr); // no-op: already the core's
+    expect(sink.ended.length).toBe(1);
+  });
+
+  test('the generation changes each time a tag is reused', () => {
     const seen: number[] = [];
     const { hctx } = queueWith({ queueRq: (rq) => (seen.push(rq.generation), rq.end(BlkStatus.Ok), BlkStatus.Ok) });
-    hctx.dispatch(hctx.requests[1], true);
-    hctx.dispatch(hctx.requests[1], true);
+    hctx.dispatch(hctx.requests[1], true, 0);
+    hctx.dispatch(hctx.requests[1], true, 0);
     expect(seen).toEqual([1, 2]);
   });
 
   test('a status other than Ok from queueRq ends the request with it', () => {
     const { hctx, sink } = queueWith({ queueRq: () => BlkStatus.Unsupp });
-    hctx.dispatch(hctx.requests[2], true);
+    hctx.dispatch(hctx.requests[2], true, 0);
     expect(sink.ended).toEqual([[2, BlkStatus.Unsupp]]);
     expect(hctx.inFlight).toBe(0);
   });
@@ -62,8 +131,8 @@ describe('Request', () => {
       queueRq: (rq) => (order.push(`queue ${rq.tag}`), rq.complete(), BlkStatus.Ok),
       complete: (rq) => (order.push(`complete ${rq.tag}`), rq.end(BlkStatus.Ok)),
     });
-    hctx.dispatch(hctx.requests[0], false);
-    hctx.dispatch(hctx.requests[1], true);
+    hctx.dispatch(hctx.requests[0], false, 0);
+    hctx.dispatch(hctx.requests[1], true, 0);
     expect(sink.ended).toEqual([]);
     expect(hctx.hasDeferred).toBe(true);
     hctx.runDeferred();
@@ -71,14 +140,10 @@ describe('Request', () => {
     expect(sink.ended).toEqual([[0, BlkStatus.Ok], [1, BlkStatus.Ok]]);
   });
 
-  test('complete() without a complete operation, or twice, throws', () => {
-    const { hctx } = queueWith({ queueRq: () => BlkStatus.Ok });
-    hctx.dispatch(hctx.requests[0], true);
-    expect(() => hctx.requests[0].complete()).toThrow(/no complete operation/);
-    const q2 = queueWith({ queueRq: () => BlkStatus.Ok, complete: () => undefined });
-    q2.hctx.dispatch(q2.hctx.requests[0], true);
-    q2.hctx.requests[0].complete();
-    expect(() => q2.hctx.requests[0].complete()).toThrow(/completed while not in flight/);
+  test('complete() without a complete operation throws', () => {
+    const { hctx, held } = holdingQueue();
+    hctx.dispatch(hctx.requests[0], true, 0);
+    expect(() => held[0].complete()).toThrow(/no complete operation/);
   });
 });
 
