@@ -16,6 +16,8 @@ export interface DiskOptions {
   serial: string;
   /** Advertise a volatile write cache: the guest sends FLUSH requests. */
   flush: boolean;
+  /** A request not ended this many milliseconds after it started times out (0: never). */
+  timeoutMs?: number;
   tagSet: TagSet;
   ops: Operations;
 }
@@ -37,6 +39,7 @@ export class Disk {
   readonly readOnly: boolean;
   readonly serial: string;
   readonly flush: boolean;
+  readonly timeoutMs: number;
   readonly tagSet: TagSet;
   readonly ops: Operations;
 
@@ -56,6 +59,7 @@ export class Disk {
     this.readOnly = options.readOnly;
     this.serial = options.serial;
     this.flush = options.flush;
+    this.timeoutMs = options.timeoutMs ?? 30000;
     this.tagSet = options.tagSet;
     this.ops = options.ops;
   }

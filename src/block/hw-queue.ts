@@ -10,12 +10,15 @@
  *   through abort() (any refcount -> 0, generation bumped so leaked handles go stale).
  */
 import { BlkStatus, Operations } from './operations';
+import { native } from '../native';
 import { Request, TAG_BITS } from './request';
 
 /** Where completions go: the submission side that owns the tags (e.g. a virtqueue). */
 export interface CompletionSink {
   /** The request ended (refcount 0, status set); publish its completion (possibly batched). */
   requestEnded(request: Request): void;
+  /** The request exceeded the timeout (before the driver's timeout operation runs); for logs. */
+  requestTimedOut(request: Request): void;
 }
 
 const TAG_SPACE = 1 << TAG_BITS;
@@ -40,15 +43,49 @@ export class HwQueue {
     this.deferred = new Array<Request>(depth);
   }
 
-  /** Connects the queue to its driver and its completion sink (a virtqueue starting). */
-  attach(ops: Operations, sink: CompletionSink): void {
+  private watchdog: NodeJS.Timeout | null = null;
+  private timeoutNs = 0;
+
+  /**
+   * Connects the queue to its driver and its completion sink (a virtqueue starting), runs the
+   * driver's initHctx, and starts the timeout watchdog when `timeoutMs` > 0.
+   */
+  attach(ops: Operations, sink: CompletionSink, timeoutMs = 0): void {
     this.ops = ops;
     this.sink = sink;
+    if (ops.initHctx !== undefined) ops.initHctx(this);
+    this.timeoutNs = timeoutMs * 1e6;
+    if (timeoutMs > 0) {
+      // Check a few times per timeout; a request fails between 1x and 1.25x the timeout.
+      const period = Math.max(5, Math.min(1000, Math.floor(timeoutMs / 4)));
+      this.watchdog = setInterval(() => this.checkTimeouts(native.monotonicNs()), period);
+      this.watchdog.unref();
+    }
   }
 
-  /** Disconnects the sink (a virtqueue stopped); only with nothing in flight. */
+  /** Disconnects (a virtqueue stopped, nothing in flight): stops the watchdog, runs exitHctx. */
   detach(): void {
+    if (this.watchdog !== null) clearInterval(this.watchdog);
+    this.watchdog = null;
+    const ops = this.ops;
+    if (ops?.exitHctx !== undefined) ops.exitHctx(this);
     this.sink = null;
+  }
+
+  /** Fails (or hands to Operations.timeout) every request started more than the timeout ago. */
+  checkTimeouts(nowNs: number): void {
+    if (this.inFlight === 0 || this.timeoutNs <= 0) return;
+    const limit = nowNs - this.timeoutNs;
+    const ops = this.ops as Operations;
+    for (const rq of this.requests) {
+      if (rq.refcount === 0 || rq.startNs > limit) continue;
+      if (this.sink !== null) this.sink.requestTimedOut(rq);
+      if (ops.timeout === undefined) {
+        this.abort(rq, BlkStatus.IoErr);
+      } else if (ops.timeout(rq) === 'reset') {
+        rq.startNs = nowNs;
+      }
+    }
   }
 
   /**

@@ -44,4 +44,14 @@ export interface Operations {
    * batch is done (the counterpart of the softirq `complete` callback); the driver ends it here.
    */
   complete?(request: Request): void;
+  /**
+   * A request was not ended within the disk's timeout. Return 'done' once it has been dealt
+   * with (ended, or aborted through hctx.abort), or 'reset' to give it another full timeout.
+   * Without this operation the core fails the request with IOERR (abort).
+   */
+  timeout?(request: Request): 'done' | 'reset';
+  /** A hardware queue starts serving (a virtqueue started): set up per-queue state. */
+  initHctx?(hctx: HwQueue): void;
+  /** A hardware queue stopped, with nothing in flight: release per-queue state. */
+  exitHctx?(hctx: HwQueue): void;
 }

@@ -14,6 +14,9 @@ export interface DiskConfig {
   read_only: boolean;
   serial: string;
   poll_us: number;
+  irqmode: number;
+  completion_nsec: number | null;
+  io_timeout: number;
 }
 
 export const diskSchema = {
@@ -52,6 +55,21 @@ export const diskSchema = {
     format: 'bool',
     default: false,
   },
+  irqmode: {
+    doc: 'Completion mode (null_blk "irqmode"): 0 none (requests end at once), 1 softirq (deferred to the end of each batch), 2 timer (requests end completion_nsec after they start).',
+    format: [0, 1, 2],
+    default: 0,
+  },
+  completion_nsec: {
+    doc: 'Timer mode only: nanoseconds from a request\'s start to its completion (null_blk "completion_nsec"; default 10000 in timer mode).',
+    format: 'nullable-nsec',
+    default: null as number | null,
+  },
+  io_timeout: {
+    doc: 'Milliseconds after which a request the driver has not ended fails with IOERR (as the block layer\'s io_timeout); 0 disables.',
+    format: 'nat',
+    default: 30000,
+  },
   poll_us: {
     doc: 'After a batch, busy-poll each virtqueue for up to this many microseconds before sleeping on its kick eventfd (0 to 1000; 0 disables). Adaptive: the spin shrinks while it finds nothing, so an idle disk costs no CPU.',
     format: 'poll-us',
@@ -83,6 +101,14 @@ export function addFormats(): void {
       if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > 64) throw new Error('expected a whole number from 1 to 64');
     },
     coerce: (v: unknown) => (typeof v === 'string' && /^\d+$/.test(v) ? Number(v) : v),
+  });
+  convict.addFormat({
+    name: 'nullable-nsec',
+    validate(v: unknown) {
+      if (v !== null && (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 1e10)) {
+        throw new Error('expected a whole number of nanoseconds from 0 to 10000000000');
+      }
+    },
   });
   convict.addFormat({
     name: 'poll-us',

@@ -33,6 +33,9 @@ export function buildCli(): Command {
     .option('--memory-backed <bool>', 'keep written data (default true)', bool)
     .option('--num-queues <n>', 'largest number of virtqueues (default 1)', int('--num-queues'))
     .option('--read-only <bool>', 'offer the disk read-only (default false)', bool)
+    .addOption(new Option('--irqmode <mode>', 'completion mode: 0 none, 1 softirq, 2 timer (default 0)').choices(['0', '1', '2']).argParser(Number))
+    .option('--completion-nsec <ns>', 'timer mode: ns from start to completion (default 10000)', int('--completion-nsec'))
+    .option('--io-timeout <ms>', 'fail requests not ended after this many ms; 0 never (default 30000)', int('--io-timeout'))
     .option('--poll-us <us>', 'busy-poll limit per virtqueue after a batch, 0-1000 (default 50)', int('--poll-us'))
     .option('--serial <text>', 'GET_ID serial, at most 20 ASCII characters (default "rnull")')
     .addOption(new Option('--log-level <level>', 'log level (default info)').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
@@ -49,6 +52,9 @@ interface CliOptions {
   readOnly?: boolean;
   serial?: string;
   pollUs?: number;
+  irqmode?: number;
+  completionNsec?: number;
+  ioTimeout?: number;
   logLevel?: string;
 }
 
@@ -64,6 +70,9 @@ export async function main(argv: string[]): Promise<void> {
     read_only: o.readOnly,
     serial: o.serial,
     poll_us: o.pollUs,
+    irqmode: o.irqmode,
+    completion_nsec: o.completionNsec,
+    io_timeout: o.ioTimeout,
   };
   let config;
   try {

@@ -7,7 +7,7 @@ import type { Logger } from 'pino';
 import { Disk } from '../block/disk';
 import { TagSet } from '../block/tag-set';
 import type { DiskConfig } from '../config/disk-schema';
-import { NullDriver } from '../drivers/null/null-driver';
+import { IrqMode, NullDriver } from '../drivers/null/null-driver';
 import { MAX_QUEUE_SIZE } from '../native';
 import { VhostUserBlkDevice } from '../vhost/blk-device';
 import { VhostUserServer } from '../vhost/server';
@@ -24,7 +24,18 @@ export interface ServedDisk {
 
 /** Builds a null disk and its vhost-user server from its configuration (not yet listening). */
 export function createDisk(config: DiskConfig, log: Logger): ServedDisk {
-  const driver = new NullDriver({ memoryBacked: config.memory_backed });
+  const dlog = log.child({ disk: config.name });
+  let lateLogged = false;
+  const driver = new NullDriver({
+    memoryBacked: config.memory_backed,
+    irqmode: config.irqmode as IrqMode,
+    completionNsec: config.completion_nsec ?? undefined,
+    onLateCompletion: (hctx, tag) => {
+      if (lateLogged) return;
+      lateLogged = true;
+      dlog.warn({ queue: hctx, tag }, 'late completion of a request that had timed out: ignored (logged once)');
+    },
+  });
   const tagSet = new TagSet({ nrHwQueues: config.num_queues, queueDepth: MAX_QUEUE_SIZE });
   const disk = new Disk({
     name: config.name,
@@ -33,10 +44,10 @@ export function createDisk(config: DiskConfig, log: Logger): ServedDisk {
     readOnly: config.read_only,
     serial: config.serial,
     flush: true,
+    timeoutMs: config.io_timeout,
     tagSet,
     ops: driver,
   });
-  const dlog = log.child({ disk: config.name });
   const device = new VhostUserBlkDevice(disk, config.num_queues, dlog, config.poll_us);
   const server = new VhostUserServer(config.socket, device, dlog);
   return { config, disk, driver, device, server };

@@ -4,6 +4,7 @@
  * connection (a restarted or reconnecting QEMU) is served; the disk's data stays.
  */
 import * as fs from 'fs';
+import * as path from 'path';
 import type { Logger } from 'pino';
 import { native, NativeFdWatcher, SyscallError } from '../native';
 import type { VhostUserBlkDevice } from './blk-device';
@@ -32,7 +33,23 @@ export class VhostUserServer {
    */
   listen(): void {
     removeStaleSocket(this.socketPath);
-    this.listenFd = native.listenUnix(this.socketPath);
+    // Bind and listen under a temporary name, then rename: once the path exists, connecting
+    // works (a client never sees a bound socket that is not listening yet).
+    const tmp = path.join(path.dirname(this.socketPath), `.${path.basename(this.socketPath)}.${process.pid}.tmp`);
+    try {
+      fs.unlinkSync(tmp);
+    } catch {
+      // none left over
+    }
+    this.listenFd = native.listenUnix(tmp);
+    try {
+      fs.renameSync(tmp, this.socketPath);
+    } catch (e) {
+      native.close(this.listenFd);
+      this.listenFd = -1;
+      fs.rmSync(tmp, { force: true });
+      throw e;
+    }
     this.watcher = new native.FdWatcher(this.listenFd, () => this.onAcceptable(), false);
     this.watcher.start();
     this.log.info({ socket: this.socketPath }, 'listening');

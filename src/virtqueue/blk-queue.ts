@@ -83,6 +83,7 @@ export class VirtioBlkQueue implements CompletionSink {
   private enabled = false;
   private brokenLogged = false;
   private lastNoiseLog = 0;
+  private lastTimeoutLog = 0;
   private idleWaiters: Array<() => void> = [];
   private readonly publishLater = (): void => {
     this.publishScheduled = false;
@@ -149,7 +150,7 @@ export class VirtioBlkQueue implements CompletionSink {
     });
     this.vq.setCallFd(setup.callFd);
     this.vq.setPolling(setup.pollUs * 1000);
-    this.hctx.attach(this.disk.ops, this);
+    this.hctx.attach(this.disk.ops, this, this.disk.timeoutMs);
     this.running = true;
     this.brokenLogged = false;
     this.kickWatcher = new native.FdWatcher(setup.kickFd, this.onKick, true);
@@ -270,6 +271,14 @@ export class VirtioBlkQueue implements CompletionSink {
       this.publishScheduled = true;
       setImmediate(this.publishLater);
     }
+  }
+
+  /** CompletionSink: logged at warn, at most once a second per queue. */
+  requestTimedOut(rq: Request): void {
+    const now = Date.now();
+    if (now - this.lastTimeoutLog < 1000) return;
+    this.lastTimeoutLog = now;
+    this.log.warn({ queue: this.index, tag: rq.tag, sector: rq.sector, timeoutMs: this.disk.timeoutMs }, 'request timed out');
   }
 
   private finish(head: number, chunk: number, offset: number, status: BlkStatus, usedLen: number): void {

@@ -44,6 +44,9 @@ export function startBackend(overrides: Partial<DiskConfig> = {}, ops?: Operatio
     read_only: false,
     serial: 'rnull-test',
     poll_us: 0,
+    irqmode: 0,
+    completion_nsec: null,
+    io_timeout: 30000,
     ...overrides,
   };
   const served = createDisk(config, log);

@@ -9,8 +9,12 @@ import { TestFrontend } from '../helpers/frontend';
 
 class RecordingSink implements CompletionSink {
   ended: Array<[number, BlkStatus]> = [];
+  timedOut: number[] = [];
   requestEnded(rq: Request): void {
     this.ended.push([rq.tag, rq.status]);
+  }
+  requestTimedOut(rq: Request): void {
+    this.timedOut.push(rq.tag);
   }
 }
 
@@ -210,5 +214,45 @@ describe('a driver bug fails one request, not the daemon', () => {
     held[0].end(BlkStatus.Ok);
     expect((await base).payload.readUInt32LE(4)).toBe(1);
     expect(await p).toMatchObject({ status: 0, len: 513 });
+  });
+});
+
+describe('timeouts', () => {
+  test('a request older than the timeout fails with IOERR; younger ones are left alone', () => {
+    const { hctx, sink, held } = holdingQueue();
+    hctx.attach({ queueRq: (rq) => (held.push(rq), BlkStatus.Ok) }, sink, 100);
+    hctx.dispatch(hctx.requests[0], false, 1e9);
+    hctx.dispatch(hctx.requests[1], true, 1.05e9);
+    hctx.checkTimeouts(1.1e9 + 1); // 100 ms after the first started
+    expect(sink.timedOut).toEqual([0]);
+    expect(sink.ended).toEqual([[0, BlkStatus.IoErr]]);
+    expect(() => held[0].end(BlkStatus.Ok)).toThrow(/not owned/); // late completion refused
+    held[1].end(BlkStatus.Ok);
+    expect(sink.ended).toEqual([[0, BlkStatus.IoErr], [1, BlkStatus.Ok]]);
+    hctx.detach();
+  });
+
+  test("the driver's timeout operation decides: 'reset' restarts the clock", () => {
+    const sink = new RecordingSink();
+    const hctx = new TagSet({ nrHwQueues: 1, queueDepth: 8 }).hctx(0);
+    let calls = 0;
+    hctx.attach({ queueRq: () => BlkStatus.Ok, timeout: () => (calls++ === 0 ? 'reset' : 'done') }, sink, 100);
+    hctx.dispatch(hctx.requests[0], true, 0);
+    hctx.checkTimeouts(2e8);
+    expect(calls).toBe(1);
+    hctx.checkTimeouts(2.5e8); // reset at 2e8: not yet due
+    expect(calls).toBe(1);
+    hctx.checkTimeouts(3.1e8);
+    expect(calls).toBe(2);
+    expect(sink.ended).toEqual([]); // 'done' without ending: the driver's business
+    hctx.detach();
+  });
+
+  test('initHctx/exitHctx run on attach/detach', () => {
+    const log: string[] = [];
+    const hctx = new TagSet({ nrHwQueues: 2, queueDepth: 8 }).hctx(1);
+    hctx.attach({ queueRq: () => BlkStatus.Ok, initHctx: (h) => log.push(`init ${h.index}`), exitHctx: (h) => log.push(`exit ${h.index}`) }, new RecordingSink());
+    hctx.detach();
+    expect(log).toEqual(['init 1', 'exit 1']);
   });
 });

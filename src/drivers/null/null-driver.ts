@@ -1,24 +1,79 @@
 /**
- * The null block driver (after Linux null_blk and the Rust rnull): requests complete at once
- * (null_blk irqmode 0, "none"). Memory-backed, it keeps written data in a sparse PageStore for
- * as long as the daemon runs (a guest reconnecting finds its data); otherwise reads return
- * zeroes and writes are dropped.
+ * The null block driver (after Linux null_blk and the Rust rnull). Memory-backed, it keeps
+ * written data in a sparse PageStore for as long as the daemon runs (a guest reconnecting
+ * finds its data); otherwise reads return zeroes and writes are dropped.
+ *
+ * Completion modes (null_blk `irqmode`), decided once at construction — queueRq calls the
+ * chosen `finish` with no per-request branching on the mode:
+ * - 0 none:    the request ends inside queueRq;
+ * - 1 softirq: the request is handed to deferred completion and ends after the batch, all the
+ *              batch's completions published together (one used-ring update, one call);
+ * - 2 timer:   the request ends `completionNsec` after it started (a timerfd per hardware
+ *              queue; see block/request-timer.ts).
  */
+import type { HwQueue } from '../../block/hw-queue';
 import { BlkStatus, Operations, ReqOp } from '../../block/operations';
 import type { Request } from '../../block/request';
+import { RequestTimer } from '../../block/request-timer';
 import { SEGMENT_WORDS } from '../../native';
 import { PageStore } from './page-store';
+
+export const enum IrqMode {
+  None = 0,
+  Softirq = 1,
+  Timer = 2,
+}
 
 export interface NullDriverOptions {
   /** Keep written data (null_blk memory_backed). */
   memoryBacked: boolean;
+  /** Completion mode (null_blk irqmode); default None. */
+  irqmode?: IrqMode;
+  /** Timer mode: delay from start to completion in nanoseconds (null_blk completion_nsec). */
+  completionNsec?: number;
+  /** Told about each late completion dropped (a request that timed out before its timer). */
+  onLateCompletion?: (hctx: number, tag: number) => void;
 }
+
+/** null_blk's default completion_nsec. */
+export const DEFAULT_COMPLETION_NSEC = 10_000;
+
+const endOk = (rq: Request): void => rq.end(BlkStatus.Ok);
+const completeLater = (rq: Request): void => rq.complete();
 
 export class NullDriver implements Operations {
   readonly store: PageStore | null;
+  readonly irqmode: IrqMode;
+  readonly completionNsec: number;
+  private readonly finish: (rq: Request) => void;
+  private readonly timers: Array<RequestTimer | undefined> = [];
+  private readonly onLate: (hctx: number, tag: number) => void;
 
+  /** @throws RangeError for an unknown irqmode, or completionNsec outside timer mode. */
   constructor(options: NullDriverOptions) {
     this.store = options.memoryBacked ? new PageStore() : null;
+    this.irqmode = options.irqmode ?? IrqMode.None;
+    if (this.irqmode !== IrqMode.Timer && options.completionNsec !== undefined) {
+      throw new RangeError(`completion_nsec applies to irqmode 2 (timer) only, not irqmode ${this.irqmode}`);
+    }
+    this.completionNsec = options.completionNsec ?? DEFAULT_COMPLETION_NSEC;
+    this.onLate = options.onLateCompletion ?? (() => undefined);
+    switch (this.irqmode) {
+      case IrqMode.None:
+        this.finish = endOk;
+        break;
+      case IrqMode.Softirq:
+        this.finish = completeLater;
+        break;
+      case IrqMode.Timer: {
+        const delay = this.completionNsec;
+        const timers = this.timers;
+        this.finish = (rq) => (timers[rq.hctx.index] as RequestTimer).schedule(rq, rq.startNs + delay);
+        break;
+      }
+      default:
+        throw new RangeError(`irqmode must be 0 (none), 1 (softirq) or 2 (timer), got ${String(this.irqmode)}`);
+    }
   }
 
   queueRq(rq: Request, _isLast: boolean): BlkStatus {
@@ -33,8 +88,27 @@ export class NullDriver implements Operations {
       case ReqOp.Flush:
         break; // memory is as durable as this disk gets
     }
-    rq.end(BlkStatus.Ok);
+    this.finish(rq);
     return BlkStatus.Ok;
+  }
+
+  /** Softirq mode: the deferred completion. */
+  complete(rq: Request): void {
+    rq.end(BlkStatus.Ok);
+  }
+
+  initHctx(hctx: HwQueue): void {
+    if (this.irqmode === IrqMode.Timer && this.timers[hctx.index] === undefined) {
+      this.timers[hctx.index] = new RequestTimer(hctx, endOk, (tag) => this.onLate(hctx.index, tag));
+    }
+  }
+
+  exitHctx(hctx: HwQueue): void {
+    const t = this.timers[hctx.index];
+    if (t !== undefined) {
+      t.close();
+      this.timers[hctx.index] = undefined;
+    }
   }
 
   /** Copies between the request's guest segments and the page store, segment by segment. */

@@ -1,0 +1,96 @@
+/**
+ * RequestTimer: ends requests a fixed delay after they started, with microsecond accuracy
+ * (null_blk's timer mode, `completion_nsec`; the hrtimer in the Rust rnull). Node's timers
+ * tick in milliseconds, so the deadline is a timerfd (native Timer) watched on the event loop.
+ *
+ * With one delay per queue, deadlines arrive in order, so a FIFO ring ordered by deadline is
+ * an exact timer wheel: schedule() and expiry are O(1) and allocate nothing.
+ *
+ * Each entry owns the request's handle, leaked into a number (Request.leak); expiry reclaims
+ * it. If the request was ended meanwhile (a timeout), reclaim fails and the late completion is
+ * dropped and reported once (onStale). cancel() (teardown) aborts every pending request.
+ *
+ * Invariants: count <= capacity (the queue depth: a request is in at most one entry);
+ * deadlines[head..head+count) are non-decreasing; the timerfd is armed at deadlines[head]
+ * whenever count > 0.
+ */
+import { native, NativeFdWatcher, NativeTimer } from '../native';
+import type { HwQueue } from './hw-queue';
+import { BlkStatus } from './operations';
+import type { Request } from './request';
+
+export class RequestTimer {
+  private readonly timer: NativeTimer = new native.Timer();
+  private readonly watcher: NativeFdWatcher;
+  private readonly deadlines: Float64Array;
+  private readonly refs: Float64Array;
+  private head = 0;
+  private count = 0;
+  /** Late completions dropped (requests ended by a timeout before their timer fired). */
+  stale = 0;
+
+  /**
+   * @param onExpire ends the request (it holds the sole handle when called)
+   * @param onStale called for each late completion dropped
+   */
+  constructor(
+    private readonly hctx: HwQueue,
+    private readonly onExpire: (rq: Request) => void,
+    private readonly onStale: (tag: number) => void,
+  ) {
+    this.deadlines = new Float64Array(hctx.depth);
+    this.refs = new Float64Array(hctx.depth);
+    this.watcher = new native.FdWatcher(this.timer.fd, () => this.expire(), true);
+    this.watcher.start();
+  }
+
+  /** Pending entries. */
+  get pending(): number {
+    return this.count;
+  }
+
+  /** Takes `rq`'s handle; onExpire(rq) runs at `deadlineNs` (monotonic ns) or soon after. */
+  schedule(rq: Request, deadlineNs: number): void {
+    const cap = this.deadlines.length;
+    const i = (this.head + this.count) % cap;
+    this.deadlines[i] = deadlineNs;
+    this.refs[i] = rq.leak();
+    if (this.count++ === 0) this.timer.arm(deadlineNs);
+  }
+
+  private expire(): void {
+    const cap = this.deadlines.length;
+    const now = native.monotonicNs();
+    while (this.count > 0 && this.deadlines[this.head] <= now) {
+      const ref = this.refs[this.head];
+      this.head = (this.head + 1) % cap;
+      this.count--;
+      const rq = this.hctx.reclaim(ref);
+      if (rq !== null) this.onExpire(rq);
+      else {
+        this.stale++;
+        this.onStale(ref % 65536);
+      }
+    }
+    if (this.count > 0) this.timer.arm(this.deadlines[this.head]);
+  }
+
+  /** Teardown: every pending request is aborted with IOERR; the timer stops. */
+  cancel(): void {
+    this.timer.disarm();
+    const cap = this.deadlines.length;
+    while (this.count > 0) {
+      const rq = this.hctx.reclaim(this.refs[this.head]);
+      this.head = (this.head + 1) % cap;
+      this.count--;
+      if (rq !== null) this.hctx.abort(rq, BlkStatus.IoErr);
+    }
+  }
+
+  /** cancel(), then releases the timerfd. */
+  close(): void {
+    this.cancel();
+    this.watcher.stop();
+    this.timer.close();
+  }
+}
