@@ -16,6 +16,8 @@ export interface DiskOptions {
   serial: string;
   /** Advertise a volatile write cache: the guest sends FLUSH requests. */
   flush: boolean;
+  /** Accept DISCARD and WRITE_ZEROES (VIRTIO_BLK_F_DISCARD, _F_WRITE_ZEROES). */
+  discard?: boolean;
   /** A request not ended this many milliseconds after it started times out (0: never). */
   timeoutMs?: number;
   tagSet: TagSet;
@@ -39,6 +41,7 @@ export class Disk {
   readonly readOnly: boolean;
   readonly serial: string;
   readonly flush: boolean;
+  readonly discard: boolean;
   readonly timeoutMs: number;
   readonly tagSet: TagSet;
   readonly ops: Operations;
@@ -59,6 +62,7 @@ export class Disk {
     this.readOnly = options.readOnly;
     this.serial = options.serial;
     this.flush = options.flush;
+    this.discard = options.discard ?? false;
     this.timeoutMs = options.timeoutMs ?? 30000;
     this.tagSet = options.tagSet;
     this.ops = options.ops;

@@ -24,6 +24,10 @@ export const enum ReqOp {
   Write = 1,
   /** Make every completed write durable. No data. */
   Flush = 2,
+  /** Deallocate `bytes` from `sector`; reads of the range may return anything (here: zeroes). No data. */
+  Discard = 3,
+  /** Make `bytes` from `sector` read as zeroes; `unmap` allows deallocating them. No data. */
+  WriteZeroes = 4,
 }
 
 export interface Operations {

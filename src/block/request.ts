@@ -50,6 +50,8 @@ export class Request {
   sector = 0;
   /** Data length in bytes (a multiple of the logical block size for Read/Write, 0 for Flush). */
   bytes = 0;
+  /** WriteZeroes: the driver may deallocate the range (VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP). */
+  unmap = false;
   /** Status given to end(); valid once ended. */
   status: BlkStatus = BlkStatus.Ok;
   /** When the request started (monotonic ns, taken once per batch), for timeouts. */

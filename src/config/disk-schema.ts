@@ -17,6 +17,7 @@ export interface DiskConfig {
   irqmode: number;
   completion_nsec: number | null;
   io_timeout: number;
+  discard: boolean;
 }
 
 export const diskSchema = {
@@ -64,6 +65,11 @@ export const diskSchema = {
     doc: 'Timer mode only: nanoseconds from a request\'s start to its completion (null_blk "completion_nsec"; default 10000 in timer mode).',
     format: 'nullable-nsec',
     default: null as number | null,
+  },
+  discard: {
+    doc: 'Accept discard and write-zeroes (null_blk "discard"; VIRTIO_BLK_F_DISCARD and _F_WRITE_ZEROES): discarded blocks read as zeroes. Needs memory_backed.',
+    format: 'bool',
+    default: false,
   },
   io_timeout: {
     doc: 'Milliseconds after which a request the driver has not ended fails with IOERR (as the block layer\'s io_timeout); 0 disables.',

@@ -88,6 +88,9 @@ function loadDisk(raw: unknown, overrides: DiskOverrides, where: string): DiskCo
     throw new ConfigError(`${where}: ${(e as Error).message}`);
   }
   const d = c.getProperties();
+  if (d.discard && !d.memory_backed) {
+    throw new ConfigError(`${where}: discard: needs memory_backed true (a disk that keeps nothing has nothing to discard)`);
+  }
   if (d.completion_nsec !== null && d.irqmode !== 2) {
     throw new ConfigError(`${where}: completion_nsec: applies to irqmode 2 (timer) only, but irqmode is ${d.irqmode}`);
   }

@@ -35,6 +35,7 @@ export function buildCli(): Command {
     .option('--read-only <bool>', 'offer the disk read-only (default false)', bool)
     .addOption(new Option('--irqmode <mode>', 'completion mode: 0 none, 1 softirq, 2 timer (default 0)').choices(['0', '1', '2']).argParser(Number))
     .option('--completion-nsec <ns>', 'timer mode: ns from start to completion (default 10000)', int('--completion-nsec'))
+    .option('--discard <bool>', 'accept discard and write-zeroes; needs memory backing (default false)', bool)
     .option('--io-timeout <ms>', 'fail requests not ended after this many ms; 0 never (default 30000)', int('--io-timeout'))
     .option('--poll-us <us>', 'busy-poll limit per virtqueue after a batch, 0-1000 (default 50)', int('--poll-us'))
     .option('--serial <text>', 'GET_ID serial, at most 20 ASCII characters (default "rnull")')
@@ -55,6 +56,7 @@ interface CliOptions {
   irqmode?: number;
   completionNsec?: number;
   ioTimeout?: number;
+  discard?: boolean;
   logLevel?: string;
 }
 
@@ -73,6 +75,7 @@ export async function main(argv: string[]): Promise<void> {
     irqmode: o.irqmode,
     completion_nsec: o.completionNsec,
     io_timeout: o.ioTimeout,
+    discard: o.discard,
   };
   let config;
   try {

@@ -45,6 +45,7 @@ export function createDisk(config: DiskConfig, log: Logger): ServedDisk {
     serial: config.serial,
     flush: true,
     timeoutMs: config.io_timeout,
+    discard: config.discard,
     tagSet,
     ops: driver,
   });

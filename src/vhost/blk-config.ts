@@ -3,6 +3,7 @@
  * and the feature bits that describe it (5.2.3). Built once per disk; GET_CONFIG serves slices.
  */
 import type { Disk } from '../block/disk';
+import { MAX_DISCARD_SECTORS, MAX_DISCARD_SEG } from '../virtqueue/blk-request';
 import { bit, Feature } from './protocol';
 
 /** Size of the config space served (the struct is 96 bytes with the zoned fields; rest reads 0). */
@@ -21,6 +22,12 @@ const OFF_PHYSICAL_BLOCK_EXP = 24;
 const OFF_MIN_IO_SIZE = 26;
 const OFF_OPT_IO_SIZE = 28;
 const OFF_NUM_QUEUES = 34;
+const OFF_MAX_DISCARD_SECTORS = 36;
+const OFF_MAX_DISCARD_SEG = 40;
+const OFF_DISCARD_SECTOR_ALIGNMENT = 44;
+const OFF_MAX_WRITE_ZEROES_SECTORS = 48;
+const OFF_MAX_WRITE_ZEROES_SEG = 52;
+const OFF_WRITE_ZEROES_MAY_UNMAP = 56;
 
 /** The virtio feature bits rnull offers for `disk` (VIRTIO_F_VERSION_1 and ring features included). */
 export function blkFeatures(disk: Disk): bigint {
@@ -35,6 +42,7 @@ export function blkFeatures(disk: Disk): bigint {
     bit(Feature.VHOST_USER_PROTOCOL_FEATURES);
   if (disk.flush) f |= bit(Feature.BLK_FLUSH);
   if (disk.readOnly) f |= bit(Feature.BLK_RO);
+  if (disk.discard) f |= bit(Feature.BLK_DISCARD) | bit(Feature.BLK_WRITE_ZEROES);
   return f;
 }
 
@@ -48,5 +56,14 @@ export function blkConfigSpace(disk: Disk, numQueues: number): Buffer {
   c.writeUInt16LE(1, OFF_MIN_IO_SIZE); // in logical blocks
   c.writeUInt32LE(0, OFF_OPT_IO_SIZE); // no optimal size
   c.writeUInt16LE(numQueues, OFF_NUM_QUEUES);
+  if (disk.discard) {
+    // Limits in 512-byte sectors; alignment of a logical block.
+    c.writeUInt32LE(MAX_DISCARD_SECTORS, OFF_MAX_DISCARD_SECTORS);
+    c.writeUInt32LE(MAX_DISCARD_SEG, OFF_MAX_DISCARD_SEG);
+    c.writeUInt32LE(disk.logicalBlockSize / 512, OFF_DISCARD_SECTOR_ALIGNMENT);
+    c.writeUInt32LE(MAX_DISCARD_SECTORS, OFF_MAX_WRITE_ZEROES_SECTORS);
+    c.writeUInt32LE(MAX_DISCARD_SEG, OFF_MAX_WRITE_ZEROES_SEG);
+    c.writeUInt8(1, OFF_WRITE_ZEROES_MAY_UNMAP);
+  }
   return c;
 }

@@ -130,6 +130,7 @@ export class VirtioBlkQueue implements CompletionSink {
         logicalBlockSize: this.disk.logicalBlockSize,
         readOnly: this.disk.readOnly,
         flush: this.disk.flush,
+        discard: this.disk.discard,
         serialId: serialId(this.disk.serial),
       },
       this.views,

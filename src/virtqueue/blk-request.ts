@@ -23,6 +23,12 @@ export const enum BlkType {
   SecureErase = 14,
 }
 
+/** Discard and write-zeroes limits offered in the config space (5.2.4). */
+export const MAX_DISCARD_SEG = 1;
+export const MAX_DISCARD_SECTORS = 262144; // 128 MiB per request
+const DWZ_SEGMENT_BYTES = 16; // struct virtio_blk_discard_write_zeroes
+const DWZ_FLAG_UNMAP = 1;
+
 /** Length of the GET_ID answer (VIRTIO_BLK_ID_BYTES). */
 export const BLK_ID_BYTES = 20;
 const HEADER_BYTES = 16;
@@ -45,6 +51,7 @@ export interface DiskGeometry {
   logicalBlockSize: number;
   readOnly: boolean;
   flush: boolean;
+  discard: boolean;
   /** GET_ID answer, BLK_ID_BYTES long, NUL-padded. */
   serialId: Buffer;
 }
@@ -185,9 +192,55 @@ export class BlkRequestParser {
         this.usedLen = done + 1;
         return ParseOutcome.Finish;
       }
+      case BlkType.Discard:
+      case BlkType.WriteZeroes:
+        return this.parseDiscard(type, s, end, bytes, writable, rq);
       default:
         return this.fail(BlkStatus.Unsupp, `unsupported request type ${type}`);
     }
+  }
+
+  /**
+   * DISCARD / WRITE_ZEROES: one struct virtio_blk_discard_write_zeroes { le64 sector;
+   * le32 num_sectors; le32 flags } (MAX_DISCARD_SEG is 1). The range is copied into the
+   * request, so the guest cannot change it after it was checked.
+   */
+  private parseDiscard(type: number, s: number, end: number, bytes: number, writable: number, rq: Request): ParseOutcome {
+    const name = type === BlkType.Discard ? 'discard' : 'write zeroes';
+    if (!this.disk.discard) return this.fail(BlkStatus.Unsupp, `${name} not offered`);
+    if (writable !== 0) return this.fail(BlkStatus.IoErr, `${name} data is device-writable`);
+    if (bytes === 0 || bytes % DWZ_SEGMENT_BYTES !== 0) return this.fail(BlkStatus.IoErr, `${name} data of ${bytes} bytes is not whole segments`);
+    if (bytes > MAX_DISCARD_SEG * DWZ_SEGMENT_BYTES) return this.fail(BlkStatus.IoErr, `${name} with more than ${MAX_DISCARD_SEG} segment`);
+    const segs = this.segments;
+    let got = 0;
+    for (let w = s; w < end; w += SEGMENT_WORDS) {
+      const off = segs[w + 1];
+      const n = segs[w + 2];
+      if (this.views[segs[w]].copy(this.header, got, off, off + n) !== n) return this.fail(BlkStatus.IoErr, 'segment outside mapped memory');
+      got += n;
+    }
+    const lo = this.header.readUInt32LE(0);
+    const hi = this.header.readUInt32LE(4);
+    const num = this.header.readUInt32LE(8);
+    const flags = this.header.readUInt32LE(12);
+    // 5.2.6.2: unknown flags, or unmap on a discard, are UNSUPP.
+    if ((flags & ~DWZ_FLAG_UNMAP) !== 0) return this.fail(BlkStatus.Unsupp, `${name} with unknown flags 0x${flags.toString(16)}`);
+    if (type === BlkType.Discard && flags !== 0) return this.fail(BlkStatus.Unsupp, 'discard with the unmap flag');
+    if (this.disk.readOnly) return this.fail(BlkStatus.IoErr, `${name} on a read-only disk`);
+    if (num > MAX_DISCARD_SECTORS) return this.fail(BlkStatus.IoErr, `${name} of ${num} sectors exceeds ${MAX_DISCARD_SECTORS}`);
+    if (hi > MAX_SECTOR_HI) return this.fail(BlkStatus.IoErr, 'sector beyond the disk');
+    const sector = hi * 0x100000000 + lo;
+    const per = this.disk.logicalBlockSize / SECTOR;
+    if (sector % per !== 0 || num % per !== 0) return this.fail(BlkStatus.IoErr, `${name} range not aligned to the ${this.disk.logicalBlockSize}-byte block`);
+    const cap = this.disk.capacitySectors;
+    if (sector > cap || num > cap - sector) return this.fail(BlkStatus.IoErr, `${name} sectors ${sector}+${num} beyond capacity ${cap}`);
+    rq.op = type === BlkType.Discard ? ReqOp.Discard : ReqOp.WriteZeroes;
+    rq.sector = sector;
+    rq.bytes = num * SECTOR;
+    rq.unmap = (flags & DWZ_FLAG_UNMAP) !== 0;
+    rq.segBase = s;
+    rq.segCount = 0;
+    return ParseOutcome.Dispatch;
   }
 
   private fail(status: BlkStatus, reason: string): ParseOutcome {

@@ -47,6 +47,7 @@ export function startBackend(overrides: Partial<DiskConfig> = {}, ops?: Operatio
     irqmode: 0,
     completion_nsec: null,
     io_timeout: 30000,
+    discard: false,
     ...overrides,
   };
   const served = createDisk(config, log);

@@ -14,7 +14,7 @@ describe('loadConfig()', () => {
   test('no file: one 1 GiB memory-backed disk at ./rnull.sock with 512-byte blocks', () => {
     const c = loadConfig(undefined, {});
     expect(c.disks).toEqual([
-      { name: 'rnull', socket: './rnull.sock', size: 1024, blocksize: 512, memory_backed: true, num_queues: 1, read_only: false, serial: 'rnull', poll_us: 50, irqmode: 0, completion_nsec: null, io_timeout: 30000 },
+      { name: 'rnull', socket: './rnull.sock', size: 1024, blocksize: 512, memory_backed: true, num_queues: 1, read_only: false, serial: 'rnull', poll_us: 50, irqmode: 0, completion_nsec: null, io_timeout: 30000, discard: false },
     ]);
     expect(c.log_level).toBe('info');
   });
@@ -60,5 +60,15 @@ describe('loadConfig()', () => {
   test('refuses --socket for a file with several disks', () => {
     const p = file({ disks: [{ socket: '/tmp/a.sock' }, { socket: '/tmp/b.sock' }] });
     expect(() => loadConfig(p, { socket: '/tmp/c.sock' })).toThrow(/--socket cannot apply to 2 disks/);
+  });
+});
+
+describe('null_blk option combinations', () => {
+  test('discard without memory backing is refused', () => {
+    expect(() => loadConfig(undefined, { discard: true, memory_backed: false })).toThrow(/discard: needs memory_backed true/);
+  });
+  test('completion_nsec outside timer mode is refused', () => {
+    expect(() => loadConfig(undefined, { completion_nsec: 5000 })).toThrow(/completion_nsec: applies to irqmode 2 \(timer\) only, but irqmode is 0/);
+    expect(loadConfig(undefined, { completion_nsec: 5000, irqmode: 2 }).disks[0]).toMatchObject({ irqmode: 2, completion_nsec: 5000 });
   });
 });

@@ -87,6 +87,10 @@ export class NullDriver implements Operations {
         break;
       case ReqOp.Flush:
         break; // memory is as durable as this disk gets
+      case ReqOp.Discard:
+      case ReqOp.WriteZeroes:
+        if (this.store !== null) this.store.discard(rq.sector * 512, rq.bytes);
+        break;
     }
     this.finish(rq);
     return BlkStatus.Ok;

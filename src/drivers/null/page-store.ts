@@ -22,10 +22,17 @@ export class PageStore {
   private readonly pages = new Map<number, Buffer>();
   private slab: Buffer | null = null;
   private slabUsed = SLAB_PAGES;
+  /** Pages freed by discard, reused (zeroed) before new slabs are carved. */
+  private readonly free: Buffer[] = [];
 
-  /** Pages allocated so far (each 4 KiB of memory). */
+  /** Pages holding data (each 4 KiB of memory). */
   get pageCount(): number {
     return this.pages.size;
+  }
+
+  /** Bytes of memory held, including freed pages kept for reuse. */
+  get bytesAllocated(): number {
+    return (this.pages.size + this.free.length) * PAGE_SIZE;
   }
 
   /** Copies `len` bytes of `src` from `srcOff` into the disk at byte `pos`. */
@@ -61,7 +68,31 @@ export class PageStore {
     }
   }
 
+  /**
+   * Makes `len` bytes from `pos` read as zeroes: whole pages are freed, partial ones zeroed.
+   */
+  discard(pos: number, len: number): void {
+    while (len > 0) {
+      const pageNo = Math.floor(pos / PAGE_SIZE);
+      const inPage = pos - pageNo * PAGE_SIZE;
+      const n = Math.min(len, PAGE_SIZE - inPage);
+      const page = this.pages.get(pageNo);
+      if (page !== undefined) {
+        if (n === PAGE_SIZE) {
+          this.pages.delete(pageNo);
+          this.free.push(page);
+        } else {
+          page.fill(0, inPage, inPage + n);
+        }
+      }
+      pos += n;
+      len -= n;
+    }
+  }
+
   private allocPage(): Buffer {
+    const reused = this.free.pop();
+    if (reused !== undefined) return reused.fill(0);
     if (this.slabUsed === SLAB_PAGES) {
       this.slab = Buffer.alloc(SLAB_PAGES << PAGE_SHIFT);
       this.slabUsed = 0;
