@@ -97,6 +97,7 @@ export class HwQueue {
     request.refcount = 2;
     request.generation++;
     request.startNs = nowNs;
+    request.status = BlkStatus.Ok;
     this.inFlight++;
     const status = (this.ops as Operations).queueRq(request, isLast);
     if (status !== BlkStatus.Ok && request.refcount !== 0) this.abort(request, status);

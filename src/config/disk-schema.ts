@@ -3,6 +3,7 @@
  * them (size, blocksize, memory_backed); each has a kebab-case command-line flag.
  */
 import convict from 'convict';
+import { parseRange } from '../drivers/null/badblocks';
 
 export interface DiskConfig {
   name: string;
@@ -18,6 +19,8 @@ export interface DiskConfig {
   completion_nsec: number | null;
   io_timeout: number;
   discard: boolean;
+  badblocks: string[];
+  badblocks_once: boolean;
 }
 
 export const diskSchema = {
@@ -71,6 +74,16 @@ export const diskSchema = {
     format: 'bool',
     default: false,
   },
+  badblocks: {
+    doc: 'Sector ranges that fail with IOERR (null_blk "badblocks"), e.g. ["1000-1999", "4096"]: 512-byte sectors, inclusive. Changed at run time with `rnull ctl badblocks`.',
+    format: 'sector-ranges',
+    default: [] as string[],
+  },
+  badblocks_once: {
+    doc: 'A bad range is cleared by the first request that hits it (null_blk "badblocks_once").',
+    format: 'bool',
+    default: false,
+  },
   io_timeout: {
     doc: 'Milliseconds after which a request the driver has not ended fails with IOERR (as the block layer\'s io_timeout); 0 disables.',
     format: 'nat',
@@ -107,6 +120,13 @@ export function addFormats(): void {
       if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > 64) throw new Error('expected a whole number from 1 to 64');
     },
     coerce: (v: unknown) => (typeof v === 'string' && /^\d+$/.test(v) ? Number(v) : v),
+  });
+  convict.addFormat({
+    name: 'sector-ranges',
+    validate(v: unknown) {
+      if (!Array.isArray(v)) throw new Error('expected an array of "start-end" strings');
+      for (const r of v) parseRange(String(r));
+    },
   });
   convict.addFormat({
     name: 'nullable-nsec',

@@ -17,6 +17,8 @@ export class ConfigError extends Error {
 
 export interface DaemonConfig {
   log_level: string;
+  /** Unix socket of the management API ('' for none). */
+  management_socket: string;
   disks: DiskConfig[];
 }
 
@@ -28,6 +30,7 @@ export type DiskOverrides = Partial<Omit<DiskConfig, 'name'>>;
 const topSchema = {
   log_level: { doc: 'Log level: fatal, error, warn, info, debug, trace or silent.', format: LOG_LEVELS, default: 'info' },
   disks: { doc: 'The disks of this VM, each on its own socket.', format: Array, default: [] as unknown[] },
+  management_socket: { doc: 'Unix socket for the management API (`rnull ctl`); empty for none.', format: String, default: '' },
 };
 
 /**
@@ -36,7 +39,7 @@ const topSchema = {
  * apply to every disk of the file; --socket only when the file has a single disk.
  * @throws ConfigError
  */
-export function loadConfig(file: string | undefined, overrides: DiskOverrides, logLevel?: string): DaemonConfig {
+export function loadConfig(file: string | undefined, overrides: DiskOverrides, logLevel?: string, managementSocket?: string): DaemonConfig {
   addFormats();
   const where = file ?? 'command line';
   let raw: Record<string, unknown> = {};
@@ -58,6 +61,7 @@ export function loadConfig(file: string | undefined, overrides: DiskOverrides, l
   try {
     top.load(raw);
     if (logLevel !== undefined) top.set('log_level', logLevel);
+    if (managementSocket !== undefined) top.set('management_socket', managementSocket);
     top.validate({ allowed: 'strict' });
   } catch (e) {
     throw new ConfigError(`${where}: ${(e as Error).message}`);
@@ -74,7 +78,7 @@ export function loadConfig(file: string | undefined, overrides: DiskOverrides, l
     if (sockets.has(abs)) throw new ConfigError(`${where}: disks[${i}].socket: ${d.socket} is used by another disk`);
     sockets.add(abs);
   }
-  return { log_level: top.get('log_level') as string, disks: out };
+  return { log_level: top.get('log_level') as string, management_socket: top.get('management_socket') as string, disks: out };
 }
 
 function loadDisk(raw: unknown, overrides: DiskOverrides, where: string): DiskConfig {

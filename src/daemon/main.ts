@@ -8,6 +8,9 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import pino from 'pino';
 import { ConfigError, DiskOverrides, loadConfig } from '../config/load';
+import { parseRange } from '../drivers/null/badblocks';
+import { managementCall } from './management/client';
+import { BadBlocksAction, RequestMsg } from './management/schema';
 import { qemuCommandLine, Service } from './service';
 
 function int(name: string) {
@@ -23,8 +26,9 @@ function bool(v: string): boolean {
   throw new InvalidArgumentError(`expected true or false, got "${v}"`);
 }
 
-export function buildCli(): Command {
-  return new Command('rnull')
+/** The command line: the daemon itself, and `rnull ctl` for the management API. */
+export function buildCli(run: (o: CliOptions) => Promise<void>): Command {
+  const root = new Command('rnull')
     .description('vhost-user-blk back-end serving null_blk-style disks to QEMU guests')
     .option('-c, --config <file>', 'per-VM configuration file (JSON)')
     .option('--socket <path>', 'vhost-user socket path (default ./rnull.sock)')
@@ -36,14 +40,37 @@ export function buildCli(): Command {
     .addOption(new Option('--irqmode <mode>', 'completion mode: 0 none, 1 softirq, 2 timer (default 0)').choices(['0', '1', '2']).argParser(Number))
     .option('--completion-nsec <ns>', 'timer mode: ns from start to completion (default 10000)', int('--completion-nsec'))
     .option('--discard <bool>', 'accept discard and write-zeroes; needs memory backing (default false)', bool)
+    .option('--badblocks <ranges>', 'comma-separated bad sector ranges, e.g. 1000-1999,4096', (v: string) => v.split(',').filter((x) => x !== ''))
+    .option('--badblocks-once <bool>', 'a bad range clears when first hit (default false)', bool)
     .option('--io-timeout <ms>', 'fail requests not ended after this many ms; 0 never (default 30000)', int('--io-timeout'))
     .option('--poll-us <us>', 'busy-poll limit per virtqueue after a batch, 0-1000 (default 50)', int('--poll-us'))
     .option('--serial <text>', 'GET_ID serial, at most 20 ASCII characters (default "rnull")')
+    .option('--management-socket <path>', 'serve the management API (rnull ctl) on this unix socket')
     .addOption(new Option('--log-level <level>', 'log level (default info)').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
-    .showHelpAfterError();
+    .showHelpAfterError()
+    .action((o: CliOptions) => run(o));
+  const ctl = root.command('ctl').description('talk to a running daemon through its management socket').requiredOption('-m, --management-socket <path>', 'the daemon\'s management socket');
+  const call = async (req: RequestMsg): Promise<void> => {
+    const r = await managementCall(ctl.opts<{ managementSocket: string }>().managementSocket, req);
+    process.stdout.write(`${JSON.stringify(r.ok ? { disks: r.disks, bad_blocks: r.bad_blocks, queues: r.queues } : { error: r.error })}\n`);
+    if (!r.ok) process.exitCode = 1;
+  };
+  ctl.command('disks').description('list the disks').action(() => call({ list_disks: {} }));
+  ctl.command('stats <disk>').description('per-queue counters of a disk').action((disk: string) => call({ get_stats: { disk } }));
+  ctl
+    .command('badblocks <disk> [action] [range]')
+    .description('list, add or remove bad sector ranges ("start-end", 512-byte sectors, inclusive)')
+    .action((disk: string, action = 'list', range?: string) => {
+      const actions: Record<string, number> = { list: BadBlocksAction.LIST, add: BadBlocksAction.ADD, remove: BadBlocksAction.REMOVE };
+      if (!(action in actions)) throw new InvalidArgumentError(`action must be list, add or remove, got "${action}"`);
+      if (action !== 'list' && range === undefined) throw new InvalidArgumentError(`badblocks ${action} needs a range`);
+      const [start, end] = range === undefined ? [0, 0] : parseRange(range);
+      return call({ bad_blocks: { disk, action: actions[action], start, end } });
+    });
+  return root;
 }
 
-interface CliOptions {
+export interface CliOptions {
   config?: string;
   socket?: string;
   size?: number;
@@ -57,12 +84,17 @@ interface CliOptions {
   completionNsec?: number;
   ioTimeout?: number;
   discard?: boolean;
+  badblocks?: string[];
+  badblocksOnce?: boolean;
+  managementSocket?: string;
   logLevel?: string;
 }
 
 export async function main(argv: string[]): Promise<void> {
-  const cli = buildCli().parse(argv);
-  const o = cli.opts<CliOptions>();
+  await buildCli(runDaemon).parseAsync(argv);
+}
+
+async function runDaemon(o: CliOptions): Promise<void> {
   const overrides: DiskOverrides = {
     socket: o.socket,
     size: o.size,
@@ -76,10 +108,12 @@ export async function main(argv: string[]): Promise<void> {
     completion_nsec: o.completionNsec,
     io_timeout: o.ioTimeout,
     discard: o.discard,
+    badblocks: o.badblocks,
+    badblocks_once: o.badblocksOnce,
   };
   let config;
   try {
-    config = loadConfig(o.config, overrides, o.logLevel);
+    config = loadConfig(o.config, overrides, o.logLevel, o.managementSocket);
   } catch (e) {
     if (e instanceof ConfigError) {
       process.stderr.write(`rnull: ${e.message}\n`);
@@ -88,16 +122,17 @@ export async function main(argv: string[]): Promise<void> {
     throw e;
   }
   const log = pino({ level: config.log_level, base: { pid: process.pid } });
-  const service = new Service(config.disks, log);
+  let service: Service;
   try {
-    service.start();
+    service = new Service(config.disks, log, config.management_socket);
+    await service.start();
   } catch (e) {
     log.fatal({ err: e }, `cannot start: ${(e as Error).message}`);
     process.exit(1);
   }
   for (const d of service.disks) {
     log.info(
-      { disk: d.config.name, socket: d.config.socket, sizeMiB: d.config.size, blocksize: d.config.blocksize, memoryBacked: d.config.memory_backed, numQueues: d.config.num_queues },
+      { disk: d.config.name, socket: d.config.socket, sizeMiB: d.config.size, blocksize: d.config.blocksize, memoryBacked: d.config.memory_backed, numQueues: d.config.num_queues, irqmode: d.config.irqmode },
       'serving null disk',
     );
   }

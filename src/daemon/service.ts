@@ -7,7 +7,9 @@ import type { Logger } from 'pino';
 import { Disk } from '../block/disk';
 import { TagSet } from '../block/tag-set';
 import type { DiskConfig } from '../config/disk-schema';
+import { BadBlocks, parseRange } from '../drivers/null/badblocks';
 import { IrqMode, NullDriver } from '../drivers/null/null-driver';
+import { ManagementServer } from './management/server';
 import { MAX_QUEUE_SIZE } from '../native';
 import { VhostUserBlkDevice } from '../vhost/blk-device';
 import { VhostUserServer } from '../vhost/server';
@@ -26,8 +28,11 @@ export interface ServedDisk {
 export function createDisk(config: DiskConfig, log: Logger): ServedDisk {
   const dlog = log.child({ disk: config.name });
   let lateLogged = false;
+  const badblocks = new BadBlocks(config.badblocks_once);
+  for (const r of config.badblocks) badblocks.add(...parseRange(r));
   const driver = new NullDriver({
     memoryBacked: config.memory_backed,
+    badblocks,
     irqmode: config.irqmode as IrqMode,
     completionNsec: config.completion_nsec ?? undefined,
     onLateCompletion: (hctx, tag) => {
@@ -66,13 +71,32 @@ export function qemuCommandLine(disks: readonly DiskConfig[]): string {
 
 export class Service {
   readonly disks: ServedDisk[];
+  private management: ManagementServer | null = null;
 
-  constructor(configs: readonly DiskConfig[], private readonly log: Logger) {
+  constructor(
+    configs: readonly DiskConfig[],
+    private readonly log: Logger,
+    private readonly managementSocket = '',
+  ) {
     this.disks = configs.map((c) => createDisk(c, log));
   }
 
+  /** Listens on every disk socket, then the management socket (if configured). */
+  async start(): Promise<void> {
+    this.listenDisks();
+    if (this.managementSocket !== '') {
+      this.management = new ManagementServer(this.managementSocket, this.disks, this.log);
+      try {
+        await this.management.listen();
+      } catch (e) {
+        await this.stop();
+        throw e;
+      }
+    }
+  }
+
   /** Listens on every socket; on a failure, closes the ones already open and rethrows. */
-  start(): void {
+  private listenDisks(): void {
     const started: ServedDisk[] = [];
     try {
       for (const d of this.disks) {
@@ -86,6 +110,8 @@ export class Service {
   }
 
   async stop(): Promise<void> {
+    if (this.management !== null) await this.management.close();
+    this.management = null;
     await Promise.all(this.disks.map((d) => d.server.close()));
   }
 }

@@ -21,6 +21,11 @@ export class VhostUserServer {
   /** Connections served so far. */
   connections = 0;
 
+  /** A front-end is attached. */
+  get isConnected(): boolean {
+    return this.connection !== null && !this.connection.isClosing;
+  }
+
   constructor(
     readonly socketPath: string,
     readonly device: VhostUserBlkDevice,

@@ -49,6 +49,12 @@ export interface GuestRunOptions {
   /** Extra kernel command line arguments. */
   kernelArgs?: string[];
   /**
+   * More vhost-user-blk disks, each on its own chardev, attached after `disk`
+   * (the guest usually names them vdb, vdc, ... in this order; a script that
+   * must be sure can match /sys/block/vd* by serial). Default: none.
+   */
+  extraDisks?: VhostUserBlkDisk[];
+  /**
    * Aborting kills QEMU at once, e.g. when the back-end died and the guest
    * would otherwise wait for I/O until the timeout.
    */
@@ -147,6 +153,10 @@ function qemuArgs(opts: GuestRunOptions, files: { script: string; console: strin
     '-serial', `file:${files.output}`,
     '-chardev', `socket,id=vub0,path=${opts.disk.socketPath}`,
     '-device', `vhost-user-blk-pci,chardev=vub0,num-queues=${opts.disk.numQueues}`,
+    ...(opts.extraDisks ?? []).flatMap((disk, i) => [
+      '-chardev', `socket,id=vub${i + 1},path=${disk.socketPath}`,
+      '-device', `vhost-user-blk-pci,chardev=vub${i + 1},num-queues=${disk.numQueues}`,
+    ]),
     '-no-reboot',
     '-display', 'none',
     '-nodefaults',

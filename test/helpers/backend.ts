@@ -48,6 +48,8 @@ export function startBackend(overrides: Partial<DiskConfig> = {}, ops?: Operatio
     completion_nsec: null,
     io_timeout: 30000,
     discard: false,
+    badblocks: [],
+    badblocks_once: false,
     ...overrides,
   };
   const served = createDisk(config, log);

@@ -4,6 +4,7 @@
  */
 import { ChildProcess, spawn, spawnSync } from 'child_process';
 import * as fs from 'fs';
+import * as net from 'net';
 import * as os from 'os';
 import * as path from 'path';
 import { Req } from '../../src/vhost/protocol';
@@ -117,4 +118,37 @@ test('a socket path in use by a live daemon is refused; a stale one is replaced'
   const fe = new TestFrontend(sock);
   expect(await fe.getU64(Req.GET_QUEUE_NUM)).toBe(1n);
   fe.close();
+});
+
+test('rnull ctl: bad blocks set at run time through the management socket fail guest I/O', async () => {
+  const sock = path.join(dir, 'd.sock');
+  const ctl = path.join(dir, 'ctl.sock');
+  d = start(['--socket', sock, '--size', '8', '--management-socket', ctl, '--badblocks', '0-7'], dir);
+  await until(() => fs.existsSync(sock) && fs.existsSync(ctl), 'sockets', 10000);
+  const run = (...args: string[]) => spawnSync(process.execPath, [BIN, 'ctl', '-m', ctl, ...args], { cwd: dir, encoding: 'utf8' });
+  expect(JSON.parse(run('badblocks', 'd').stdout)).toEqual({ disks: [], bad_blocks: [{ start: 0, end: 7 }], queues: [] });
+  expect(JSON.parse(run('badblocks', 'd', 'add', '64-71').stdout).bad_blocks).toEqual([{ start: 0, end: 7 }, { start: 64, end: 71 }]);
+  const fe = new TestFrontend(sock);
+  await fe.setup();
+  expect((await fe.blk(0, 0, 64, { readLen: 512 })).status).toBe(1);
+  expect((await fe.blk(0, 0, 8, { readLen: 512 })).status).toBe(0);
+  run('badblocks', 'd', 'remove', '0-100');
+  expect((await fe.blk(0, 0, 64, { readLen: 512 })).status).toBe(0);
+  expect(JSON.parse(run('stats', 'd').stdout).queues[0]).toMatchObject({ requests: 3, failed_requests: 1 });
+  const bad = run('badblocks', 'nope');
+  expect(bad.status).toBe(1);
+  expect(JSON.parse(bad.stdout).error).toContain('no disk named "nope"');
+  fe.close();
+  // A malformed frame gets an error answer and the connection is closed; the daemon goes on.
+  const answer = await new Promise<Buffer>((resolve, reject) => {
+    const c = net.createConnection(ctl, () => c.write(Buffer.from([0x05, 0xff, 0xff, 0xff, 0xff, 0xff])));
+    const parts: Buffer[] = [];
+    c.on('data', (b) => parts.push(b));
+    c.on('close', () => resolve(Buffer.concat(parts)));
+    c.on('error', reject);
+  });
+  expect(answer.toString('latin1')).toContain('malformed request');
+  expect(JSON.parse(run('disks').stdout).disks[0]).toMatchObject({ name: 'd', capacity_sectors: 8 * 2048 });
+  d.proc.kill('SIGTERM');
+  expect(await d.exit).toBe(0);
 });

@@ -16,6 +16,7 @@ import { BlkStatus, Operations, ReqOp } from '../../block/operations';
 import type { Request } from '../../block/request';
 import { RequestTimer } from '../../block/request-timer';
 import { SEGMENT_WORDS } from '../../native';
+import { BadBlocks } from './badblocks';
 import { PageStore } from './page-store';
 
 export const enum IrqMode {
@@ -31,6 +32,8 @@ export interface NullDriverOptions {
   irqmode?: IrqMode;
   /** Timer mode: delay from start to completion in nanoseconds (null_blk completion_nsec). */
   completionNsec?: number;
+  /** Sector ranges that fail with IOERR (null_blk badblocks); `once` clears a range when hit. */
+  badblocks?: BadBlocks;
   /** Told about each late completion dropped (a request that timed out before its timer). */
   onLateCompletion?: (hctx: number, tag: number) => void;
 }
@@ -38,11 +41,13 @@ export interface NullDriverOptions {
 /** null_blk's default completion_nsec. */
 export const DEFAULT_COMPLETION_NSEC = 10_000;
 
-const endOk = (rq: Request): void => rq.end(BlkStatus.Ok);
+/** Ends with the status the driver left in rq.status (Ok unless a bad block was hit). */
+const endNow = (rq: Request): void => rq.end(rq.status);
 const completeLater = (rq: Request): void => rq.complete();
 
 export class NullDriver implements Operations {
   readonly store: PageStore | null;
+  readonly badblocks: BadBlocks;
   readonly irqmode: IrqMode;
   readonly completionNsec: number;
   private readonly finish: (rq: Request) => void;
@@ -52,6 +57,7 @@ export class NullDriver implements Operations {
   /** @throws RangeError for an unknown irqmode, or completionNsec outside timer mode. */
   constructor(options: NullDriverOptions) {
     this.store = options.memoryBacked ? new PageStore() : null;
+    this.badblocks = options.badblocks ?? new BadBlocks();
     this.irqmode = options.irqmode ?? IrqMode.None;
     if (this.irqmode !== IrqMode.Timer && options.completionNsec !== undefined) {
       throw new RangeError(`completion_nsec applies to irqmode 2 (timer) only, not irqmode ${this.irqmode}`);
@@ -60,7 +66,7 @@ export class NullDriver implements Operations {
     this.onLate = options.onLateCompletion ?? (() => undefined);
     switch (this.irqmode) {
       case IrqMode.None:
-        this.finish = endOk;
+        this.finish = endNow;
         break;
       case IrqMode.Softirq:
         this.finish = completeLater;
@@ -77,6 +83,12 @@ export class NullDriver implements Operations {
   }
 
   queueRq(rq: Request, _isLast: boolean): BlkStatus {
+    if (this.badblocks.count !== 0 && rq.op !== ReqOp.Flush && this.badblocks.hit(rq.sector, rq.bytes / 512)) {
+      // As null_blk: the request fails, and still completes through the configured mode.
+      rq.status = BlkStatus.IoErr;
+      this.finish(rq);
+      return BlkStatus.Ok;
+    }
     switch (rq.op) {
       case ReqOp.Read:
         if (this.store !== null) this.transfer(rq, false);
@@ -98,12 +110,12 @@ export class NullDriver implements Operations {
 
   /** Softirq mode: the deferred completion. */
   complete(rq: Request): void {
-    rq.end(BlkStatus.Ok);
+    rq.end(rq.status);
   }
 
   initHctx(hctx: HwQueue): void {
     if (this.irqmode === IrqMode.Timer && this.timers[hctx.index] === undefined) {
-      this.timers[hctx.index] = new RequestTimer(hctx, endOk, (tag) => this.onLate(hctx.index, tag));
+      this.timers[hctx.index] = new RequestTimer(hctx, endNow, (tag) => this.onLate(hctx.index, tag));
     }
   }
 

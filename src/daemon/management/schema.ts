@@ -1,0 +1,135 @@
+/**
+ * The management protocol (protobufjs): each message is a length-delimited protobuf
+ * (varint length prefix, then the message) on a unix stream socket; one Response per Request.
+ */
+import * as protobuf from 'protobufjs';
+
+export const MANAGEMENT_PROTO = `
+syntax = "proto3";
+package rnull.management;
+
+message Request {
+  oneof command {
+    ListDisks list_disks = 1;
+    BadBlocks bad_blocks = 2;
+    GetStats get_stats = 3;
+  }
+}
+
+message ListDisks {}
+
+// Bad sector ranges of a null disk (null_blk badblocks): 512-byte sectors, start and end inclusive.
+message BadBlocks {
+  enum Action { LIST = 0; ADD = 1; REMOVE = 2; }
+  string disk = 1;
+  Action action = 2;
+  uint64 start = 3;
+  uint64 end = 4;
+}
+
+message GetStats { string disk = 1; }
+
+message Response {
+  bool ok = 1;
+  string error = 2;
+  repeated DiskInfo disks = 3;
+  repeated SectorRange bad_blocks = 4;
+  repeated QueueStats queues = 5;
+}
+
+message DiskInfo {
+  string name = 1;
+  string socket = 2;
+  uint64 capacity_sectors = 3;
+  uint32 logical_block_size = 4;
+  bool connected = 5;
+  uint32 num_queues = 6;
+}
+
+message SectorRange { uint64 start = 1; uint64 end = 2; }
+
+message QueueStats {
+  uint32 index = 1;
+  bool running = 2;
+  uint64 requests = 3;
+  uint64 failed_requests = 4;
+  uint64 bad_chains = 5;
+  uint32 in_flight = 6;
+  bool broken = 7;
+}
+`;
+
+const root = protobuf.parse(MANAGEMENT_PROTO, { keepCase: true }).root;
+export const RequestType = root.lookupType('rnull.management.Request');
+export const ResponseType = root.lookupType('rnull.management.Response');
+
+export const BadBlocksAction = { LIST: 0, ADD: 1, REMOVE: 2 } as const;
+
+export interface SectorRangeMsg {
+  start: number;
+  end: number;
+}
+export interface DiskInfoMsg {
+  name: string;
+  socket: string;
+  capacity_sectors: number;
+  logical_block_size: number;
+  connected: boolean;
+  num_queues: number;
+}
+export interface QueueStatsMsg {
+  index: number;
+  running: boolean;
+  requests: number;
+  failed_requests: number;
+  bad_chains: number;
+  in_flight: number;
+  broken: boolean;
+}
+export interface ResponseMsg {
+  ok: boolean;
+  error: string;
+  disks: DiskInfoMsg[];
+  bad_blocks: SectorRangeMsg[];
+  queues: QueueStatsMsg[];
+}
+export interface RequestMsg {
+  list_disks?: Record<string, never>;
+  bad_blocks?: { disk: string; action: number; start?: number; end?: number };
+  get_stats?: { disk: string };
+}
+
+/** Decodes a Response into plain numbers (uint64 fields are small here). */
+export function toResponse(msg: protobuf.Message): ResponseMsg {
+  return ResponseType.toObject(msg, { longs: Number, defaults: true, arrays: true }) as ResponseMsg;
+}
+
+/**
+ * Splits delimited messages off the front of `buf`; returns the messages and the unused rest.
+ * @throws Error for a corrupt length prefix.
+ */
+export function readDelimited(buf: Buffer): { messages: Buffer[]; rest: Buffer } {
+  const messages: Buffer[] = [];
+  let off = 0;
+  for (;;) {
+    let len = 0;
+    let shift = 0;
+    let p = off;
+    let complete = false;
+    while (p < buf.length) {
+      const b = buf[p++];
+      len += (b & 0x7f) * 2 ** shift;
+      shift += 7;
+      if ((b & 0x80) === 0) {
+        complete = true;
+        break;
+      }
+      if (shift > 28) throw new Error('management message length prefix is corrupt');
+    }
+    if (!complete || p + len > buf.length) break;
+    if (len > 1 << 20) throw new Error(`management message of ${len} bytes exceeds 1 MiB`);
+    messages.push(buf.subarray(p, p + len));
+    off = p + len;
+  }
+  return { messages, rest: buf.subarray(off) };
+}

@@ -1,0 +1,91 @@
+/** Bad blocks (null_blk badblocks, badblocks_once) and the management API that changes them at run time. */
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import pino from 'pino';
+import { managementCall } from '../../src/daemon/management/client';
+import { ManagementServer } from '../../src/daemon/management/server';
+import { BadBlocks, parseRange } from '../../src/drivers/null/badblocks';
+import { startBackend, TestBackend } from '../helpers/backend';
+import { TestFrontend } from '../helpers/frontend';
+
+describe('BadBlocks', () => {
+  test('ranges merge when they overlap or touch, and split on removal', () => {
+    const b = new BadBlocks();
+    b.add(100, 199);
+    b.add(200, 299);
+    b.add(50, 60);
+    b.add(55, 120);
+    expect(b.list()).toEqual([[50, 299]]);
+    b.remove(100, 149);
+    expect(b.list()).toEqual([[50, 99], [150, 299]]);
+    b.remove(0, 1000);
+    expect(b.count).toBe(0);
+  });
+
+  test('hit() checks every sector of a request; once clears only what was hit', () => {
+    const b = new BadBlocks(true);
+    b.add(100, 199);
+    expect(b.hit(92, 8)).toBe(false); // 92..99
+    expect(b.hit(96, 8)).toBe(true); // 96..103 touches 100..103
+    expect(b.list()).toEqual([[104, 199]]);
+    expect(b.hit(100, 4)).toBe(false);
+  });
+
+  test('parseRange accepts "start-end" and "sector", refuses the rest', () => {
+    expect(parseRange('10-20')).toEqual([10, 20]);
+    expect(parseRange(' 7 ')).toEqual([7, 7]);
+    expect(() => parseRange('20-10')).toThrow(/start <= end/);
+    expect(() => parseRange('a-b')).toThrow(/expected "start-end"/);
+  });
+});
+
+describe('through a back-end', () => {
+  let be: TestBackend;
+  let fe: TestFrontend;
+  afterEach(async () => {
+    fe?.close();
+    await be?.close();
+  });
+
+  test('I/O fails with IOERR exactly in the configured range, in every completion mode', async () => {
+    for (const irqmode of [0, 1, 2]) {
+      be = startBackend({ badblocks: ['16-23'], irqmode, ...(irqmode === 2 ? { completion_nsec: 10000 } : {}) });
+      fe = new TestFrontend(be.socket);
+      await fe.setup();
+      expect((await fe.blk(0, 0, 8, { readLen: 4096 })).status).toBe(0); // 8..15
+      expect((await fe.blk(0, 0, 12, { readLen: 4096 })).status).toBe(1); // 12..19
+      expect((await fe.blk(0, 1, 23, { data: Buffer.alloc(512) })).status).toBe(1);
+      expect((await fe.blk(0, 1, 24, { data: Buffer.alloc(512) })).status).toBe(0);
+      expect((await fe.blk(0, 4, 0)).status).toBe(0); // flush has no sectors
+      fe.close();
+      await be.close();
+    }
+    be = undefined as unknown as TestBackend;
+    fe = undefined as unknown as TestFrontend;
+  });
+
+  test('the management API adds, lists and removes bad blocks at run time; stats count the failures', async () => {
+    be = startBackend();
+    fe = new TestFrontend(be.socket);
+    await fe.setup();
+    const sock = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'rnull-mgmt-')), 'ctl.sock');
+    const mgmt = new ManagementServer(sock, [be], pino({ level: 'silent' }));
+    await mgmt.listen();
+    try {
+      expect((await fe.blk(0, 0, 100, { readLen: 512 })).status).toBe(0);
+      const added = await managementCall(sock, { bad_blocks: { disk: 'test', action: 1, start: 100, end: 107 } });
+      expect(added).toMatchObject({ ok: true, bad_blocks: [{ start: 100, end: 107 }] });
+      expect((await fe.blk(0, 0, 100, { readLen: 512 })).status).toBe(1);
+      expect((await managementCall(sock, { get_stats: { disk: 'test' } })).queues[0]).toMatchObject({ index: 0, running: true, failed_requests: 1, in_flight: 0, broken: false });
+      await managementCall(sock, { bad_blocks: { disk: 'test', action: 2, start: 100, end: 107 } });
+      expect((await fe.blk(0, 0, 100, { readLen: 512 })).status).toBe(0);
+      const disks = await managementCall(sock, { list_disks: {} });
+      expect(disks.disks).toEqual([{ name: 'test', socket: be.socket, capacity_sectors: 16 * 2048, logical_block_size: 512, connected: true, num_queues: 2 }]);
+      expect(await managementCall(sock, { bad_blocks: { disk: 'nope', action: 0 } })).toMatchObject({ ok: false, error: expect.stringContaining('no disk named "nope"') });
+      expect(await managementCall(sock, { bad_blocks: { disk: 'test', action: 1, start: 9, end: 3 } })).toMatchObject({ ok: false, error: expect.stringContaining('start <= end') });
+    } finally {
+      await mgmt.close();
+    }
+  });
+});
