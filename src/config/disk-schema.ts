@@ -21,6 +21,7 @@ export interface DiskConfig {
   discard: boolean;
   badblocks: string[];
   badblocks_once: boolean;
+  mbps: number;
 }
 
 export const diskSchema = {
@@ -83,6 +84,11 @@ export const diskSchema = {
     doc: 'A bad range is cleared by the first request that hits it (null_blk "badblocks_once").',
     format: 'bool',
     default: false,
+  },
+  mbps: {
+    doc: 'Bandwidth limit in MiB/s (null_blk "mbps"); 0 for none.',
+    format: 'nat',
+    default: 0,
   },
   io_timeout: {
     doc: 'Milliseconds after which a request the driver has not ended fails with IOERR (as the block layer\'s io_timeout); 0 disables.',

@@ -42,6 +42,7 @@ export function buildCli(run: (o: CliOptions) => Promise<void>): Command {
     .option('--discard <bool>', 'accept discard and write-zeroes; needs memory backing (default false)', bool)
     .option('--badblocks <ranges>', 'comma-separated bad sector ranges, e.g. 1000-1999,4096', (v: string) => v.split(',').filter((x) => x !== ''))
     .option('--badblocks-once <bool>', 'a bad range clears when first hit (default false)', bool)
+    .option('--mbps <MiB/s>', 'bandwidth limit; 0 for none (default 0)', int('--mbps'))
     .option('--io-timeout <ms>', 'fail requests not ended after this many ms; 0 never (default 30000)', int('--io-timeout'))
     .option('--poll-us <us>', 'busy-poll limit per virtqueue after a batch, 0-1000 (default 50)', int('--poll-us'))
     .option('--serial <text>', 'GET_ID serial, at most 20 ASCII characters (default "rnull")')
@@ -87,6 +88,7 @@ export interface CliOptions {
   badblocks?: string[];
   badblocksOnce?: boolean;
   managementSocket?: string;
+  mbps?: number;
   logLevel?: string;
 }
 
@@ -110,6 +112,7 @@ async function runDaemon(o: CliOptions): Promise<void> {
     discard: o.discard,
     badblocks: o.badblocks,
     badblocks_once: o.badblocksOnce,
+    mbps: o.mbps,
   };
   let config;
   try {

@@ -33,6 +33,7 @@ export function createDisk(config: DiskConfig, log: Logger): ServedDisk {
   const driver = new NullDriver({
     memoryBacked: config.memory_backed,
     badblocks,
+    mbps: config.mbps,
     irqmode: config.irqmode as IrqMode,
     completionNsec: config.completion_nsec ?? undefined,
     onLateCompletion: (hctx, tag) => {

@@ -50,6 +50,7 @@ export function startBackend(overrides: Partial<DiskConfig> = {}, ops?: Operatio
     discard: false,
     badblocks: [],
     badblocks_once: false,
+    mbps: 0,
     ...overrides,
   };
   const served = createDisk(config, log);

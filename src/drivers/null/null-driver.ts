@@ -10,6 +10,8 @@
  *              batch's completions published together (one used-ring update, one call);
  * - 2 timer:   the request ends `completionNsec` after it started (a timerfd per hardware
  *              queue; see block/request-timer.ts).
+ * With `mbps`, a request whose bytes exceed the bandwidth completes only when its transfer
+ * would have ended (Throttle); then, whatever the mode, it ends from the queue's timer.
  */
 import type { HwQueue } from '../../block/hw-queue';
 import { BlkStatus, Operations, ReqOp } from '../../block/operations';
@@ -18,6 +20,7 @@ import { RequestTimer } from '../../block/request-timer';
 import { SEGMENT_WORDS } from '../../native';
 import { BadBlocks } from './badblocks';
 import { PageStore } from './page-store';
+import { Throttle } from './throttle';
 
 export const enum IrqMode {
   None = 0,
@@ -32,6 +35,8 @@ export interface NullDriverOptions {
   irqmode?: IrqMode;
   /** Timer mode: delay from start to completion in nanoseconds (null_blk completion_nsec). */
   completionNsec?: number;
+  /** Bandwidth limit in MiB/s (null_blk mbps); 0 or absent: none. */
+  mbps?: number;
   /** Sector ranges that fail with IOERR (null_blk badblocks); `once` clears a range when hit. */
   badblocks?: BadBlocks;
   /** Told about each late completion dropped (a request that timed out before its timer). */
@@ -64,23 +69,37 @@ export class NullDriver implements Operations {
     }
     this.completionNsec = options.completionNsec ?? DEFAULT_COMPLETION_NSEC;
     this.onLate = options.onLateCompletion ?? (() => undefined);
+    const timers = this.timers;
+    const delay = this.completionNsec;
+    let finish: (rq: Request) => void;
     switch (this.irqmode) {
       case IrqMode.None:
-        this.finish = endNow;
+        finish = endNow;
         break;
       case IrqMode.Softirq:
-        this.finish = completeLater;
+        finish = completeLater;
         break;
-      case IrqMode.Timer: {
-        const delay = this.completionNsec;
-        const timers = this.timers;
-        this.finish = (rq) => (timers[rq.hctx.index] as RequestTimer).schedule(rq, rq.startNs + delay);
+      case IrqMode.Timer:
+        finish = (rq) => (timers[rq.hctx.index] as RequestTimer).schedule(rq, rq.startNs + delay);
         break;
-      }
       default:
         throw new RangeError(`irqmode must be 0 (none), 1 (softirq) or 2 (timer), got ${String(this.irqmode)}`);
     }
+    this.throttle = options.mbps !== undefined && options.mbps > 0 ? new Throttle(options.mbps) : null;
+    const throttle = this.throttle;
+    if (throttle === null) {
+      this.finish = finish;
+    } else {
+      const modeDelay = this.irqmode === IrqMode.Timer ? delay : 0;
+      this.finish = (rq) => {
+        const release = throttle.reserve(rq.startNs, rq.bytes);
+        if (release <= rq.startNs + modeDelay) finish(rq);
+        else (timers[rq.hctx.index] as RequestTimer).schedule(rq, release);
+      };
+    }
   }
+
+  readonly throttle: Throttle | null;
 
   queueRq(rq: Request, _isLast: boolean): BlkStatus {
     if (this.badblocks.count !== 0 && rq.op !== ReqOp.Flush && this.badblocks.hit(rq.sector, rq.bytes / 512)) {
@@ -114,7 +133,7 @@ export class NullDriver implements Operations {
   }
 
   initHctx(hctx: HwQueue): void {
-    if (this.irqmode === IrqMode.Timer && this.timers[hctx.index] === undefined) {
+    if ((this.irqmode === IrqMode.Timer || this.throttle !== null) && this.timers[hctx.index] === undefined) {
       this.timers[hctx.index] = new RequestTimer(hctx, endNow, (tag) => this.onLate(hctx.index, tag));
     }
   }
