@@ -150,6 +150,14 @@ Napi::Value Virtqueue::Configure(const Napi::CallbackInfo& info) {
   segments_ = seg.Data();
   batch_ = batch.Data();
   usedBuf_ = used.Data();
+  Napi::Value infov = o.Get("info");
+  if (infov.IsTypedArray() && infov.As<Napi::TypedArray>().TypedArrayType() == napi_float64_array &&
+      infov.As<Napi::Float64Array>().ElementLength() >= 2) {
+    infoRef_ = Napi::Persistent(infov.As<Napi::Float64Array>());
+    info_ = infov.As<Napi::Float64Array>().Data();
+  } else {
+    info_ = nullptr;
+  }
   desc_ = reinterpret_cast<volatile Desc*>(d);
   avail_ = reinterpret_cast<volatile uint16_t*>(a);
   used_ = reinterpret_cast<volatile uint8_t*>(u);
@@ -291,17 +299,33 @@ uint32_t Virtqueue::Walk(uint16_t head, uint32_t* seg, uint32_t* nseg) {
 // the avail index, so a kick can never be lost.
 Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
+  // pop(n): first publish used[0..n) as push(n) would (one crossing per batch, not two);
+  // info[1] tells how many were published.
+  if (info.Length() > 0) {
+    int64_t n;
+    if (!ArgInt(info, 0, "n", &n)) return Napi::Value();
+    if (n < 0 || n > static_cast<int64_t>(size_)) {
+      ThrowRangeError(env, "n outside the used buffer");
+      return Napi::Value();
+    }
+    uint32_t published = n > 0 && ready_ && memory_ != nullptr && memory_->mapped() ? PublishUsed(static_cast<uint32_t>(n)) : 0;
+    if (info_ != nullptr) info_[1] = published;
+  }
   if (broken_) return Napi::Number::New(env, -1);
   if (!Usable()) return Napi::Number::New(env, 0);
+  if (info_ != nullptr) info_[0] = static_cast<double>(NowNs());
   volatile uint16_t* availIdxP = avail_ + 1;
   volatile uint16_t* availEvent = reinterpret_cast<volatile uint16_t*>(used_ + 4 + 8 * size_);
   volatile uint16_t* usedFlags = reinterpret_cast<volatile uint16_t*>(used_);
   if (sleeping_) {
     sleeping_ = false;
-    // Woken by a kick: had we kept polling this long, we would have caught this work.
-    if (pollMaxNs_ > 0 && NowNs() - sleptAtNs_ < pollMaxNs_) {
-      pollNs_ = pollNs_ * 2 < kMinPollNs ? kMinPollNs : pollNs_ * 2;
-      if (pollNs_ > pollMaxNs_) pollNs_ = pollMaxNs_;
+    // Woken by a kick within the limit: a spin of twice this idle gap would have caught it,
+    // so that becomes the budget at once (doubling from a small floor converged far too slowly:
+    // the round trip through a sleeping front-end is ~40-60 us on these machines).
+    uint64_t idle = NowNs() - sleptAtNs_;
+    if (pollMaxNs_ > 0 && idle < pollMaxNs_) {
+      uint64_t want = 2 * idle < kMinPollNs ? kMinPollNs : 2 * idle;
+      if (want > pollNs_) pollNs_ = want > pollMaxNs_ ? pollMaxNs_ : want;
     }
   }
   uint16_t availIdx = __atomic_load_n(availIdxP, __ATOMIC_ACQUIRE);
@@ -391,10 +415,14 @@ Napi::Value Virtqueue::Push(const Napi::CallbackInfo& info) {
     ThrowRangeError(env, "n outside the used buffer");
     return Napi::Value();
   }
+  return Napi::Number::New(env, PublishUsed(static_cast<uint32_t>(n)));
+}
+
+uint32_t Virtqueue::PublishUsed(uint32_t n) {
   const uint32_t mask = size_ - 1;
   uint16_t old = usedIdx_;
   uint32_t published = 0;
-  for (int64_t k = 0; k < n; k++) {
+  for (uint32_t k = 0; k < n; k++) {
     uint32_t head = usedBuf_[2 * k];
     uint32_t len = usedBuf_[2 * k + 1];
     if (head >= size_ || !inflight_[head]) continue;
@@ -406,10 +434,10 @@ Napi::Value Virtqueue::Push(const Napi::CallbackInfo& info) {
     usedIdx_++;
     published++;
   }
-  if (published == 0) return Napi::Number::New(env, 0);
+  if (published == 0) return 0;
   __atomic_store_n(reinterpret_cast<volatile uint16_t*>(used_ + 2), usedIdx_, __ATOMIC_RELEASE);
   Notify(old);
-  return Napi::Number::New(env, published);
+  return published;
 }
 
 void Virtqueue::Notify(uint16_t oldUsed) {
@@ -444,6 +472,8 @@ Napi::Value Virtqueue::Stop(const Napi::CallbackInfo& info) {
   if (!segRef_.IsEmpty()) segRef_.Reset();
   if (!batchRef_.IsEmpty()) batchRef_.Reset();
   if (!usedRef_.IsEmpty()) usedRef_.Reset();
+  if (!infoRef_.IsEmpty()) infoRef_.Reset();
+  info_ = nullptr;
   segments_ = batch_ = usedBuf_ = nullptr;
   inflight_.clear();
   inflightCount_ = 0;

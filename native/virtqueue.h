@@ -10,7 +10,8 @@
 // - segments: size * kMaxSegments * 4 words; slot h holds chain h's segments as
 //   [chunk, offsetInChunk, lengthBytes, flags(bit 0 = device-writable)];
 // - batch:    size * 3 words: [head, segmentCount, chainError] per popped chain;
-// - used:     size * 2 words: [head, bytesWritten] per element to publish.
+// - used:     size * 2 words: [head, bytesWritten] per element to publish;
+// - info:     optional Float64Array(2): [monotonic ns at the last pop, published by pop(n)].
 //
 // Invariants:
 // - a head is "in flight" from pop() to the push() that returns it; a head the guest offers
@@ -77,6 +78,7 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   uint32_t Walk(uint16_t head, uint32_t* seg, uint32_t* nseg);
   bool AddBuffer(uint64_t addr, uint32_t len, uint32_t flags, uint32_t* seg, uint32_t* nseg, uint32_t* err);
   void Notify(uint16_t oldUsed);
+  uint32_t PublishUsed(uint32_t n);
 
   GuestMemory* memory_ = nullptr;
   Napi::ObjectReference memoryRef_;
@@ -84,6 +86,8 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   uint32_t* segments_ = nullptr;
   uint32_t* batch_ = nullptr;
   uint32_t* usedBuf_ = nullptr;
+  Napi::Reference<Napi::Float64Array> infoRef_;
+  double* info_ = nullptr;  // [0] monotonic ns of the last pop, [1] published by the last pop(n)
 
   volatile Desc* desc_ = nullptr;
   volatile uint16_t* avail_ = nullptr;  // flags, idx, ring[size], used_event
@@ -100,8 +104,8 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   uint32_t inflightCount_ = 0;
   int callFd_ = -1;
   double calls_ = 0;  // statistics: calls signalled
-  // Adaptive polling (see Pop): the budget grows when work comes back soon after the queue
-  // went to sleep and halves when a spin finds nothing, between 0 and pollMaxNs_.
+  // Adaptive polling (see Pop): the budget grows to twice the idle gap when work comes back
+  // within the limit after the queue went to sleep, and halves when a spin finds nothing.
   uint64_t pollMaxNs_ = 0;
   uint64_t pollNs_ = 0;
   uint64_t sleptAtNs_ = 0;

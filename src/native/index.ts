@@ -38,6 +38,8 @@ export interface VirtqueueConfig {
   batch: Uint32Array;
   /** size * 2 words: [head, bytesWritten] per used element to publish. */
   used: Uint32Array;
+  /** Optional: [monotonic ns at the last pop, used elements published by the last pop(n)]. */
+  info?: Float64Array;
 }
 
 export interface VirtqueueState {
@@ -58,8 +60,11 @@ export interface NativeVirtqueue {
   setCallFd(fd: number): void;
   /** Adaptive busy-polling limit in ns after a batch (0: sleep on the kick eventfd at once). */
   setPolling(maxNs: number): void;
-  /** Chains popped into the batch (0: none), or -1 once the queue is broken. */
-  pop(): number;
+  /**
+   * Chains popped into the batch (0: none), or -1 once the queue is broken. pop(n) first
+   * publishes used[0..n) as push(n) does (info[1] = how many).
+   */
+  pop(publish?: number): number;
   /** Publishes used[0..n); returns how many were published. */
   push(n: number): number;
   /** Stops the ring; returns the next avail index (for GET_VRING_BASE). */

@@ -68,6 +68,8 @@ export class VirtioBlkQueue implements CompletionSink {
   private segments = new Uint32Array(0);
   private batch = new Uint32Array(0);
   private used = new Uint32Array(0);
+  /** Written by native pop(): [monotonic ns of the batch, used elements published by it]. */
+  private readonly info = new Float64Array(2);
   /** Status byte location and used length per head, kept while the head is in flight. */
   private statusChunk = new Uint32Array(0);
   private statusOffset = new Uint32Array(0);
@@ -148,6 +150,7 @@ export class VirtioBlkQueue implements CompletionSink {
       segments: this.segments,
       batch: this.batch,
       used: this.used,
+      info: this.info,
     });
     this.vq.setCallFd(setup.callFd);
     this.vq.setPolling(setup.pollUs * 1000);
@@ -210,14 +213,18 @@ export class VirtioBlkQueue implements CompletionSink {
     const batch = this.batch;
     try {
       for (;;) {
-        const n = this.vq.pop();
+        // One crossing per batch: publish the last batch's completions, then pop the next.
+        const toPublish = this.usedCount;
+        this.usedCount = 0;
+        const n = this.vq.pop(toPublish);
+        if (toPublish > 0) this.published(this.info[1]);
         if (n <= 0) {
           if (n < 0) this.reportBroken();
           break;
         }
         this.stats.batches++;
         this.inflight += n;
-        const now = native.monotonicNs();
+        const now = this.info[0];
         let lastDispatched = false;
         for (let i = 0; i < n; i++) {
           const b = i * BATCH_WORDS;
@@ -255,7 +262,6 @@ export class VirtioBlkQueue implements CompletionSink {
         }
         if (!lastDispatched) this.hctx.commit();
         if (this.hctx.hasDeferred) this.hctx.runDeferred();
-        this.publish();
       }
     } finally {
       this.draining = false;
@@ -300,8 +306,12 @@ export class VirtioBlkQueue implements CompletionSink {
     const n = this.usedCount;
     if (n === 0) return;
     this.usedCount = 0;
-    const published = this.vq.push(n);
-    this.inflight -= published;
+    this.published(this.vq.push(n));
+  }
+
+  /** `count` used elements reached the guest: wake stop() once nothing is in flight. */
+  private published(count: number): void {
+    this.inflight -= count;
     if (this.inflight === 0 && this.idleWaiters.length > 0) {
       const waiters = this.idleWaiters;
       this.idleWaiters = [];

@@ -56,6 +56,11 @@ message QueueStats {
   uint64 bad_chains = 5;
   uint32 in_flight = 6;
   bool broken = 7;
+  uint64 batches = 8;
+  uint64 calls = 9;
+  uint64 spins = 10;
+  uint64 spin_hits = 11;
+  uint64 poll_ns = 12;
 }
 `;
 
@@ -85,6 +90,11 @@ export interface QueueStatsMsg {
   bad_chains: number;
   in_flight: number;
   broken: boolean;
+  batches: number;
+  calls: number;
+  spins: number;
+  spin_hits: number;
+  poll_ns: number;
 }
 export interface ResponseMsg {
   ok: boolean;

@@ -112,6 +112,11 @@ export class ManagementServer {
               bad_chains: st.badChains,
               in_flight: d.disk.tagSet.hctx(r.index).inFlight,
               broken: ring?.broken ?? false,
+              batches: st.batches,
+              calls: ring?.calls ?? 0,
+              spins: ring?.spins ?? 0,
+              spin_hits: ring?.spinHits ?? 0,
+              poll_ns: ring?.pollNs ?? 0,
             };
           }),
         };
