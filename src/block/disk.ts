@@ -16,6 +16,8 @@ export interface DiskOptions {
   serial: string;
   /** Advertise a volatile write cache: the guest sends FLUSH requests. */
   flush: boolean;
+  /** A volatile write cache the guest can switch (VIRTIO_BLK_F_CONFIG_WCE); needs ops.setWriteCache. */
+  writeCache?: boolean;
   /** Accept DISCARD and WRITE_ZEROES (VIRTIO_BLK_F_DISCARD, _F_WRITE_ZEROES). */
   discard?: boolean;
   /** A request not ended this many milliseconds after it started times out (0: never). */
@@ -42,6 +44,7 @@ export class Disk {
   readonly serial: string;
   readonly flush: boolean;
   readonly discard: boolean;
+  readonly writeCache: boolean;
   readonly timeoutMs: number;
   readonly tagSet: TagSet;
   readonly ops: Operations;
@@ -63,6 +66,8 @@ export class Disk {
     this.serial = options.serial;
     this.flush = options.flush;
     this.discard = options.discard ?? false;
+    this.writeCache = options.writeCache ?? false;
+    if (this.writeCache && options.ops.setWriteCache === undefined) throw new RangeError('a write cache needs the driver\'s setWriteCache operation');
     this.timeoutMs = options.timeoutMs ?? 30000;
     this.tagSet = options.tagSet;
     this.ops = options.ops;

@@ -54,6 +54,11 @@ export interface Operations {
    * Without this operation the core fails the request with IOERR (abort).
    */
   timeout?(request: Request): 'done' | 'reset';
+  /**
+   * The guest switched the volatile write cache on (writeback) or off (writethrough), through
+   * VIRTIO_BLK_F_CONFIG_WCE. Only called for disks that offer it (Disk.writeCache).
+   */
+  setWriteCache?(writeback: boolean): void;
   /** A hardware queue starts serving (a virtqueue started): set up per-queue state. */
   initHctx?(hctx: HwQueue): void;
   /** A hardware queue stopped, with nothing in flight: release per-queue state. */

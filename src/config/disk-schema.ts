@@ -22,6 +22,7 @@ export interface DiskConfig {
   badblocks: string[];
   badblocks_once: boolean;
   mbps: number;
+  cache_size: number;
 }
 
 export const diskSchema = {
@@ -84,6 +85,11 @@ export const diskSchema = {
     doc: 'A bad range is cleared by the first request that hits it (null_blk "badblocks_once").',
     format: 'bool',
     default: false,
+  },
+  cache_size: {
+    doc: 'Volatile write-back cache in MiB (null_blk "cache_size"); 0 for none. Offers VIRTIO_BLK_F_CONFIG_WCE; FLUSH makes cached writes durable. Needs memory_backed.',
+    format: 'nat',
+    default: 0,
   },
   mbps: {
     doc: 'Bandwidth limit in MiB/s (null_blk "mbps"); 0 for none.',

@@ -92,6 +92,9 @@ function loadDisk(raw: unknown, overrides: DiskOverrides, where: string): DiskCo
     throw new ConfigError(`${where}: ${(e as Error).message}`);
   }
   const d = c.getProperties();
+  if (d.cache_size > 0 && !d.memory_backed) {
+    throw new ConfigError(`${where}: cache_size: needs memory_backed true (a disk that keeps nothing has nothing to cache)`);
+  }
   if (d.discard && !d.memory_backed) {
     throw new ConfigError(`${where}: discard: needs memory_backed true (a disk that keeps nothing has nothing to discard)`);
   }

@@ -42,6 +42,7 @@ export function buildCli(run: (o: CliOptions) => Promise<void>): Command {
     .option('--discard <bool>', 'accept discard and write-zeroes; needs memory backing (default false)', bool)
     .option('--badblocks <ranges>', 'comma-separated bad sector ranges, e.g. 1000-1999,4096', (v: string) => v.split(',').filter((x) => x !== ''))
     .option('--badblocks-once <bool>', 'a bad range clears when first hit (default false)', bool)
+    .option('--cache-size <MiB>', 'volatile write-back cache; needs memory backing; 0 for none (default 0)', int('--cache-size'))
     .option('--mbps <MiB/s>', 'bandwidth limit; 0 for none (default 0)', int('--mbps'))
     .option('--io-timeout <ms>', 'fail requests not ended after this many ms; 0 never (default 30000)', int('--io-timeout'))
     .option('--poll-us <us>', 'busy-poll limit per virtqueue after a batch, 0-1000 (default 50)', int('--poll-us'))
@@ -53,10 +54,11 @@ export function buildCli(run: (o: CliOptions) => Promise<void>): Command {
   const ctl = root.command('ctl').description('talk to a running daemon through its management socket').requiredOption('-m, --management-socket <path>', 'the daemon\'s management socket');
   const call = async (req: RequestMsg): Promise<void> => {
     const r = await managementCall(ctl.opts<{ managementSocket: string }>().managementSocket, req);
-    process.stdout.write(`${JSON.stringify(r.ok ? { disks: r.disks, bad_blocks: r.bad_blocks, queues: r.queues } : { error: r.error })}\n`);
+    process.stdout.write(`${JSON.stringify(r.ok ? { disks: r.disks, bad_blocks: r.bad_blocks, queues: r.queues, cache_dirty_bytes: r.cache_dirty_bytes } : { error: r.error })}\n`);
     if (!r.ok) process.exitCode = 1;
   };
   ctl.command('disks').description('list the disks').action(() => call({ list_disks: {} }));
+  ctl.command('drop-cache <disk>').description('lose the write cache\'s unflushed data, as a power failure would').action((disk: string) => call({ drop_cache: { disk } }));
   ctl.command('stats <disk>').description('per-queue counters of a disk').action((disk: string) => call({ get_stats: { disk } }));
   ctl
     .command('badblocks <disk> [action] [range]')
@@ -89,6 +91,7 @@ export interface CliOptions {
   badblocksOnce?: boolean;
   managementSocket?: string;
   mbps?: number;
+  cacheSize?: number;
   logLevel?: string;
 }
 
@@ -113,6 +116,7 @@ async function runDaemon(o: CliOptions): Promise<void> {
     badblocks: o.badblocks,
     badblocks_once: o.badblocksOnce,
     mbps: o.mbps,
+    cache_size: o.cacheSize,
   };
   let config;
   try {

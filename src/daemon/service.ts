@@ -34,6 +34,7 @@ export function createDisk(config: DiskConfig, log: Logger): ServedDisk {
     memoryBacked: config.memory_backed,
     badblocks,
     mbps: config.mbps,
+    cacheBytes: config.cache_size * 1048576,
     irqmode: config.irqmode as IrqMode,
     completionNsec: config.completion_nsec ?? undefined,
     onLateCompletion: (hctx, tag) => {
@@ -52,6 +53,7 @@ export function createDisk(config: DiskConfig, log: Logger): ServedDisk {
     flush: true,
     timeoutMs: config.io_timeout,
     discard: config.discard,
+    writeCache: config.cache_size > 0,
     tagSet,
     ops: driver,
   });

@@ -21,6 +21,7 @@ const OFF_BLK_SIZE = 20;
 const OFF_PHYSICAL_BLOCK_EXP = 24;
 const OFF_MIN_IO_SIZE = 26;
 const OFF_OPT_IO_SIZE = 28;
+export const OFF_WRITEBACK = 32;
 const OFF_NUM_QUEUES = 34;
 const OFF_MAX_DISCARD_SECTORS = 36;
 const OFF_MAX_DISCARD_SEG = 40;
@@ -43,6 +44,7 @@ export function blkFeatures(disk: Disk): bigint {
   if (disk.flush) f |= bit(Feature.BLK_FLUSH);
   if (disk.readOnly) f |= bit(Feature.BLK_RO);
   if (disk.discard) f |= bit(Feature.BLK_DISCARD) | bit(Feature.BLK_WRITE_ZEROES);
+  if (disk.writeCache) f |= bit(Feature.BLK_CONFIG_WCE);
   return f;
 }
 
@@ -56,6 +58,7 @@ export function blkConfigSpace(disk: Disk, numQueues: number): Buffer {
   c.writeUInt16LE(1, OFF_MIN_IO_SIZE); // in logical blocks
   c.writeUInt32LE(0, OFF_OPT_IO_SIZE); // no optimal size
   c.writeUInt16LE(numQueues, OFF_NUM_QUEUES);
+  c.writeUInt8(disk.writeCache ? 1 : 0, OFF_WRITEBACK); // a write cache starts in writeback
   if (disk.discard) {
     // Limits in 512-byte sectors; alignment of a logical block.
     c.writeUInt32LE(MAX_DISCARD_SECTORS, OFF_MAX_DISCARD_SECTORS);

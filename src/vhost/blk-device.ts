@@ -16,7 +16,7 @@ import type { Disk } from '../block/disk';
 import { MAX_QUEUE_SIZE } from '../native';
 import { VirtioBlkQueue } from '../virtqueue/blk-queue';
 import { GuestMemoryMap } from '../virtqueue/guest-memory';
-import { blkConfigSpace, blkFeatures } from './blk-config';
+import { blkConfigSpace, blkFeatures, OFF_WRITEBACK } from './blk-config';
 import {
   Message,
   readConfigAccess,
@@ -123,6 +123,11 @@ export class VhostUserBlkDevice {
     this.releaseMemory();
     this.features = 0n;
     this.protocolFeatures = 0n;
+    if (this.disk.writeCache && this.config[OFF_WRITEBACK] !== 1) {
+      // A new front-end finds the device as reset: write cache in writeback.
+      (this.disk.ops.setWriteCache as (on: boolean) => void)(true);
+      this.config[OFF_WRITEBACK] = 1;
+    }
   }
 
   // --- feature negotiation -------------------------------------------------------------
@@ -182,10 +187,20 @@ export class VhostUserBlkDevice {
     return reply;
   }
 
+  /**
+   * SET_CONFIG: only the one-byte `writeback` field is writable, and only when
+   * VIRTIO_BLK_F_CONFIG_WCE was negotiated (5.2.4); anything else is refused.
+   */
   private setConfig(msg: Message): HandlerResult {
     const a = readConfigAccess(msg);
-    // Every field rnull offers is read-only (no VIRTIO_BLK_F_CONFIG_WCE yet).
-    this.log.warn({ offset: a.offset, size: a.size }, 'SET_CONFIG refused: the config space is read-only');
+    if (this.disk.writeCache && hasBit(this.features, Feature.BLK_CONFIG_WCE) && a.offset === OFF_WRITEBACK && a.size === 1 && a.data[0] <= 1) {
+      const writeback = a.data[0] === 1;
+      (this.disk.ops.setWriteCache as (on: boolean) => void)(writeback);
+      this.config[OFF_WRITEBACK] = a.data[0];
+      this.log.info({ writeback }, writeback ? 'guest switched the write cache to writeback' : 'guest switched the write cache to writethrough');
+      return undefined;
+    }
+    this.log.warn({ offset: a.offset, size: a.size }, 'SET_CONFIG refused: only the writeback byte of a disk with a write cache is writable');
     return false;
   }
 

@@ -51,6 +51,7 @@ export function startBackend(overrides: Partial<DiskConfig> = {}, ops?: Operatio
     badblocks: [],
     badblocks_once: false,
     mbps: 0,
+    cache_size: 0,
     ...overrides,
   };
   const served = createDisk(config, log);

@@ -126,7 +126,7 @@ test('rnull ctl: bad blocks set at run time through the management socket fail g
   d = start(['--socket', sock, '--size', '8', '--management-socket', ctl, '--badblocks', '0-7'], dir);
   await until(() => fs.existsSync(sock) && fs.existsSync(ctl), 'sockets', 10000);
   const run = (...args: string[]) => spawnSync(process.execPath, [BIN, 'ctl', '-m', ctl, ...args], { cwd: dir, encoding: 'utf8' });
-  expect(JSON.parse(run('badblocks', 'd').stdout)).toEqual({ disks: [], bad_blocks: [{ start: 0, end: 7 }], queues: [] });
+  expect(JSON.parse(run('badblocks', 'd').stdout)).toMatchObject({ bad_blocks: [{ start: 0, end: 7 }] });
   expect(JSON.parse(run('badblocks', 'd', 'add', '64-71').stdout).bad_blocks).toEqual([{ start: 0, end: 7 }, { start: 64, end: 71 }]);
   const fe = new TestFrontend(sock);
   await fe.setup();

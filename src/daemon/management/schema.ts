@@ -13,8 +13,12 @@ message Request {
     ListDisks list_disks = 1;
     BadBlocks bad_blocks = 2;
     GetStats get_stats = 3;
+    DropCache drop_cache = 4;
   }
 }
+
+// Loses a disk's unflushed write-cache data, as a power failure would (cache_size).
+message DropCache { string disk = 1; }
 
 message ListDisks {}
 
@@ -35,6 +39,7 @@ message Response {
   repeated DiskInfo disks = 3;
   repeated SectorRange bad_blocks = 4;
   repeated QueueStats queues = 5;
+  uint64 cache_dirty_bytes = 6;
 }
 
 message DiskInfo {
@@ -102,11 +107,13 @@ export interface ResponseMsg {
   disks: DiskInfoMsg[];
   bad_blocks: SectorRangeMsg[];
   queues: QueueStatsMsg[];
+  cache_dirty_bytes: number;
 }
 export interface RequestMsg {
   list_disks?: Record<string, never>;
   bad_blocks?: { disk: string; action: number; start?: number; end?: number };
   get_stats?: { disk: string };
+  drop_cache?: { disk: string };
 }
 
 /** Decodes a Response into plain numbers (uint64 fields are small here). */

@@ -97,10 +97,19 @@ export class ManagementServer {
         if (b.action !== BadBlocksAction.LIST) this.log.info({ disk: b.disk, action: b.action, start: b.start, end: b.end }, 'bad blocks changed');
         return { ok: true, bad_blocks: bb.list().map(([start, end]) => ({ start, end })) };
       }
+      if (req.drop_cache !== undefined) {
+        const d = this.disk(req.drop_cache.disk);
+        if (d.driver.cache === null) throw new Error(`disk "${d.config.name}" has no write cache (cache_size 0)`);
+        const lost = d.driver.cache.dirtyBytes;
+        d.driver.cache.drop();
+        this.log.warn({ disk: d.config.name, lostBytes: lost }, 'write cache dropped on request (power-failure emulation)');
+        return { ok: true, cache_dirty_bytes: 0 };
+      }
       if (req.get_stats !== undefined) {
         const d = this.disk(req.get_stats.disk);
         return {
           ok: true,
+          cache_dirty_bytes: d.driver.cache?.dirtyBytes ?? 0,
           queues: d.device.vrings.map((r) => {
             const st = r.queue.stats;
             const ring = r.queue.isRunning ? r.queue.state() : null;

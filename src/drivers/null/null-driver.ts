@@ -21,6 +21,7 @@ import { SEGMENT_WORDS } from '../../native';
 import { BadBlocks } from './badblocks';
 import { PageStore } from './page-store';
 import { Throttle } from './throttle';
+import { WriteCache } from './write-cache';
 
 export const enum IrqMode {
   None = 0,
@@ -35,6 +36,8 @@ export interface NullDriverOptions {
   irqmode?: IrqMode;
   /** Timer mode: delay from start to completion in nanoseconds (null_blk completion_nsec). */
   completionNsec?: number;
+  /** Write-back cache size in bytes (null_blk cache_size, MiB there); needs memory backing. */
+  cacheBytes?: number;
   /** Bandwidth limit in MiB/s (null_blk mbps); 0 or absent: none. */
   mbps?: number;
   /** Sector ranges that fail with IOERR (null_blk badblocks); `once` clears a range when hit. */
@@ -52,6 +55,9 @@ const completeLater = (rq: Request): void => rq.complete();
 
 export class NullDriver implements Operations {
   readonly store: PageStore | null;
+  readonly cache: WriteCache | null;
+  /** Where data goes: the cache in front of the store, or the store. */
+  private readonly data: PageStore | WriteCache | null;
   readonly badblocks: BadBlocks;
   readonly irqmode: IrqMode;
   readonly completionNsec: number;
@@ -62,6 +68,11 @@ export class NullDriver implements Operations {
   /** @throws RangeError for an unknown irqmode, or completionNsec outside timer mode. */
   constructor(options: NullDriverOptions) {
     this.store = options.memoryBacked ? new PageStore() : null;
+    if (options.cacheBytes !== undefined && options.cacheBytes > 0 && this.store === null) {
+      throw new RangeError('cache_size needs memory_backed: a disk that keeps nothing has nothing to cache');
+    }
+    this.cache = this.store !== null && options.cacheBytes !== undefined && options.cacheBytes > 0 ? new WriteCache(this.store, options.cacheBytes) : null;
+    this.data = this.cache ?? this.store;
     this.badblocks = options.badblocks ?? new BadBlocks();
     this.irqmode = options.irqmode ?? IrqMode.None;
     if (this.irqmode !== IrqMode.Timer && options.completionNsec !== undefined) {
@@ -110,17 +121,18 @@ export class NullDriver implements Operations {
     }
     switch (rq.op) {
       case ReqOp.Read:
-        if (this.store !== null) this.transfer(rq, false);
+        if (this.data !== null) this.transfer(rq, false);
         else zeroFill(rq);
         break;
       case ReqOp.Write:
-        if (this.store !== null) this.transfer(rq, true);
+        if (this.data !== null) this.transfer(rq, true);
         break;
       case ReqOp.Flush:
-        break; // memory is as durable as this disk gets
+        if (this.cache !== null) this.cache.flush(); // without a cache, memory is as durable as it gets
+        break;
       case ReqOp.Discard:
       case ReqOp.WriteZeroes:
-        if (this.store !== null) this.store.discard(rq.sector * 512, rq.bytes);
+        if (this.data !== null) this.data.discard(rq.sector * 512, rq.bytes);
         break;
     }
     this.finish(rq);
@@ -146,9 +158,13 @@ export class NullDriver implements Operations {
     }
   }
 
-  /** Copies between the request's guest segments and the page store, segment by segment. */
+  setWriteCache(writeback: boolean): void {
+    if (this.cache !== null) this.cache.setWriteback(writeback);
+  }
+
+  /** Copies between the request's guest segments and the cache or store, segment by segment. */
   private transfer(rq: Request, write: boolean): void {
-    const store = this.store as PageStore;
+    const store = this.data as PageStore | WriteCache;
     const segs = rq.segments;
     let pos = rq.sector * 512;
     for (let i = 0, w = rq.segBase; i < rq.segCount; i++, w += SEGMENT_WORDS) {

@@ -90,7 +90,25 @@ export class PageStore {
     }
   }
 
-  private allocPage(): Buffer {
+  /** The page holding `pageNo`, if written. */
+  getPage(pageNo: number): Buffer | undefined {
+    return this.pages.get(pageNo);
+  }
+
+  /** Installs `page` (from allocPage) as `pageNo`; the page it replaces is recycled. */
+  putPage(pageNo: number, page: Buffer): void {
+    const old = this.pages.get(pageNo);
+    if (old !== undefined && old !== page) this.free.push(old);
+    this.pages.set(pageNo, page);
+  }
+
+  /** Returns a page from allocPage that is no longer needed. */
+  freePage(page: Buffer): void {
+    this.free.push(page);
+  }
+
+  /** A zeroed 4 KiB page from the store's slabs (for the write cache). */
+  allocPage(): Buffer {
     const reused = this.free.pop();
     if (reused !== undefined) return reused.fill(0);
     if (this.slabUsed === SLAB_PAGES) {
