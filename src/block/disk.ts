@@ -3,6 +3,8 @@
  * capacity, logical block size, read-only flag, serial, and the tag set and driver behind it.
  */
 import type { Operations } from './operations';
+import { MAX_QUEUE_SIZE } from '../native';
+import { HwQueue } from './hw-queue';
 import type { TagSet } from './tag-set';
 
 export interface DiskOptions {
@@ -30,6 +32,13 @@ export interface DiskOptions {
  * Checks a logical block size (the counterpart of gen_disk.rs validate_block_size).
  * @throws RangeError unless it is a power of two from 512 to 4096.
  */
+/** The hardware queue `index` of a disk. @throws RangeError if there is none. */
+export function hctxOf(disk: Disk, index: number): HwQueue {
+  const q = disk.hwQueues[index];
+  if (q === undefined) throw new RangeError(`hardware queue ${index} does not exist (disk has ${disk.hwQueues.length})`);
+  return q;
+}
+
 export function validateBlockSize(bytes: number): void {
   if (!Number.isInteger(bytes) || bytes < 512 || bytes > 4096 || (bytes & (bytes - 1)) !== 0) {
     throw new RangeError(`block size must be a power of two from 512 to 4096 bytes, got ${bytes}`);
@@ -48,6 +57,8 @@ export class Disk {
   readonly timeoutMs: number;
   readonly tagSet: TagSet;
   readonly ops: Operations;
+  /** This disk's hardware queues, one per tag-set queue, each with MAX_QUEUE_SIZE request slots. */
+  readonly hwQueues: readonly HwQueue[];
 
   /** @throws RangeError for a bad block size, a capacity that is not a whole number of blocks, or a bad serial. */
   constructor(options: DiskOptions) {
@@ -71,5 +82,6 @@ export class Disk {
     this.timeoutMs = options.timeoutMs ?? 30000;
     this.tagSet = options.tagSet;
     this.ops = options.ops;
+    this.hwQueues = this.tagSet.tags.map((tags, i) => new HwQueue(i, MAX_QUEUE_SIZE, tags));
   }
 }

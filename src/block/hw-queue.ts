@@ -1,10 +1,14 @@
 /**
- * HwQueue: a hardware queue (the kernel's blk_mq_hw_ctx, "hctx"). Requests arrive from one
- * submission source (a virtqueue), go to the driver through queueRq/commitRqs, and their
- * completions go back to that source through its CompletionSink.
+ * HwQueue: a hardware queue of one disk (the kernel's blk_mq_hw_ctx, "hctx"). Requests arrive
+ * from one submission source (a virtqueue), go to the driver through queueRq/commitRqs, and
+ * their completions go back to that source through its CompletionSink.
+ *
+ * Requests are kept by slot (`requests[tag]`, the virtio descriptor head, < `depth`); how many
+ * may be in flight at once is the tag set's business (`tags`, possibly shared with other disks).
  *
  * Invariants:
  * - requests[tag] exists for every tag < depth and is never replaced (no allocation per I/O);
+ * - each request in flight holds one of `tags` (taken at dispatch, released at its end);
  * - `inFlight` counts requests owned by the driver (refcount >= 1);
  * - a request reaches the sink exactly once per start: through Request.end() (2 -> 0) or
  *   through abort() (any refcount -> 0, generation bumped so leaked handles go stale).
@@ -12,6 +16,7 @@
 import { BlkStatus, Operations } from './operations';
 import { native } from '../native';
 import { Request, TAG_BITS } from './request';
+import { Tags } from './tag-set';
 
 /** Where completions go: the submission side that owns the tags (e.g. a virtqueue). */
 export interface CompletionSink {
@@ -35,9 +40,12 @@ export class HwQueue {
   /** Requests the driver currently owns. */
   inFlight = 0;
 
-  constructor(index: number, depth: number) {
+  readonly tags: Tags;
+
+  constructor(index: number, depth: number, tags: Tags = new Tags(depth)) {
     this.index = index;
     this.depth = depth;
+    this.tags = tags;
     this.requests = new Array<Request>(depth);
     for (let tag = 0; tag < depth; tag++) this.requests[tag] = new Request(this, tag);
     this.deferred = new Array<Request>(depth);
@@ -99,6 +107,7 @@ export class HwQueue {
     request.startNs = nowNs;
     request.status = BlkStatus.Ok;
     this.inFlight++;
+    this.tags.take();
     const status = (this.ops as Operations).queueRq(request, isLast);
     if (status !== BlkStatus.Ok && request.refcount !== 0) this.abort(request, status);
   }
@@ -163,6 +172,7 @@ export class HwQueue {
   /** @internal Request.end() and abort() */
   requestEnded(request: Request): void {
     this.inFlight--;
+    this.tags.release();
     if (this.sink !== null) this.sink.requestEnded(request);
   }
 

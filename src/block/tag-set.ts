@@ -1,20 +1,62 @@
 /**
  * TagSet: the request slots of a set of hardware queues (the kernel's blk_mq_tag_set):
- * `nrHwQueues` queues of `queueDepth` tags each, every tag with its preallocated Request.
+ * `nrHwQueues` queues with `queueDepth` tags each. One tag set can serve several disks
+ * (null_blk `shared_tags`): their hardware queues of the same index then draw from the same
+ * tags, so together they never have more than `queueDepth` requests in flight there.
+ *
+ * A request holds a tag from dispatch to end. When a queue finds no free tag it leaves the
+ * remaining chains in its avail ring and waits (Tags.wait) until a tag is released.
  */
-import { HwQueue } from './hw-queue';
+
+/** The tags of one hardware-queue index. */
+export class Tags {
+  used = 0;
+  private waiters: Array<() => void> = [];
+  private scheduled = false;
+
+  constructor(readonly depth: number) {}
+
+  /** Tags free now. */
+  get free(): number {
+    return this.depth - this.used;
+  }
+
+  /** Calls `fn` once, soon after a tag is released (on a later turn of the event loop). */
+  wait(fn: () => void): void {
+    if (!this.waiters.includes(fn)) this.waiters.push(fn);
+  }
+
+  /** @internal a request took a tag */
+  take(): void {
+    this.used++;
+  }
+
+  /** @internal a request ended */
+  release(): void {
+    this.used--;
+    if (this.waiters.length > 0 && !this.scheduled) {
+      this.scheduled = true;
+      setImmediate(() => {
+        this.scheduled = false;
+        const w = this.waiters;
+        this.waiters = [];
+        for (const fn of w) fn();
+      });
+    }
+  }
+}
 
 export interface TagSetOptions {
-  /** Number of hardware queues (virtqueues), 1..64. */
+  /** Number of hardware queues, 1..64. */
   nrHwQueues: number;
-  /** Tags per hardware queue (the largest virtqueue size accepted), 1..1024. */
+  /** Tags (requests in flight) per hardware queue, 1..1024 (null_blk hw_queue_depth). */
   queueDepth: number;
 }
 
 export class TagSet {
   readonly nrHwQueues: number;
   readonly queueDepth: number;
-  readonly hwQueues: readonly HwQueue[];
+  readonly tags: readonly Tags[];
 
   /** @throws RangeError for a queue count outside 1..64 or a depth outside 1..1024. */
   constructor(options: TagSetOptions) {
@@ -27,14 +69,15 @@ export class TagSet {
     }
     this.nrHwQueues = nrHwQueues;
     this.queueDepth = queueDepth;
-    const queues: HwQueue[] = [];
-    for (let i = 0; i < nrHwQueues; i++) queues.push(new HwQueue(i, queueDepth));
-    this.hwQueues = queues;
+    const tags: Tags[] = [];
+    for (let i = 0; i < nrHwQueues; i++) tags.push(new Tags(queueDepth));
+    this.tags = tags;
   }
 
-  hctx(index: number): HwQueue {
-    const q = this.hwQueues[index];
-    if (q === undefined) throw new RangeError(`hardware queue ${index} does not exist (tag set has ${this.nrHwQueues})`);
-    return q;
+  /** The tags of hardware queue `index`. @throws RangeError if there is no such queue. */
+  tagsOf(index: number): Tags {
+    const t = this.tags[index];
+    if (t === undefined) throw new RangeError(`hardware queue ${index} does not exist (tag set has ${this.nrHwQueues})`);
+    return t;
   }
 }

@@ -23,6 +23,11 @@ export interface DiskConfig {
   badblocks_once: boolean;
   mbps: number;
   cache_size: number;
+  hw_queue_depth: number;
+  submit_queues: number | null;
+  shared_tags: boolean;
+  nr_devices: number;
+  rotational: boolean;
 }
 
 export const diskSchema = {
@@ -86,6 +91,31 @@ export const diskSchema = {
     format: 'bool',
     default: false,
   },
+  hw_queue_depth: {
+    doc: 'Requests in flight per hardware queue (null_blk "hw_queue_depth"), 1 to 1024; chains beyond it wait in the virtqueue. The default lets a full 1024-entry ring be in flight (null_blk\'s own default is 64).',
+    format: 'queue-depth',
+    default: 1024,
+  },
+  submit_queues: {
+    doc: 'null_blk\'s name for num_queues; give one or the other.',
+    format: 'nullable-queue-count',
+    default: null as number | null,
+  },
+  shared_tags: {
+    doc: 'Share one tag set with every other disk of this daemon that sets it (null_blk "shared_tags"): their hardware queues of the same index together hold at most hw_queue_depth requests.',
+    format: 'bool',
+    default: false,
+  },
+  nr_devices: {
+    doc: 'Serve this many identical disks (null_blk "nr_devices"), on sockets NAME-0.sock, NAME-1.sock, ... derived from socket.',
+    format: 'queue-count',
+    default: 1,
+  },
+  rotational: {
+    doc: 'null_blk "rotational". virtio-blk has no field for it, so the guest cannot see it: kept as a label, shown by `rnull ctl disks`.',
+    format: 'bool',
+    default: false,
+  },
   cache_size: {
     doc: 'Volatile write-back cache in MiB (null_blk "cache_size"); 0 for none. Offers VIRTIO_BLK_F_CONFIG_WCE; FLUSH makes cached writes durable. Needs memory_backed.',
     format: 'nat',
@@ -138,6 +168,18 @@ export function addFormats(): void {
     validate(v: unknown) {
       if (!Array.isArray(v)) throw new Error('expected an array of "start-end" strings');
       for (const r of v) parseRange(String(r));
+    },
+  });
+  convict.addFormat({
+    name: 'queue-depth',
+    validate(v: unknown) {
+      if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > 1024) throw new Error('expected a whole number from 1 to 1024');
+    },
+  });
+  convict.addFormat({
+    name: 'nullable-queue-count',
+    validate(v: unknown) {
+      if (v !== null && (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > 64)) throw new Error('expected a whole number from 1 to 64');
     },
   });
   convict.addFormat({

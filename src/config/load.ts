@@ -71,7 +71,11 @@ export function loadConfig(file: string | undefined, overrides: DiskOverrides, l
   if (overrides.socket !== undefined && disks.length > 1) {
     throw new ConfigError(`${where}: --socket cannot apply to ${disks.length} disks; give each disk its socket in the file`);
   }
-  const out = disks.map((d, i) => loadDisk(d, overrides, `${where}: disks[${i}]`));
+  const out = disks.flatMap((d, i) => expandDevices(loadDisk(d, overrides, `${where}: disks[${i}]`)));
+  const shared = out.filter((d) => d.shared_tags);
+  if (shared.some((d) => d.hw_queue_depth !== shared[0].hw_queue_depth)) {
+    throw new ConfigError(`${where}: shared_tags: disks sharing tags must have the same hw_queue_depth (${shared.map((d) => `${d.name}: ${d.hw_queue_depth}`).join(', ')})`);
+  }
   const sockets = new Set<string>();
   for (const [i, d] of out.entries()) {
     const abs = path.resolve(d.socket);
@@ -79,6 +83,20 @@ export function loadConfig(file: string | undefined, overrides: DiskOverrides, l
     sockets.add(abs);
   }
   return { log_level: top.get('log_level') as string, management_socket: top.get('management_socket') as string, disks: out };
+}
+
+/** nr_devices N: N copies named NAME0.. on sockets NAME-0.sock.. (serials suffixed too). */
+function expandDevices(d: DiskConfig): DiskConfig[] {
+  if (d.nr_devices <= 1) return [d];
+  const ext = path.extname(d.socket);
+  const base = d.socket.slice(0, d.socket.length - ext.length);
+  return Array.from({ length: d.nr_devices }, (_, i) => ({
+    ...d,
+    nr_devices: 1,
+    name: `${d.name}${i}`,
+    socket: `${base}-${i}${ext}`,
+    serial: `${d.serial.slice(0, 20 - String(i).length - 1)}-${i}`,
+  }));
 }
 
 function loadDisk(raw: unknown, overrides: DiskOverrides, where: string): DiskConfig {
@@ -92,6 +110,13 @@ function loadDisk(raw: unknown, overrides: DiskOverrides, where: string): DiskCo
     throw new ConfigError(`${where}: ${(e as Error).message}`);
   }
   const d = c.getProperties();
+  if (d.submit_queues !== null) {
+    const explicit = (raw as Record<string, unknown>).num_queues !== undefined || overrides.num_queues !== undefined;
+    if (explicit && d.num_queues !== d.submit_queues) {
+      throw new ConfigError(`${where}: submit_queues ${d.submit_queues} and num_queues ${d.num_queues} disagree (they are the same setting)`);
+    }
+    d.num_queues = d.submit_queues;
+  }
   if (d.cache_size > 0 && !d.memory_backed) {
     throw new ConfigError(`${where}: cache_size: needs memory_backed true (a disk that keeps nothing has nothing to cache)`);
   }

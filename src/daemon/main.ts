@@ -42,6 +42,11 @@ export function buildCli(run: (o: CliOptions) => Promise<void>): Command {
     .option('--discard <bool>', 'accept discard and write-zeroes; needs memory backing (default false)', bool)
     .option('--badblocks <ranges>', 'comma-separated bad sector ranges, e.g. 1000-1999,4096', (v: string) => v.split(',').filter((x) => x !== ''))
     .option('--badblocks-once <bool>', 'a bad range clears when first hit (default false)', bool)
+    .option('--hw-queue-depth <n>', 'requests in flight per hardware queue, 1-1024 (default 1024)', int('--hw-queue-depth'))
+    .option('--submit-queues <n>', "null_blk's name for --num-queues", int('--submit-queues'))
+    .option('--shared-tags <bool>', 'share one tag set with the other disks that set it (default false)', bool)
+    .option('--nr-devices <n>', 'serve this many identical disks, on sockets NAME-0.sock... (default 1)', int('--nr-devices'))
+    .option('--rotational <bool>', 'label only: virtio-blk cannot tell the guest (default false)', bool)
     .option('--cache-size <MiB>', 'volatile write-back cache; needs memory backing; 0 for none (default 0)', int('--cache-size'))
     .option('--mbps <MiB/s>', 'bandwidth limit; 0 for none (default 0)', int('--mbps'))
     .option('--io-timeout <ms>', 'fail requests not ended after this many ms; 0 never (default 30000)', int('--io-timeout'))
@@ -92,6 +97,11 @@ export interface CliOptions {
   managementSocket?: string;
   mbps?: number;
   cacheSize?: number;
+  hwQueueDepth?: number;
+  submitQueues?: number;
+  sharedTags?: boolean;
+  nrDevices?: number;
+  rotational?: boolean;
   logLevel?: string;
 }
 
@@ -117,6 +127,11 @@ async function runDaemon(o: CliOptions): Promise<void> {
     badblocks_once: o.badblocksOnce,
     mbps: o.mbps,
     cache_size: o.cacheSize,
+    hw_queue_depth: o.hwQueueDepth,
+    submit_queues: o.submitQueues,
+    shared_tags: o.sharedTags,
+    nr_devices: o.nrDevices,
+    rotational: o.rotational,
   };
   let config;
   try {

@@ -10,7 +10,6 @@ import type { DiskConfig } from '../config/disk-schema';
 import { BadBlocks, parseRange } from '../drivers/null/badblocks';
 import { IrqMode, NullDriver } from '../drivers/null/null-driver';
 import { ManagementServer } from './management/server';
-import { MAX_QUEUE_SIZE } from '../native';
 import { VhostUserBlkDevice } from '../vhost/blk-device';
 import { VhostUserServer } from '../vhost/server';
 
@@ -24,8 +23,11 @@ export interface ServedDisk {
   server: VhostUserServer;
 }
 
-/** Builds a null disk and its vhost-user server from its configuration (not yet listening). */
-export function createDisk(config: DiskConfig, log: Logger): ServedDisk {
+/**
+ * Builds a null disk and its vhost-user server from its configuration (not yet listening).
+ * `tagSet`, when given, is shared with other disks (shared_tags).
+ */
+export function createDisk(config: DiskConfig, log: Logger, sharedTagSet?: TagSet): ServedDisk {
   const dlog = log.child({ disk: config.name });
   let lateLogged = false;
   const badblocks = new BadBlocks(config.badblocks_once);
@@ -43,7 +45,7 @@ export function createDisk(config: DiskConfig, log: Logger): ServedDisk {
       dlog.warn({ queue: hctx, tag }, 'late completion of a request that had timed out: ignored (logged once)');
     },
   });
-  const tagSet = new TagSet({ nrHwQueues: config.num_queues, queueDepth: MAX_QUEUE_SIZE });
+  const tagSet = sharedTagSet ?? new TagSet({ nrHwQueues: config.num_queues, queueDepth: config.hw_queue_depth });
   const disk = new Disk({
     name: config.name,
     capacitySectors: config.size * MIB_SECTORS,
@@ -81,7 +83,10 @@ export class Service {
     private readonly log: Logger,
     private readonly managementSocket = '',
   ) {
-    this.disks = configs.map((c) => createDisk(c, log));
+    const shared = configs.filter((c) => c.shared_tags);
+    const sharedTagSet =
+      shared.length > 0 ? new TagSet({ nrHwQueues: Math.max(...shared.map((c) => c.num_queues)), queueDepth: shared[0].hw_queue_depth }) : undefined;
+    this.disks = configs.map((c) => createDisk(c, log, c.shared_tags ? sharedTagSet : undefined));
   }
 
   /** Listens on every disk socket, then the management socket (if configured). */

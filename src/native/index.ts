@@ -62,9 +62,9 @@ export interface NativeVirtqueue {
   setPolling(maxNs: number): void;
   /**
    * Chains popped into the batch (0: none), or -1 once the queue is broken. pop(n) first
-   * publishes used[0..n) as push(n) does (info[1] = how many).
+   * publishes used[0..n) as push(n) does (info[1] = how many); pop(n, max) pops at most max.
    */
-  pop(publish?: number): number;
+  pop(publish?: number, max?: number): number;
   /** Publishes used[0..n); returns how many were published. */
   push(n: number): number;
   /** Stops the ring; returns the next avail index (for GET_VRING_BASE). */

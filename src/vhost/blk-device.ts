@@ -12,7 +12,7 @@
  * GET_VRING_BASE, which answers only once the ring's in-flight requests have completed.
  */
 import type { Logger } from 'pino';
-import type { Disk } from '../block/disk';
+import { Disk, hctxOf } from '../block/disk';
 import { MAX_QUEUE_SIZE } from '../native';
 import { VirtioBlkQueue } from '../virtqueue/blk-queue';
 import { GuestMemoryMap } from '../virtqueue/guest-memory';
@@ -81,7 +81,7 @@ export class VhostUserBlkDevice {
     this.config = blkConfigSpace(disk, numQueues);
     this.vrings = [];
     for (let i = 0; i < numQueues; i++) {
-      this.vrings.push(new Vring(i, new VirtioBlkQueue(i, disk.tagSet.hctx(i), disk, log)));
+      this.vrings.push(new Vring(i, new VirtioBlkQueue(i, hctxOf(disk, i), disk, log)));
     }
     const s = new Map<number, MessageSpec>();
     const def = (req: Req, handler: Handler, hasReply = false, fds = false): void => {
@@ -246,7 +246,7 @@ export class VhostUserBlkDevice {
   private setVringNum(msg: Message): HandlerResult {
     const { index, num } = readVringState(msg);
     const r = this.ring(index, 'SET_VRING_NUM');
-    const max = Math.min(MAX_QUEUE_SIZE, this.disk.tagSet.queueDepth);
+    const max = MAX_QUEUE_SIZE;
     if (num === 0 || num > max || (num & (num - 1)) !== 0) {
       throw new VhostUserError(`SET_VRING_NUM: ring size ${num} is not a power of two from 1 to ${max}`);
     }

@@ -87,6 +87,7 @@ export class VirtioBlkQueue implements CompletionSink {
   private lastNoiseLog = 0;
   private lastTimeoutLog = 0;
   private idleWaiters: Array<() => void> = [];
+  private readonly drainLater = (): void => this.drain();
   private readonly publishLater = (): void => {
     this.publishScheduled = false;
     this.publish();
@@ -212,11 +213,19 @@ export class VirtioBlkQueue implements CompletionSink {
     const requests = this.hctx.requests;
     const batch = this.batch;
     try {
+      const tags = this.hctx.tags;
       for (;;) {
-        // One crossing per batch: publish the last batch's completions, then pop the next.
+        // One crossing per batch: publish the last batch's completions, then pop the next
+        // (no more chains than free tags: the rest wait in the avail ring).
         const toPublish = this.usedCount;
         this.usedCount = 0;
-        const n = this.vq.pop(toPublish);
+        const room = tags.free;
+        if (room <= 0) {
+          if (toPublish > 0) this.published(this.vq.push(toPublish));
+          tags.wait(this.drainLater);
+          break;
+        }
+        const n = this.vq.pop(toPublish, room);
         if (toPublish > 0) this.published(this.info[1]);
         if (n <= 0) {
           if (n < 0) this.reportBroken();

@@ -52,6 +52,11 @@ export function startBackend(overrides: Partial<DiskConfig> = {}, ops?: Operatio
     badblocks_once: false,
     mbps: 0,
     cache_size: 0,
+    hw_queue_depth: 1024,
+    submit_queues: null,
+    shared_tags: false,
+    nr_devices: 1,
+    rotational: false,
     ...overrides,
   };
   const served = createDisk(config, log);

@@ -81,7 +81,7 @@ describe('through a back-end', () => {
       await managementCall(sock, { bad_blocks: { disk: 'test', action: 2, start: 100, end: 107 } });
       expect((await fe.blk(0, 0, 100, { readLen: 512 })).status).toBe(0);
       const disks = await managementCall(sock, { list_disks: {} });
-      expect(disks.disks).toEqual([{ name: 'test', socket: be.socket, capacity_sectors: 16 * 2048, logical_block_size: 512, connected: true, num_queues: 2 }]);
+      expect(disks.disks).toEqual([{ name: 'test', socket: be.socket, capacity_sectors: 16 * 2048, logical_block_size: 512, connected: true, num_queues: 2, rotational: false, hw_queue_depth: 1024, shared_tags: false }]);
       expect(await managementCall(sock, { bad_blocks: { disk: 'nope', action: 0 } })).toMatchObject({ ok: false, error: expect.stringContaining('no disk named "nope"') });
       expect(await managementCall(sock, { bad_blocks: { disk: 'test', action: 1, start: 9, end: 3 } })).toMatchObject({ ok: false, error: expect.stringContaining('start <= end') });
     } finally {

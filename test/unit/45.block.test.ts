@@ -1,6 +1,6 @@
 /** block/: the Request state machine, HwQueue dispatch and deferred completion, TagSet and Disk checks. */
 import { Disk, validateBlockSize } from '../../src/block/disk';
-import type { CompletionSink, HwQueue } from '../../src/block/hw-queue';
+import { CompletionSink, HwQueue } from '../../src/block/hw-queue';
 import { BlkStatus, Operations, ReqOp } from '../../src/block/operations';
 import { Request, RequestStateError } from '../../src/block/request';
 import { TagSet } from '../../src/block/tag-set';
@@ -19,7 +19,7 @@ class RecordingSink implements CompletionSink {
 }
 
 function queueWith(ops: Operations): { hctx: HwQueue; sink: RecordingSink } {
-  const hctx = new TagSet({ nrHwQueues: 1, queueDepth: 8 }).hctx(0);
+  const hctx = new HwQueue(0, 8);
   const sink = new RecordingSink();
   hctx.attach(ops, sink);
   return { hctx, sink };
@@ -152,13 +152,30 @@ describe('Request ownership (refcount states as the merged Rust Request)', () =>
 });
 
 describe('TagSet and Disk', () => {
-  test('preallocates one Request per tag per hardware queue', () => {
+  test('a disk has one hardware queue per tag-set queue, each with a Request per slot', () => {
     const ts = new TagSet({ nrHwQueues: 3, queueDepth: 16 });
-    expect(ts.hwQueues.map((q) => q.requests.length)).toEqual([16, 16, 16]);
-    expect(ts.hctx(2).requests[15].tag).toBe(15);
-    expect(() => ts.hctx(3)).toThrow(/hardware queue 3 does not exist/);
+    const disk = new Disk({ name: 'd', capacitySectors: 8, logicalBlockSize: 512, readOnly: false, serial: 's', flush: true, tagSet: ts, ops: { queueRq: () => BlkStatus.Ok } });
+    expect(disk.hwQueues.map((q) => q.requests.length)).toEqual([1024, 1024, 1024]);
+    expect(disk.hwQueues[2].requests[15].tag).toBe(15);
+    expect(disk.hwQueues[2].tags).toBe(ts.tags[2]);
+    expect(() => ts.tagsOf(3)).toThrow(/hardware queue 3 does not exist/);
     expect(() => new TagSet({ nrHwQueues: 0, queueDepth: 16 })).toThrow(RangeError);
     expect(() => new TagSet({ nrHwQueues: 1, queueDepth: 2048 })).toThrow(/1 to 1024/);
+  });
+
+  test('tags: two disks sharing a tag set share its in-flight budget', () => {
+    const ts = new TagSet({ nrHwQueues: 1, queueDepth: 2 });
+    const held: Request[] = [];
+    const ops = { queueRq: (rq: Request) => (held.push(rq), BlkStatus.Ok) };
+    const a = new Disk({ name: 'a', capacitySectors: 8, logicalBlockSize: 512, readOnly: false, serial: 's', flush: true, tagSet: ts, ops });
+    const b = new Disk({ name: 'b', capacitySectors: 8, logicalBlockSize: 512, readOnly: false, serial: 's', flush: true, tagSet: ts, ops });
+    a.hwQueues[0].attach(ops, new RecordingSink());
+    b.hwQueues[0].attach(ops, new RecordingSink());
+    a.hwQueues[0].dispatch(a.hwQueues[0].requests[0], true, 0);
+    b.hwQueues[0].dispatch(b.hwQueues[0].requests[0], true, 0);
+    expect(ts.tags[0].free).toBe(0);
+    held[0].end(BlkStatus.Ok);
+    expect(ts.tags[0].free).toBe(1);
   });
 
   test('block sizes: powers of two from 512 to 4096 only; capacity whole blocks', () => {
@@ -234,7 +251,7 @@ describe('timeouts', () => {
 
   test("the driver's timeout operation decides: 'reset' restarts the clock", () => {
     const sink = new RecordingSink();
-    const hctx = new TagSet({ nrHwQueues: 1, queueDepth: 8 }).hctx(0);
+    const hctx = new HwQueue(0, 8);
     let calls = 0;
     hctx.attach({ queueRq: () => BlkStatus.Ok, timeout: () => (calls++ === 0 ? 'reset' : 'done') }, sink, 100);
     hctx.dispatch(hctx.requests[0], true, 0);
@@ -250,7 +267,7 @@ describe('timeouts', () => {
 
   test('initHctx/exitHctx run on attach/detach', () => {
     const log: string[] = [];
-    const hctx = new TagSet({ nrHwQueues: 2, queueDepth: 8 }).hctx(1);
+    const hctx = new HwQueue(1, 8);
     hctx.attach({ queueRq: () => BlkStatus.Ok, initHctx: (h) => log.push(`init ${h.index}`), exitHctx: (h) => log.push(`exit ${h.index}`) }, new RecordingSink());
     hctx.detach();
     expect(log).toEqual(['init 1', 'exit 1']);

@@ -60,7 +60,7 @@ describe.each([
     await fe.waitUsedIdx(0, before + 8);
     expect(sts.map((a) => fe.ram.bytes(a, 1)[0])).toEqual(Array(8).fill(0));
     if (irqmode !== 2) expect(native.eventfdRead(fe.callFds[0])).toBe(1); // timer mode may split across expirations
-    expect(be.disk.tagSet.hctx(0).inFlight).toBe(0);
+    expect(be.disk.hwQueues[0].inFlight).toBe(0);
   });
 });
 
@@ -117,15 +117,15 @@ describe('timeouts and teardown', () => {
     expect(Date.now() - t0).toBeGreaterThanOrEqual(100);
     expect(r.payload.readUInt32LE(4)).toBe(4);
     expect(fe.rings[0].usedIdx()).toBe(4);
-    expect(be.disk.tagSet.hctx(0).inFlight).toBe(0);
+    expect(be.disk.hwQueues[0].inFlight).toBe(0);
   });
 
   test('a front-end that disconnects with timers pending leaves no request behind', async () => {
     await open({ irqmode: 2, completion_nsec: 100_000_000 });
     offerReads(5);
-    await until(() => be.disk.tagSet.hctx(0).inFlight === 5, 'requests in flight');
+    await until(() => be.disk.hwQueues[0].inFlight === 5, 'requests in flight');
     fe.close();
-    await until(() => be.disk.tagSet.hctx(0).inFlight === 0, 'drained', 3000);
+    await until(() => be.disk.hwQueues[0].inFlight === 0, 'drained', 3000);
     fe = new TestFrontend(be.socket);
     await fe.setup();
     expect(await fe.blk(0, 0, 0, { readLen: 512 })).toMatchObject({ status: 0 });

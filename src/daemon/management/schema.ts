@@ -49,6 +49,9 @@ message DiskInfo {
   uint32 logical_block_size = 4;
   bool connected = 5;
   uint32 num_queues = 6;
+  bool rotational = 7;
+  uint32 hw_queue_depth = 8;
+  bool shared_tags = 9;
 }
 
 message SectorRange { uint64 start = 1; uint64 end = 2; }
@@ -86,6 +89,9 @@ export interface DiskInfoMsg {
   logical_block_size: number;
   connected: boolean;
   num_queues: number;
+  rotational: boolean;
+  hw_queue_depth: number;
+  shared_tags: boolean;
 }
 export interface QueueStatsMsg {
   index: number;

@@ -85,6 +85,9 @@ export class ManagementServer {
             logical_block_size: d.disk.logicalBlockSize,
             connected: d.server.isConnected,
             num_queues: d.config.num_queues,
+            rotational: d.config.rotational,
+            hw_queue_depth: d.disk.tagSet.queueDepth,
+            shared_tags: d.config.shared_tags,
           })),
         };
       }
@@ -119,7 +122,7 @@ export class ManagementServer {
               requests: st.requests,
               failed_requests: st.failedRequests,
               bad_chains: st.badChains,
-              in_flight: d.disk.tagSet.hctx(r.index).inFlight,
+              in_flight: d.disk.hwQueues[r.index].inFlight,
               broken: ring?.broken ?? false,
               batches: st.batches,
               calls: ring?.calls ?? 0,
