@@ -29,15 +29,15 @@ describe('hw_queue_depth', () => {
   });
 
   test('at most hw_queue_depth requests are in flight; the rest follow as tags free, without a kick', async () => {
-    be = startBackend({ hw_queue_depth: 2, irqmode: 2, completion_nsec: 30_000_000 });
+    be = startBackend({ hw_queue_depth: 2, irqmode: 2, completion_nsec: 200_000_000 });
     fe = new TestFrontend(be.socket);
     await fe.setup();
     offerReads(fe, 7);
     await until(() => be.disk.hwQueues[0].inFlight === 2, 'two in flight');
-    await new Promise((r) => setTimeout(r, 10));
-    expect(be.disk.hwQueues[0].inFlight).toBe(2); // 30 ms timers: the other five wait in the ring
+    await new Promise((r) => setTimeout(r, 20));
+    expect(be.disk.hwQueues[0].inFlight).toBe(2); // 200 ms timers: the other five wait in the ring
     expect(fe.rings[0].usedIdx()).toBe(0);
-    await fe.waitUsedIdx(0, 7, 2000); // 4 rounds of 30 ms, no further kick
+    await fe.waitUsedIdx(0, 7, 5000); // 4 rounds of 200 ms, no further kick
     expect(be.disk.hwQueues[0].inFlight).toBe(0);
   });
 });
