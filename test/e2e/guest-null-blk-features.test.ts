@@ -486,10 +486,9 @@ beforeAll(() => {
 afterAll(async () => {
   for (const daemon of [...running]) await daemon.stop();
   if (setupError !== undefined) return;
-  console.log(`timings\n  ${timings.join('\n  ')}\nguest logs: ${runDir}${failures === 0 ? ' (removed)' : ''}`);
-  if (runDir !== undefined && failures === 0 && process.env.RNULL_E2E_KEEP === undefined) {
-    fs.rmSync(runDir, { recursive: true, force: true });
-  }
+  const remove = failures === 0 && process.env.RNULL_E2E_KEEP === undefined;
+  console.log(`timings\n  ${timings.join('\n  ')}\nguest logs: ${runDir}${remove ? ' (removed)' : ''}`);
+  if (runDir !== undefined && remove) fs.rmSync(runDir, { recursive: true, force: true });
 }, 60_000);
 
 // ---------------------------------------------------------------------------
@@ -500,10 +499,10 @@ describe('completion modes (irqmode 0, 1, 2) under fio verify', () => {
   /**
    * The disks, one per mode, named by their serial. Timer mode twice: the
    * 50 us of the brief, and 1 ms. Under TCG a request's fastest round trip
-   * is ~150-250 us and a timerfd fires up to 50 us late (the default timer
-   * slack), so 50 us cannot tell a timer that waits from one that does not
-   * (measured: a daemon patched to wait 50 ns instead also adds ~55 us);
-   * 1 ms can.
+   * is ~140-250 us and timer mode itself costs ~50 us more (timerfd wake-up,
+   * timer slack), so 50 us barely tells a timer that waits from one that
+   * does not (measured: +80-90 us with 50 us, +45-55 us with a daemon
+   * patched to wait 50 ns); 1 ms does (+1090 us; the patched daemon +54 us).
    */
   const DISKS = [
     { serial: 'irq0', irqmode: 0 },
