@@ -50,4 +50,13 @@ bool ArgInt(const Napi::CallbackInfo& info, size_t i, const char* name, int64_t*
   return true;
 }
 
+bool GetSafeU64(Napi::Object o, const char* key, uint64_t* out) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsNumber()) return false;
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (!(d >= 0) || d > 9007199254740991.0 || d != static_cast<double>(static_cast<uint64_t>(d))) return false;
+  *out = static_cast<uint64_t>(d);
+  return true;
+}
+
 }  // namespace rnull

@@ -4,6 +4,7 @@
 // registered once through initialize(); the addon never exits or aborts the process.
 #pragma once
 #include <napi.h>
+#include <stdint.h>
 
 namespace rnull {
 
@@ -24,5 +25,7 @@ void ThrowError(Napi::Env env, const char* message);
 // Argument helpers: each returns false after throwing a TypeError naming the argument.
 bool ArgInt(const Napi::CallbackInfo& info, size_t i, const char* name, int64_t* out);
 bool ArgNumber(const Napi::CallbackInfo& info, size_t i, const char* name, double* out);
+// Reads o[key] as a non-negative safe integer; false (no exception) if it is not one.
+bool GetSafeU64(Napi::Object o, const char* key, uint64_t* out);
 
 }  // namespace rnull

@@ -19,14 +19,6 @@ void GuestMemory::Init(Napi::Env env, Napi::Object exports, Napi::FunctionRefere
 }
 
 namespace {
-bool GetU64(Napi::Object o, const char* key, uint64_t* out) {
-  Napi::Value v = o.Get(key);
-  if (!v.IsNumber()) return false;
-  double d = v.As<Napi::Number>().DoubleValue();
-  if (!(d >= 0) || d > 9007199254740991.0 || d != static_cast<double>(static_cast<uint64_t>(d))) return false;
-  *out = static_cast<uint64_t>(d);
-  return true;
-}
 }  // namespace
 
 // new GuestMemory([{ gpa, size, uaddr, mmapOffset, fd }, ...]): maps every region (MAP_SHARED,
@@ -50,8 +42,8 @@ GuestMemory::GuestMemory(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Gues
     Napi::Object o = v.As<Napi::Object>();
     GuestRegion r = {};
     uint64_t off = 0, fd = 0;
-    if (!GetU64(o, "gpa", &r.gpa) || !GetU64(o, "size", &r.size) || !GetU64(o, "uaddr", &r.uaddr) ||
-        !GetU64(o, "mmapOffset", &off) || !GetU64(o, "fd", &fd)) {
+    if (!GetSafeU64(o, "gpa", &r.gpa) || !GetSafeU64(o, "size", &r.size) || !GetSafeU64(o, "uaddr", &r.uaddr) ||
+        !GetSafeU64(o, "mmapOffset", &off) || !GetSafeU64(o, "fd", &fd)) {
       ThrowTypeError(env, "region fields gpa, size, uaddr, mmapOffset, fd must be safe non-negative integers");
       UnmapAll();
       return;

@@ -27,22 +27,28 @@ void CloseAll(const int* fds, size_t n) {
   for (size_t i = 0; i < n; i++) ::close(fds[i]);
 }
 
+// Fills `addr` from the path argument; false after throwing for a bad or over-long path.
+bool UnixAddress(const Napi::CallbackInfo& info, struct sockaddr_un* addr) {
+  if (info.Length() < 1 || !info[0].IsString()) {
+    ThrowTypeError(info.Env(), "expected a string for path");
+    return false;
+  }
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  memset(addr, 0, sizeof *addr);
+  addr->sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof addr->sun_path) {
+    ThrowRangeError(info.Env(), "socket path is empty or longer than 107 bytes");
+    return false;
+  }
+  memcpy(addr->sun_path, path.c_str(), path.size());
+  return true;
+}
+
 // listenUnix(path): a non-blocking listening SOCK_STREAM unix socket bound at path.
 Napi::Value ListenUnix(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() < 1 || !info[0].IsString()) {
-    ThrowTypeError(env, "expected a string for path");
-    return Napi::Value();
-  }
-  std::string path = info[0].As<Napi::String>().Utf8Value();
   struct sockaddr_un addr;
-  memset(&addr, 0, sizeof addr);
-  addr.sun_family = AF_UNIX;
-  if (path.empty() || path.size() >= sizeof addr.sun_path) {
-    ThrowRangeError(env, "socket path is empty or longer than 107 bytes");
-    return Napi::Value();
-  }
-  memcpy(addr.sun_path, path.c_str(), path.size());
+  if (!UnixAddress(info, &addr)) return Napi::Value();
   int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) {
     ThrowSyscallError(env, "socket", errno);
@@ -66,19 +72,8 @@ Napi::Value ListenUnix(const Napi::CallbackInfo& info) {
 // connectUnix(path): a connected non-blocking socket (used by test front-ends and stale-socket checks).
 Napi::Value ConnectUnix(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() < 1 || !info[0].IsString()) {
-    ThrowTypeError(env, "expected a string for path");
-    return Napi::Value();
-  }
-  std::string path = info[0].As<Napi::String>().Utf8Value();
   struct sockaddr_un addr;
-  memset(&addr, 0, sizeof addr);
-  addr.sun_family = AF_UNIX;
-  if (path.empty() || path.size() >= sizeof addr.sun_path) {
-    ThrowRangeError(env, "socket path is empty or longer than 107 bytes");
-    return Napi::Value();
-  }
-  memcpy(addr.sun_path, path.c_str(), path.size());
+  if (!UnixAddress(info, &addr)) return Napi::Value();
   int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);  // blocking for connect(), then non-blocking below
   if (fd < 0) {
     ThrowSyscallError(env, "socket", errno);

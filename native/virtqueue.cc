@@ -37,14 +37,6 @@ inline bool NeedEvent(uint16_t eventIdx, uint16_t newIdx, uint16_t oldIdx) {
   return static_cast<uint16_t>(newIdx - eventIdx - 1) < static_cast<uint16_t>(newIdx - oldIdx);
 }
 
-bool GetU64(Napi::Object o, const char* key, uint64_t* out) {
-  Napi::Value v = o.Get(key);
-  if (!v.IsNumber()) return false;
-  double d = v.As<Napi::Number>().DoubleValue();
-  if (!(d >= 0) || d > 9007199254740991.0 || d != static_cast<double>(static_cast<uint64_t>(d))) return false;
-  *out = static_cast<uint64_t>(d);
-  return true;
-}
 
 bool GetArray(Napi::Object o, const char* key, size_t minWords, Napi::Uint32Array* out) {
   Napi::Value v = o.Get(key);
@@ -108,8 +100,8 @@ Napi::Value Virtqueue::Configure(const Napi::CallbackInfo& info) {
   }
   GuestMemory* mem = GuestMemory::Unwrap(memObj);
   uint64_t size, descAddr, availAddr, usedAddr, lastAvail;
-  if (!GetU64(o, "size", &size) || !GetU64(o, "descAddr", &descAddr) || !GetU64(o, "availAddr", &availAddr) ||
-      !GetU64(o, "usedAddr", &usedAddr) || !GetU64(o, "lastAvailIdx", &lastAvail)) {
+  if (!GetSafeU64(o, "size", &size) || !GetSafeU64(o, "descAddr", &descAddr) || !GetSafeU64(o, "availAddr", &availAddr) ||
+      !GetSafeU64(o, "usedAddr", &usedAddr) || !GetSafeU64(o, "lastAvailIdx", &lastAvail)) {
     ThrowTypeError(env, "size, descAddr, availAddr, usedAddr, lastAvailIdx must be safe non-negative integers");
     return Napi::Value();
   }
@@ -311,8 +303,17 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
     uint32_t published = n > 0 && ready_ && memory_ != nullptr && memory_->mapped() ? PublishUsed(static_cast<uint32_t>(n)) : 0;
     if (info_ != nullptr) info_[1] = published;
   }
+  // pop(n, max): at most `max` chains (free tags); the rest stay in the avail ring, and
+  // notifications are not re-armed for them (the caller comes back when tags free up).
+  uint32_t max = size_;
+  if (info.Length() > 1) {
+    int64_t m;
+    if (!ArgInt(info, 1, "max", &m)) return Napi::Value();
+    if (m < 0) m = 0;
+    if (m < static_cast<int64_t>(max)) max = static_cast<uint32_t>(m);
+  }
   if (broken_) return Napi::Number::New(env, -1);
-  if (!Usable()) return Napi::Number::New(env, 0);
+  if (!Usable() || max == 0) return Napi::Number::New(env, 0);
   if (info_ != nullptr) info_[0] = static_cast<double>(NowNs());
   volatile uint16_t* availIdxP = avail_ + 1;
   volatile uint16_t* availEvent = reinterpret_cast<volatile uint16_t*>(used_ + 4 + 8 * size_);
@@ -339,7 +340,7 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
                  std::to_string(lastAvail_));
       break;
     }
-    while (pending > 0 && count < size_) {
+    while (pending > 0 && count < max) {
       uint16_t head = avail_[2 + (lastAvail_ & mask)];
       if (head >= size_) {
         MarkBroken("avail ring offers head " + std::to_string(head) + " outside the ring of " + std::to_string(size_));
@@ -363,7 +364,7 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
       count++;
     }
     // Hand over what we have; the caller comes back for more (notifications stay off meanwhile).
-    if (broken_ || count > 0) break;
+    if (broken_ || count > 0 || pending > 0) break;
     if (!spun && pollNs_ > 0) {
       spun = true;
       spins_++;
