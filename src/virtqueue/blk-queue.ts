@@ -22,6 +22,14 @@ import { BATCH_WORDS, MAX_SEGMENTS, native, NativeFdWatcher, NativeVirtqueue, SE
 import { BlkRequestParser, ParseOutcome, serialId } from './blk-request';
 import type { GuestMemoryMap } from './guest-memory';
 
+/**
+ * Within a batch, completions are published early once this many bytes were transferred, so a
+ * front-end waiting on large requests can resubmit while the rest of the batch is copied.
+ * bench (128k seqread QD8): publishing only at the end of a batch left the front-end idle for
+ * up to 8 x 128 KiB of copying per round trip.
+ */
+const PUBLISH_EVERY_BYTES = 65536;
+
 /** Names of the chain errors native/virtqueue.h reports, by code. */
 const CHAIN_ERRORS = [
   'ok',
@@ -235,6 +243,7 @@ export class VirtioBlkQueue implements CompletionSink {
         this.inflight += n;
         const now = this.info[0];
         let lastDispatched = false;
+        let bytes = 0;
         for (let i = 0; i < n; i++) {
           const b = i * BATCH_WORDS;
           const head = batch[b];
@@ -260,6 +269,11 @@ export class VirtioBlkQueue implements CompletionSink {
               this.hctx.dispatch(rq, lastDispatched, now);
             } catch (e) {
               this.driverFailed(rq, e as Error);
+            }
+            bytes += rq.bytes;
+            if (bytes >= PUBLISH_EVERY_BYTES && i < n - 1) {
+              bytes = 0;
+              this.publish();
             }
           } else if (outcome === ParseOutcome.Finish) {
             if (parser.status !== BlkStatus.Ok) this.noise(head, parser.reason);
