@@ -64,7 +64,7 @@ const log = pino({ level: 'silent' });
 const tagSet = new TagSet({ nrHwQueues: 1, queueDepth: SIZE });
 const driver = new NullDriver({ memoryBacked: MEMORY_BACKED });
 const disk = new Disk({ name: 'micro', capacitySectors: 2048 * 1024, logicalBlockSize: 512, readOnly: false, serial: 'm', flush: true, tagSet, ops: driver });
-const q = new VirtioBlkQueue(0, tagSet.hctx(0), disk, log);
+const q = new VirtioBlkQueue(0, disk.hwQueues[0], disk, log);
 const kick = native.eventfd();
 q.start({ memory: memoryMap, size: SIZE, descAddr: UADDR + DESC, availAddr: UADDR + AVAIL, usedAddr: UADDR + USED, lastAvailIdx: 0, eventIdx: true, indirect: true, kickFd: kick, callFd: -1, pollUs: 0 }, true);
 

@@ -293,3 +293,11 @@ test('npm run bench --quick writes the markdown table, the JSON and the SVG', as
   expect(svg).toContain('<path');
   expect(svg).toContain('<rect');
 }, 300000);
+
+test('bench/micro/dispatch.js runs the dispatch path and reports ns per request', () => {
+  const r = spawnSync(process.execPath, [path.join(__dirname, '..', '..', 'bench', 'micro', 'dispatch.js'), '--requests', '20000', '--memory-backed', '--write'], { encoding: 'utf8' });
+  expect(r.status).toBe(0);
+  const out = JSON.parse(r.stdout);
+  expect(out).toMatchObject({ requests: 20000, batch: 32, bs: 4096, memoryBacked: true, write: true });
+  expect(out.nsPerRequest).toBeGreaterThan(0);
+});
