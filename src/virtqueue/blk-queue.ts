@@ -271,7 +271,9 @@ export class VirtioBlkQueue implements CompletionSink {
               this.driverFailed(rq, e as Error);
             }
             bytes += rq.bytes;
-            if (bytes >= PUBLISH_EVERY_BYTES && i < n - 1) {
+            // Publish the first completion of a batch at once: a sleeping front-end starts
+            // waking up (~25 us here) while the rest of the batch is processed, instead of after.
+            if ((i === 0 || bytes >= PUBLISH_EVERY_BYTES) && i < n - 1) {
               bytes = 0;
               this.publish();
             }
