@@ -142,6 +142,12 @@ Napi::Value Virtqueue::Configure(const Napi::CallbackInfo& info) {
   segments_ = seg.Data();
   batch_ = batch.Data();
   usedBuf_ = used.Data();
+  uint64_t batchBytes = 0;
+  if (o.Has("batchBytes") && !o.Get("batchBytes").IsUndefined() && !GetSafeU64(o, "batchBytes", &batchBytes)) {
+    ThrowTypeError(env, "batchBytes must be a safe non-negative integer");
+    return Napi::Value();
+  }
+  batchBytes_ = batchBytes;
   Napi::Value infov = o.Get("info");
   if (infov.IsTypedArray() && infov.As<Napi::TypedArray>().TypedArrayType() == napi_float64_array &&
       infov.As<Napi::Float64Array>().ElementLength() >= 2) {
@@ -331,6 +337,7 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
   }
   uint16_t availIdx = __atomic_load_n(availIdxP, __ATOMIC_ACQUIRE);
   uint32_t count = 0;
+  uint64_t bytes = 0;
   bool spun = false;
   const uint32_t mask = size_ - 1;
   for (;;) {
@@ -362,6 +369,10 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
       lastAvail_++;
       pending--;
       count++;
+      if (batchBytes_ != 0) {
+        for (uint32_t k = 0; k < nseg; k++) bytes += seg[k * kSegmentWords + 2];
+        if (bytes >= batchBytes_) break;
+      }
     }
     // Hand over what we have; the caller comes back for more (notifications stay off meanwhile).
     if (broken_ || count > 0 || pending > 0) break;

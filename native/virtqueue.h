@@ -87,7 +87,8 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   uint32_t* batch_ = nullptr;
   uint32_t* usedBuf_ = nullptr;
   Napi::Reference<Napi::Float64Array> infoRef_;
-  double* info_ = nullptr;  // [0] monotonic ns of the last pop, [1] published by the last pop(n)
+  double* info_ = nullptr;
+  uint64_t batchBytes_ = 0;  // a batch ends once its chains hold this many bytes (0: no limit)  // [0] monotonic ns of the last pop, [1] published by the last pop(n)
 
   volatile Desc* desc_ = nullptr;
   volatile uint16_t* avail_ = nullptr;  // flags, idx, ring[size], used_event

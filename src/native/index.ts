@@ -40,6 +40,8 @@ export interface VirtqueueConfig {
   used: Uint32Array;
   /** Optional: [monotonic ns at the last pop, used elements published by the last pop(n)]. */
   info?: Float64Array;
+  /** A batch ends after the chain that brings its buffers to this many bytes (0: no limit). */
+  batchBytes?: number;
 }
 
 export interface VirtqueueState {

@@ -24,7 +24,7 @@ class Harness {
   batch = new Uint32Array(SIZE * BATCH_WORDS);
   used = new Uint32Array(SIZE * 2);
 
-  constructor(opts: { eventIdx?: boolean; indirect?: boolean; lastAvailIdx?: number } = {}) {
+  constructor(opts: { eventIdx?: boolean; indirect?: boolean; lastAvailIdx?: number; batchBytes?: number } = {}) {
     this.vq.configure({
       memory: this.ram.table,
       size: SIZE,
@@ -37,6 +37,7 @@ class Harness {
       segments: this.segments,
       batch: this.batch,
       used: this.used,
+      batchBytes: opts.batchBytes,
     });
   }
 
@@ -240,6 +241,17 @@ describe('Virtqueue#pop() malformed chains', () => {
     const p = h.popOne();
     expect(p.err).toBe(4);
     expect(p.segs).toEqual([[0, a, 1, 1]]);
+  });
+});
+
+describe('Virtqueue batches bounded in bytes', () => {
+  test('a batch ends after the chain that reaches batchBytes; the rest comes with the next pop', () => {
+    h = new Harness({ batchBytes: 65536 });
+    const a = h.ram.alloc(32768);
+    const heads = [0, 1, 2, 3, 4].map(() => h.ring.addChain([{ addr: a, len: 32768, write: true }]));
+    expect((h.pop() as Popped[]).map((p) => p.head)).toEqual(heads.slice(0, 2));
+    expect((h.pop() as Popped[]).map((p) => p.head)).toEqual(heads.slice(2, 4));
+    expect((h.pop() as Popped[]).map((p) => p.head)).toEqual(heads.slice(4));
   });
 });
 
