@@ -26,30 +26,14 @@
  * rebuild runs). The figures of scenario 1 are printed and written to
  * test/e2e/.last-modes.json.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
-import { buildInitramfs, DEFAULT_PROGRAMS, type GuestImage } from '../guest/initramfs';
-import {
-  GuestRunError,
-  parseGuestOutput,
-  requireQemu,
-  runGuestScript,
-  tail,
-  type GuestReport,
-  type VhostUserBlkDisk,
-} from '../guest/qemu';
+import { Daemon, DAEMON_MAIN, E2eRun, expectRefused, MIB, TEST_TIMEOUT_MS } from '../guest/daemon';
+import { fioSummary, round, type FioPhase, type FioSummary } from '../guest/fio';
+import { DEFAULT_PROGRAMS } from '../guest/initramfs';
+import { count, DISK_HELPERS, value, type GuestReport, type VhostUserBlkDisk } from '../guest/qemu';
 
-const REPO_ROOT = path.resolve(__dirname, '..', '..');
-const DAEMON_MAIN = process.env.RNULL_E2E_DAEMON ?? path.join(REPO_ROOT, 'dist', 'daemon', 'main.js');
 const MODES_RESULTS_FILE = path.join(__dirname, '.last-modes.json');
-
-/** Hard limit for one guest boot (TCG is slow; a hung back-end must still end the run). */
-const GUEST_TIMEOUT_MS = Number(process.env.RNULL_E2E_GUEST_TIMEOUT_S ?? 300) * 1000;
-/** jest limit per guest test: one boot plus daemon start/stop, with room to spare. */
-const TEST_TIMEOUT_MS = GUEST_TIMEOUT_MS + 120_000;
-const MIB = 1024 * 1024;
 
 /**
  * util-linux tools added to the guest image. Busybox has blkdiscard, fstrim
@@ -61,263 +45,19 @@ const FSTRIM = '/usr/sbin/fstrim';
 const FALLOCATE = '/usr/bin/fallocate';
 const EXTRA_PROGRAMS = [BLKDISCARD, FSTRIM, FALLOCATE];
 
-// ---------------------------------------------------------------------------
-// The daemon
-// ---------------------------------------------------------------------------
-
-interface DaemonExit {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-}
-
-/** One disk of a daemon's config file (rnull's keys). */
-interface DiskSpec {
-  socket: string;
-  size: number;
-  blocksize: 512 | 1024 | 2048 | 4096;
-  memory_backed?: boolean;
-  num_queues?: number;
-  serial?: string;
-  irqmode?: 0 | 1 | 2;
-  completion_nsec?: number;
-  discard?: boolean;
-  io_timeout?: number;
-  poll_us?: number;
-}
-
-/** A running rnull daemon serving one or more sockets, its log going to a file. */
-class Daemon {
-  /** Aborted if the daemon exits without being asked to; QEMU is then killed at once. */
-  readonly died: AbortSignal;
-  private readonly exit: Promise<DaemonExit>;
-  private stopping = false;
-  private spawnError: Error | undefined;
-
-  private constructor(
-    readonly name: string,
-    readonly sockets: string[],
-    readonly logFile: string,
-    private readonly child: ChildProcess,
-  ) {
-    const died = new AbortController();
-    this.died = died.signal;
-    this.exit = new Promise((resolve) => {
-      child.on('exit', (code, signal) => {
-        if (!this.stopping) died.abort(`daemon ${name} exited (code ${code}, signal ${signal})`);
-        resolve({ code, signal });
-      });
-      child.on('error', (err) => {
-        this.spawnError = err;
-        if (!this.stopping) died.abort(`daemon ${name} could not be started: ${err.message}`);
-        resolve({ code: null, signal: null });
-      });
-    });
-  }
-
-  /** Starts `node main.js ...args` and waits until every socket exists (its "ready" signal). */
-  static async start(name: string, args: string[], sockets: string[], dir: string): Promise<Daemon> {
-    const logFile = path.join(dir, `${name}.log`);
-    const log = fs.openSync(logFile, 'w');
-    const child = spawn(process.execPath, [DAEMON_MAIN, ...args], { stdio: ['ignore', log, log] });
-    fs.closeSync(log);
-    const daemon = new Daemon(name, sockets, logFile, child);
-    running.add(daemon);
-
-    const deadline = Date.now() + 30_000;
-    while (!sockets.every((s) => fs.existsSync(s))) {
-      await sleep(50);
-      if (daemon.spawnError !== undefined) {
-        running.delete(daemon);
-        throw new Error(`cannot start the daemon: ${daemon.spawnError.message}`);
-      }
-      if (daemon.died.aborted || Date.now() > deadline) {
-        await daemon.stop();
-        throw new Error(
-          `${name} did not create ${sockets.join(', ')} ` +
-            `(${daemon.died.aborted ? String(daemon.died.reason) : 'timeout'})\n${daemon.logTail()}`,
-        );
-      }
-    }
-    return daemon;
-  }
-
-  /** One disk from the command line. */
-  static startCli(name: string, flags: Record<string, string | number | boolean>): Promise<Daemon> {
-    const dir = requireRunDir();
-    const socket = path.join(dir, `${name}.sock`);
-    const args = ['--socket', socket, ...Object.entries(flags).flatMap(([k, v]) => [`--${k}`, String(v)])];
-    return Daemon.start(name, args, [socket], dir);
-  }
-
-  /** Several disks from a config file written to the run directory; `socket` is a file name there. */
-  static startConfig(name: string, disks: DiskSpec[]): Promise<Daemon> {
-    const dir = requireRunDir();
-    const resolved = disks.map((d) => ({ ...d, socket: path.join(dir, d.socket) }));
-    const configFile = path.join(dir, `${name}.json`);
-    fs.writeFileSync(configFile, `${JSON.stringify({ disks: resolved }, null, 2)}\n`);
-    return Daemon.start(name, ['--config', configFile], resolved.map((d) => d.socket), dir);
-  }
-
-  /** SIGTERM, then SIGKILL if it has not exited after 15 s. */
-  async stop(): Promise<DaemonExit> {
-    this.stopping = true;
-    running.delete(this);
-    if (this.child.exitCode === null && this.child.signalCode === null) {
-      this.child.kill('SIGTERM');
-      const timer = setTimeout(() => this.child.kill('SIGKILL'), 15_000);
-      const result = await this.exit;
-      clearTimeout(timer);
-      return result;
-    }
-    return this.exit;
-  }
-
-  /** The vhost-user disk on socket i, as QEMU attaches it. */
-  disk(i: number, numQueues = 1): VhostUserBlkDisk {
-    const socketPath = this.sockets[i];
-    if (socketPath === undefined) throw new Error(`${this.name} has no socket ${i}`);
-    return { socketPath, numQueues };
-  }
-
-  /** pino lines at warn level or above: a clean run has none. */
-  warnings(): string[] {
-    return fs
-      .readFileSync(this.logFile, 'utf8')
-      .split('\n')
-      .filter((line) => {
-        const level = /^\{"level":(\d+)/.exec(line)?.[1];
-        return level !== undefined && Number(level) >= 40;
-      });
-  }
-
-  logTail(lines = 30): string {
-    return `--- ${this.name} log (${this.logFile}) ---\n${tail(fs.readFileSync(this.logFile, 'utf8'), lines)}`;
-  }
-}
-
-/** Daemons not yet stopped; afterAll stops them whatever happened. */
-const running = new Set<Daemon>();
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-/** Stops a daemon with SIGTERM: it must exit 0 by itself and remove all its sockets. */
-async function stopAndCheckSockets(daemon: Daemon): Promise<void> {
-  const exit = await daemon.stop();
-  expect(exit).toEqual({ code: 0, signal: null });
-  for (const socket of daemon.sockets) expect(fs.existsSync(socket)).toBe(false);
-}
+const run = new E2eRun('rnull-e2e-features-');
 
 /**
- * Runs the daemon with a configuration it must refuse: exit status 2 (bad
- * configuration) within 20 s, a message on stderr, no socket left behind.
+ * Boots one guest with `disks` attached in order (GUEST_HELPERS before the
+ * script) and returns its report; the daemons must log no warning or error.
  */
-async function expectRefused(flags: string[]): Promise<string> {
-  const socket = path.join(requireRunDir(), `refused-${process.hrtime.bigint()}.sock`);
-  const child = spawn(process.execPath, [DAEMON_MAIN, '--socket', socket, ...flags], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let output = '';
-  child.stdout?.setEncoding('utf8').on('data', (s: string) => (output += s));
-  child.stderr?.setEncoding('utf8').on('data', (s: string) => (output += s));
-  const timer = setTimeout(() => child.kill('SIGKILL'), 20_000);
-  const exit = await new Promise<DaemonExit>((resolve) => child.on('close', (code, signal) => resolve({ code, signal })));
-  clearTimeout(timer);
-  expect({ exit, output }).toEqual({ exit: { code: 2, signal: null }, output: expect.stringContaining('rnull:') });
-  expect(fs.existsSync(socket)).toBe(false);
-  return output;
+function bootGuest(label: string, daemons: Daemon[], disks: VhostUserBlkDisk[], script: string, cpus = 1): Promise<GuestReport> {
+  return run.boot(label, daemons, disks, GUEST_HELPERS + script, { cpus });
 }
 
-// ---------------------------------------------------------------------------
-// Guests
-// ---------------------------------------------------------------------------
-
-let image: GuestImage;
-let runDir: string | undefined;
-let bootCount = 0;
-/** Tests that threw; the run directory (guest and daemon logs) is kept if any did. */
-let failures = 0;
-/** Why the test bed could not be set up; every later hook and test fails with it. */
-let setupError: Error | undefined;
-const timings: string[] = [];
-
-function requireRunDir(): string {
-  if (setupError !== undefined) throw setupError;
-  if (runDir === undefined) throw new Error('no run directory (beforeAll did not run)');
-  return runDir;
-}
-
-/** Wraps a test body so that a failure is counted (jest does not tell afterAll). */
-function counted(body: () => Promise<void>): () => Promise<void> {
-  return async () => {
-    try {
-      await body();
-    } catch (err) {
-      failures += 1;
-      throw err;
-    }
-  };
-}
-
-/** Times a test body into the timings list printed at the end. */
-async function timed<T>(label: string, body: () => Promise<T>): Promise<T> {
-  const started = Date.now();
-  try {
-    return await body();
-  } finally {
-    timings.push(`${label}: ${((Date.now() - started) / 1000).toFixed(1)} s`);
-  }
-}
-
-/**
- * Boots one guest with `disks` attached in order, runs the script and
- * returns its report. QEMU is killed at once if any daemon dies; on failure
- * the error carries every daemon's log tail. A clean run leaves no warning
- * or error in the daemons' logs.
- */
-async function bootGuest(
-  label: string,
-  daemons: Daemon[],
-  disks: VhostUserBlkDisk[],
-  script: string,
-  cpus = 1,
-): Promise<GuestReport> {
-  bootCount += 1;
-  const workDir = path.join(requireRunDir(), `guest-${bootCount}-${label}`);
-  const [first, ...extra] = disks;
-  if (first === undefined) throw new Error('bootGuest: no disk');
-  let report: GuestReport;
-  try {
-    const result = await runGuestScript({
-      image,
-      disk: first,
-      extraDisks: extra,
-      script: GUEST_HELPERS + script,
-      workDir,
-      cpus,
-      timeoutMs: GUEST_TIMEOUT_MS,
-      signal: AbortSignal.any(daemons.map((d) => d.died)),
-    });
-    report = parseGuestOutput(result.output);
-  } catch (err) {
-    if (err instanceof GuestRunError) throw new Error(`${err.message}\n${daemons.map((d) => d.logTail()).join('\n')}`);
-    throw err;
-  }
-  for (const daemon of daemons) expect({ daemon: daemon.name, warnings: daemon.warnings() }).toEqual({ daemon: daemon.name, warnings: [] });
-  return report;
-}
-
-/** A value the guest reported with `val`, which must be present. */
-function value(report: GuestReport, name: string): string {
-  const v = report.values.get(name);
-  if (v === undefined) throw new Error(`guest did not report ${name}`);
-  return v;
-}
-
-/** A whole-number value the guest reported. */
-function count(report: GuestReport, name: string): number {
-  const v = value(report, name);
-  if (!/^\d+$/.test(v)) throw new Error(`guest reported ${name} = "${v}", not a whole number`);
-  return Number(v);
+/** One rnull disk from the command line, on NAME.sock in the run directory. */
+function startCli(name: string, flags: Record<string, string | number | boolean>): Promise<Daemon> {
+  return Daemon.startCli(name, flags, run.dir);
 }
 
 /** Fields of /sys/block/X/stat (Documentation/block/stat.rst) used here. */
@@ -350,26 +90,13 @@ function statDelta(report: GuestReport, before: string, after: string): BlockSta
 // ---------------------------------------------------------------------------
 
 /**
- *  dev_by_serial S      /dev/vdX of the disk whose serial is S (fails if none)
+ * DISK_HELPERS (dev_by_serial, check, nonzero, fresh: see qemu.ts), and
  *  geometry PREFIX DEV  reports PREFIX_size (512-byte sectors), _lbs, _pbs,
  *                       _hw_queues, _discard_max, _discard_gran, _wz_max
  *  bstat NAME DEV       reports /sys/block/DEV/stat as NAME
- *  check NAME F1 OFF1 F2 OFF2 LEN
- *                       compares LEN bytes of F1 at OFF1 with F2 at OFF2:
- *                       reports "same", or "differs: <cmp's first message>"
- *                       (busybox cmp -n lists every differing byte)
- *  nonzero FILE|DEV     prints how many bytes are not zero (O_DIRECT for devices)
- *  fresh                drops the guest's caches, so reads reach the back-end
  */
-const GUEST_HELPERS = `
+const GUEST_HELPERS = `${DISK_HELPERS}
 M=${MIB}
-dev_by_serial() {
-  for d in /sys/block/vd*; do
-    if [ "$(cat "$d/serial")" = "$1" ]; then echo "/dev/\${d##*/}"; return 0; fi
-  done
-  echo "no disk with serial $1" >&2
-  return 1
-}
 geometry() {
   q=/sys/block/\${2##*/}
   val "$1_size" "$(cat $q/size)"
@@ -381,81 +108,11 @@ geometry() {
   val "$1_wz_max" "$(cat $q/queue/write_zeroes_max_bytes)"
 }
 bstat() { val "$1" "$(cat /sys/block/\${2##*/}/stat)"; }
-check() {
-  if cmp -s -n "$6" "$2" "$4" "$3" "$5"; then val "$1" same
-  else val "$1" "differs: $(cmp -n "$6" "$2" "$4" "$3" "$5" 2>&1 | head -n 1 || true)"; fi
-}
-nonzero() {
-  if [ -b "$1" ]; then dd if="$1" bs=1M iflag=direct 2>/dev/null | tr -d '\\000' | wc -c
-  else tr -d '\\000' < "$1" | wc -c; fi
-}
-fresh() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 `;
 
 // ---------------------------------------------------------------------------
 // fio results
 // ---------------------------------------------------------------------------
-
-/** One direction of a fio job, as fio's JSON output has it (fields used here). */
-interface FioJsonPhase {
-  io_kbytes: number;
-  bw: number;
-  iops: number;
-  total_ios: number;
-  clat_ns: { min: number; max: number; mean: number; percentile?: Record<string, number> };
-}
-interface FioJson {
-  jobs: Array<{ jobname: string; error: number; read: FioJsonPhase; write: FioJsonPhase }>;
-}
-
-/** The figures worth quoting for one direction (latencies in microseconds). */
-interface FioPhase {
-  ioMiB: number;
-  ios: number;
-  iops: number;
-  bwMiBps: number;
-  clatMinUs: number;
-  clatMeanUs: number;
-  clatP50Us: number | null;
-  clatP99Us: number | null;
-}
-interface FioSummary {
-  job: string;
-  error: number;
-  write: FioPhase;
-  read: FioPhase;
-}
-
-const round = (x: number, digits = 1): number => Number(x.toFixed(digits));
-
-function phase(p: FioJsonPhase): FioPhase {
-  const pct = (k: string): number | null => {
-    const ns = p.clat_ns.percentile?.[k];
-    return ns === undefined ? null : round(ns / 1000);
-  };
-  return {
-    ioMiB: round(p.io_kbytes / 1024, 2),
-    ios: p.total_ios,
-    iops: Math.round(p.iops),
-    bwMiBps: round(p.bw / 1024, 2),
-    clatMinUs: round(p.clat_ns.min / 1000),
-    clatMeanUs: round(p.clat_ns.mean / 1000),
-    clatP50Us: pct('50.000000'),
-    clatP99Us: pct('99.000000'),
-  };
-}
-
-/** Reads the fio JSON the guest printed in block `name` (one job). */
-function fioSummary(report: GuestReport, name: string): FioSummary {
-  const text = report.blocks.get(name);
-  if (text === undefined) throw new Error(`guest did not report fio results ${name}`);
-  const start = text.search(/^\{/m); // fio may print warnings before the JSON
-  if (start < 0) throw new Error(`no JSON in fio output ${name}:\n${text}`);
-  const json = JSON.parse(text.slice(start)) as FioJson;
-  expect(json.jobs).toHaveLength(1);
-  const job = json.jobs[0]!;
-  return { job: job.jobname, error: job.error, write: phase(job.write), read: phase(job.read) };
-}
 
 function describePhase(dir: string, p: FioPhase): string {
   return `${dir}: ${p.iops} IOPS, ${p.bwMiBps} MiB/s, clat min ${p.clatMinUs} / mean ${p.clatMeanUs} / p50 ${p.clatP50Us} / p99 ${p.clatP99Us} us (${p.ios} IOs)`;
@@ -465,31 +122,9 @@ function describePhase(dir: string, p: FioPhase): string {
 // Setup and teardown
 // ---------------------------------------------------------------------------
 
-beforeAll(() => {
-  try {
-    // Fail (never skip) when the test bed is missing, saying how to get it.
-    requireQemu();
-    if (!fs.existsSync(DAEMON_MAIN)) throw new Error(`${DAEMON_MAIN} is missing: run \`npm run build\` first`);
-    const started = Date.now();
-    image = buildInitramfs({
-      cacheDir: path.join(os.tmpdir(), 'rnull-guest-cache'),
-      programs: [...DEFAULT_PROGRAMS, ...EXTRA_PROGRAMS],
-    });
-    timings.push(`initramfs ${image.built ? 'built' : 'cached'}: ${((Date.now() - started) / 1000).toFixed(1)} s`);
-    runDir = fs.mkdtempSync(path.join(os.tmpdir(), 'rnull-e2e-features-'));
-  } catch (err) {
-    setupError = err as Error;
-    throw err;
-  }
-}, 180_000);
+beforeAll(() => run.setup({ programs: [...DEFAULT_PROGRAMS, ...EXTRA_PROGRAMS] }), 180_000);
 
-afterAll(async () => {
-  for (const daemon of [...running]) await daemon.stop();
-  if (setupError !== undefined) return;
-  const remove = failures === 0 && process.env.RNULL_E2E_KEEP === undefined;
-  console.log(`timings\n  ${timings.join('\n  ')}\nguest logs: ${runDir}${remove ? ' (removed)' : ''}`);
-  if (runDir !== undefined && remove) fs.rmSync(runDir, { recursive: true, force: true });
-}, 60_000);
+afterAll(() => run.finish(), 60_000);
 
 // ---------------------------------------------------------------------------
 // 1. Completion modes
@@ -516,7 +151,7 @@ describe('completion modes (irqmode 0, 1, 2) under fio verify', () => {
   const PROBE_ROUNDS = 2;
   let daemon: Daemon;
 
-  beforeAll(counted(async () => {
+  beforeAll(run.counted(async () => {
     daemon = await Daemon.startConfig('modes', DISKS.map((d) => ({
       socket: `${d.serial}.sock`,
       size: 64,
@@ -526,7 +161,7 @@ describe('completion modes (irqmode 0, 1, 2) under fio verify', () => {
       serial: d.serial,
       irqmode: d.irqmode,
       ...('completionNsec' in d ? { completion_nsec: d.completionNsec } : {}),
-    })));
+    })), run.dir);
   }), 60_000);
 
   /**
@@ -560,8 +195,8 @@ done
   const title = (d: ModeDisk): string =>
     `irqmode ${d.irqmode}${'completionNsec' in d ? `, completion_nsec ${d.completionNsec}` : ''}`;
 
-  test('fio verify passes in every mode; the timer never completes early', counted(async () => {
-    const report = await timed(`1: completion modes (one guest, ${DISKS.length} disks)`, () =>
+  test('fio verify passes in every mode; the timer never completes early', run.counted(async () => {
+    const report = await run.timed(`1: completion modes (one guest, ${DISKS.length} disks)`, () =>
       bootGuest('modes', [daemon], DISKS.map((_, i) => daemon.disk(i)), script));
 
     const results: Record<string, { irqmode: number; completionNsec: number | null; verify: FioSummary; probe: FioSummary[] }> = {};
@@ -585,7 +220,7 @@ done
     console.log(`fio per completion mode\n${lines.join('\n')}\n${timerLines.join('\n')}`);
     fs.writeFileSync(
       MODES_RESULTS_FILE,
-      `${JSON.stringify({ date: new Date().toISOString(), kernel: image.kernel.version, daemon: DAEMON_MAIN, results }, null, 2)}\n`,
+      `${JSON.stringify({ date: new Date().toISOString(), kernel: run.kernelVersion, daemon: DAEMON_MAIN, results }, null, 2)}\n`,
     );
 
     for (const d of DISKS) {
@@ -618,12 +253,12 @@ done
     expect(fastest('irq2-1ms') - fastest('irq0')).toBeGreaterThanOrEqual(900);
   }), TEST_TIMEOUT_MS);
 
-  test('completion_nsec is refused outside timer mode', counted(async () => {
-    const output = await expectRefused(['--size', '16', '--irqmode', '1', '--completion-nsec', '50000']);
+  test('completion_nsec is refused outside timer mode', run.counted(async () => {
+    const output = await expectRefused(run.dir, ['--size', '16', '--irqmode', '1', '--completion-nsec', '50000']);
     expect(output).toMatch(/completion_nsec/);
   }), 30_000);
 
-  test('SIGTERM stops the daemon and removes all its sockets', counted(() => stopAndCheckSockets(daemon)), 30_000);
+  test('SIGTERM stops the daemon and removes all its sockets', run.counted(() => daemon.stopAndCheck()), 30_000);
 });
 
 // ---------------------------------------------------------------------------
@@ -637,11 +272,11 @@ describe('discard and write zeroes', () => {
   let on: Daemon;
   let off: Daemon;
 
-  beforeAll(counted(async () => {
-    on = await Daemon.startCli('discard-on', {
+  beforeAll(run.counted(async () => {
+    on = await startCli('discard-on', {
       size: ON_MIB, blocksize: 512, 'memory-backed': true, 'num-queues': 1, discard: true, serial: 'discard-on',
     });
-    off = await Daemon.startCli('discard-off', {
+    off = await startCli('discard-off', {
       size: OFF_MIB, blocksize: 4096, 'memory-backed': true, 'num-queues': 1, discard: false, serial: 'discard-off',
     });
   }), 60_000);
@@ -727,8 +362,8 @@ dd if=$N of=/tmp/rb bs=1M count=${REGION / MIB} iflag=direct 2>/dev/null
 check off_data /tmp/rb 0 /tmp/pat 0 ${REGION}
 `;
 
-  test('discard, write zeroes and fstrim on --discard true; refused on --discard false', counted(async () => {
-    const report = await timed('2: discard (one guest, 2 daemons)', () =>
+  test('discard, write zeroes and fstrim on --discard true; refused on --discard false', run.counted(async () => {
+    const report = await run.timed('2: discard (one guest, 2 daemons)', () =>
       bootGuest('discard', [on, off], [on.disk(0), off.disk(0)], script));
 
     // Limits in the config space, as the guest's block layer took them.
@@ -791,14 +426,14 @@ check off_data /tmp/rb 0 /tmp/pat 0 ${REGION}
     expect(value(report, 'off_data')).toBe('same');
   }), TEST_TIMEOUT_MS);
 
-  test('--discard true is refused without memory backing', counted(async () => {
-    const output = await expectRefused(['--size', '16', '--memory-backed', 'false', '--discard', 'true']);
+  test('--discard true is refused without memory backing', run.counted(async () => {
+    const output = await expectRefused(run.dir, ['--size', '16', '--memory-backed', 'false', '--discard', 'true']);
     expect(output).toMatch(/memory_backed/);
   }), 30_000);
 
-  test('SIGTERM stops both daemons and removes their sockets', counted(async () => {
-    await stopAndCheckSockets(on);
-    await stopAndCheckSockets(off);
+  test('SIGTERM stops both daemons and removes their sockets', run.counted(async () => {
+    await on.stopAndCheck();
+    await off.stopAndCheck();
   }), 60_000);
 });
 
@@ -811,10 +446,10 @@ describe('multiple disks from one config file', () => {
   const B = { serial: 'multi-b', size: 80, blocksize: 4096, queues: 2 } as const;
   let daemon: Daemon;
 
-  beforeAll(counted(async () => {
+  beforeAll(run.counted(async () => {
     daemon = await Daemon.startConfig('multi', [A, B].map((d) => ({
       socket: `${d.serial}.sock`, size: d.size, blocksize: d.blocksize, memory_backed: true, num_queues: d.queues, serial: d.serial,
-    })));
+    })), run.dir);
   }), 60_000);
 
   /**
@@ -851,8 +486,8 @@ val a_nonzero "$(nonzero $A)"
 val b_nonzero "$(nonzero $B)"
 `;
 
-  test('sizes, block sizes and queues as configured; data stays on its disk', counted(async () => {
-    const report = await timed('3: two disks (one guest, 2 vCPUs)', () =>
+  test('sizes, block sizes and queues as configured; data stays on its disk', run.counted(async () => {
+    const report = await run.timed('3: two disks (one guest, 2 vCPUs)', () =>
       bootGuest('multi', [daemon], [daemon.disk(0, A.queues), daemon.disk(1, B.queues)], script, 2));
 
     for (const [p, d] of [['a', A], ['b', B]] as const) {
@@ -870,5 +505,5 @@ val b_nonzero "$(nonzero $B)"
     expect(count(report, 'b_nonzero')).toBe(count(report, 'b_expected_nonzero'));
   }), TEST_TIMEOUT_MS);
 
-  test('SIGTERM stops the daemon and removes both sockets', counted(() => stopAndCheckSockets(daemon)), 30_000);
+  test('SIGTERM stops the daemon and removes both sockets', run.counted(() => daemon.stopAndCheck()), 30_000);
 });

@@ -20,26 +20,18 @@
  * The fio figures the guests measured are printed and saved to
  * test/e2e/.last-fio.json.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
-import { buildInitramfs, type GuestImage } from '../guest/initramfs';
-import { GuestRunError, parseGuestOutput, requireQemu, runGuestScript, tail, type GuestReport } from '../guest/qemu';
+import { Daemon, E2eRun, MIB, TEST_TIMEOUT_MS } from '../guest/daemon';
+import { fioSummary, type FioPhase, type FioSummary } from '../guest/fio';
+import { requireQemu, value, type GuestReport } from '../guest/qemu';
 
-const REPO_ROOT = path.resolve(__dirname, '..', '..');
-/** The daemon under test; RNULL_E2E_DAEMON points elsewhere (e.g. a copy of dist/ made while a rebuild runs). */
-const DAEMON_MAIN = process.env.RNULL_E2E_DAEMON ?? path.join(REPO_ROOT, 'dist', 'daemon', 'main.js');
 const FIO_RESULTS_FILE = path.join(__dirname, '.last-fio.json');
 
 type BackendKind = 'rnull' | 'qemu-storage-daemon';
 const BACKEND: BackendKind = process.env.RNULL_E2E_BACKEND === 'qemu-storage-daemon' ? 'qemu-storage-daemon' : 'rnull';
 
-/** Hard limit for one guest boot (TCG is slow; a hung back-end must still end the run). */
-const GUEST_TIMEOUT_MS = Number(process.env.RNULL_E2E_GUEST_TIMEOUT_S ?? 300) * 1000;
-/** jest limit per test: a guest boot plus daemon start/stop, with room to spare. */
-const TEST_TIMEOUT_MS = GUEST_TIMEOUT_MS + 120_000;
-const MIB = 1024 * 1024;
+const run = new E2eRun('rnull-e2e-');
 
 // ---------------------------------------------------------------------------
 // The back-end daemon
@@ -53,179 +45,48 @@ interface DiskConfig {
   numQueues: number;
 }
 
-/** Command line that serves `disk` on `socketPath` with the selected back-end. */
-function backendCommand(disk: DiskConfig, socketPath: string, dataDir: string): [string, string[]] {
+/** Starts the selected back-end serving `disk` on NAME.sock in the run directory, and waits until it listens. */
+function startDaemon(name: string, disk: DiskConfig): Promise<Daemon> {
+  const dir = run.dir;
+  const socketPath = path.join(dir, `${name}.sock`);
   if (BACKEND === 'rnull') {
-    return [
-      process.execPath,
-      [
-        DAEMON_MAIN,
-        '--socket', socketPath,
-        '--size', String(disk.sizeMiB),
-        '--blocksize', String(disk.blockSize),
-        '--memory-backed', String(disk.memoryBacked),
-        '--num-queues', String(disk.numQueues),
-      ],
-    ];
+    return Daemon.startRnull(name, [
+      '--socket', socketPath,
+      '--size', String(disk.sizeMiB),
+      '--blocksize', String(disk.blockSize),
+      '--memory-backed', String(disk.memoryBacked),
+      '--num-queues', String(disk.numQueues),
+    ], [socketPath], dir);
   }
   // Reference back-end: a raw file (memory-backed stand-in) or null-co (reads zeroes).
   let blockdev = `driver=null-co,node-name=disk0,size=${disk.sizeMiB * MIB},read-zeroes=on`;
   if (disk.memoryBacked) {
-    const image = path.join(dataDir, `${path.basename(socketPath, '.sock')}.img`);
+    const image = path.join(dir, `${name}.img`);
     fs.writeFileSync(image, '');
     fs.truncateSync(image, disk.sizeMiB * MIB);
     blockdev = `driver=file,node-name=disk0,filename=${image}`;
   }
-  return [
-    'qemu-storage-daemon',
-    [
+  return Daemon.spawn({
+    name,
+    command: 'qemu-storage-daemon',
+    args: [
       '--blockdev', blockdev,
       '--export',
       `type=vhost-user-blk,id=export0,node-name=disk0,addr.type=unix,addr.path=${socketPath},` +
         `writable=on,num-queues=${disk.numQueues},logical-block-size=${disk.blockSize}`,
     ],
-  ];
-}
-
-interface DaemonExit {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-}
-
-/** A running back-end daemon, its log going to a file. */
-class Daemon {
-  /** Aborted if the daemon exits without being asked to; QEMU is then killed at once. */
-  readonly died: AbortSignal;
-  private readonly exit: Promise<DaemonExit>;
-  private stopping = false;
-  /** Set if the process could not be spawned. */
-  private spawnError: Error | undefined;
-
-  private constructor(
-    readonly name: string,
-    readonly socketPath: string,
-    readonly logFile: string,
-    private readonly child: ChildProcess,
-  ) {
-    const died = new AbortController();
-    this.died = died.signal;
-    this.exit = new Promise((resolve) => {
-      child.on('exit', (code, signal) => {
-        if (!this.stopping) died.abort(`back-end ${name} exited (code ${code}, signal ${signal})`);
-        resolve({ code, signal });
-      });
-      // Could not be started at all (e.g. ENOENT): there will be no 'exit'.
-      child.on('error', (err) => {
-        this.spawnError = err;
-        if (!this.stopping) died.abort(`back-end ${name} could not be started: ${err.message}`);
-        resolve({ code: null, signal: null });
-      });
-    });
-  }
-
-  /** Starts the daemon and waits until its socket exists (its "ready" signal). */
-  static async start(name: string, disk: DiskConfig, dir: string): Promise<Daemon> {
-    const socketPath = path.join(dir, `${name}.sock`);
-    const logFile = path.join(dir, `${name}.log`);
-    const [cmd, args] = backendCommand(disk, socketPath, dir);
-    const log = fs.openSync(logFile, 'w');
-    const child = spawn(cmd, args, { stdio: ['ignore', log, log] });
-    fs.closeSync(log);
-    const daemon = new Daemon(name, socketPath, logFile, child);
-    running.add(daemon);
-
-    const deadline = Date.now() + 30_000;
-    while (!fs.existsSync(socketPath)) {
-      await sleep(50);
-      if (daemon.spawnError !== undefined) {
-        running.delete(daemon);
-        throw new Error(`cannot start ${cmd}: ${daemon.spawnError.message}`);
-      }
-      if (daemon.died.aborted || Date.now() > deadline) {
-        await daemon.stop();
-        throw new Error(
-          `${name} did not create ${socketPath} ` +
-            `(${daemon.died.aborted ? String(daemon.died.reason) : 'timeout'})\n${daemon.logTail()}`,
-        );
-      }
-    }
-    return daemon;
-  }
-
-  /** SIGTERM, then SIGKILL if it has not exited after 15 s. */
-  async stop(): Promise<DaemonExit> {
-    this.stopping = true;
-    running.delete(this);
-    if (this.child.exitCode === null && this.child.signalCode === null) {
-      this.child.kill('SIGTERM');
-      const timer = setTimeout(() => this.child.kill('SIGKILL'), 15_000);
-      const result = await this.exit;
-      clearTimeout(timer);
-      return result;
-    }
-    return this.exit;
-  }
-
-  logTail(lines = 30): string {
-    return `--- ${this.name} log (${this.logFile}) ---\n${tail(fs.readFileSync(this.logFile, 'utf8'), lines)}`;
-  }
-}
-
-/** Daemons not yet stopped; afterAll stops them whatever happened. */
-const running = new Set<Daemon>();
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
+    sockets: [socketPath],
+    dir,
+  });
 }
 
 // ---------------------------------------------------------------------------
 // Guests
 // ---------------------------------------------------------------------------
 
-let image: GuestImage;
-let runDir: string;
-let bootCount = 0;
-/** Tests that threw; the run directory (guest and daemon logs) is kept if any did. */
-let failures = 0;
-
-/** Wraps a test body so that a failure is counted (jest does not tell afterAll). */
-function counted(body: () => Promise<void>): () => Promise<void> {
-  return async () => {
-    try {
-      await body();
-    } catch (err) {
-      failures += 1;
-      throw err;
-    }
-  };
-}
-
 /** Boots a guest on the daemon's disk, runs the script, returns its report. */
-async function bootGuest(daemon: Daemon, script: string, opts: { cpus: number; numQueues: number }): Promise<GuestReport> {
-  bootCount += 1;
-  const workDir = path.join(runDir, `guest-${bootCount}-${daemon.name}`);
-  try {
-    const result = await runGuestScript({
-      image,
-      disk: { socketPath: daemon.socketPath, numQueues: opts.numQueues },
-      script,
-      workDir,
-      cpus: opts.cpus,
-      timeoutMs: GUEST_TIMEOUT_MS,
-      signal: daemon.died,
-    });
-    return parseGuestOutput(result.output);
-  } catch (err) {
-    if (err instanceof GuestRunError) throw new Error(`${err.message}\n${daemon.logTail()}`);
-    throw err;
-  }
-}
-
-/** A value the guest reported with `val`, which must be present. */
-function value(report: GuestReport, name: string): string {
-  const v = report.values.get(name);
-  if (v === undefined) throw new Error(`guest did not report ${name}`);
-  return v;
+function bootGuest(daemon: Daemon, script: string, opts: { cpus: number; numQueues: number }): Promise<GuestReport> {
+  return run.boot(daemon.name, [daemon], [daemon.disk(0, opts.numQueues)], script, { cpus: opts.cpus, cleanLogs: false });
 }
 
 /** Parses `sha256sum` output into file -> digest. */
@@ -245,70 +106,7 @@ function checksums(report: GuestReport): Record<string, string> {
 // fio results
 // ---------------------------------------------------------------------------
 
-/** One direction of a fio job, as fio's JSON output has it (fields used here). */
-interface FioJsonPhase {
-  io_kbytes: number;
-  bw: number;
-  iops: number;
-  total_ios: number;
-  lat_ns: { mean: number };
-  clat_ns: { percentile?: Record<string, number> };
-}
-interface FioJson {
-  jobs: Array<{ jobname: string; error: number; read: FioJsonPhase; write: FioJsonPhase }>;
-}
-
-/** The figures worth quoting for one direction. */
-interface FioPhase {
-  ioMiB: number;
-  iops: number;
-  bwMiBps: number;
-  latMeanUs: number;
-  clatP50Us: number | null;
-  clatP99Us: number | null;
-}
-interface FioSummary {
-  job: string;
-  error: number;
-  write: FioPhase;
-  /** The verify pass: every written block is read back and checked. */
-  read: FioPhase;
-}
-
-const round = (x: number, digits = 1): number => Number(x.toFixed(digits));
-
-function phase(p: FioJsonPhase): FioPhase {
-  const pct = (k: string): number | null => {
-    const ns = p.clat_ns.percentile?.[k];
-    return ns === undefined ? null : round(ns / 1000);
-  };
-  return {
-    ioMiB: round(p.io_kbytes / 1024, 2),
-    iops: Math.round(p.iops),
-    bwMiBps: round(p.bw / 1024, 2),
-    latMeanUs: round(p.lat_ns.mean / 1000),
-    clatP50Us: pct('50.000000'),
-    clatP99Us: pct('99.000000'),
-  };
-}
-
-/** Reads the fio JSON the guest printed (one job: the scripts use group_reporting). */
-function fioSummary(report: GuestReport): FioSummary {
-  const text = report.blocks.get('fio');
-  if (text === undefined) throw new Error('guest did not report fio results');
-  // fio may put warnings before the JSON (with numjobs > 1 it warns that
-  // "multiple writers may overwrite blocks", though offset_increment keeps
-  // the jobs' ranges apart).
-  const start = text.search(/^\{/m);
-  if (start < 0) throw new Error(`no JSON in fio output:\n${text}`);
-  const json = JSON.parse(text.slice(start)) as FioJson;
-  expect(json.jobs).toHaveLength(1);
-  const job = json.jobs[0]!;
-  return { job: job.jobname, error: job.error, write: phase(job.write), read: phase(job.read) };
-}
-
 const fioResults: Record<string, FioSummary> = {};
-const timings: string[] = [];
 
 function recordFio(scenario: string, summary: FioSummary): void {
   fioResults[scenario] = summary;
@@ -400,52 +198,22 @@ if cmp -s -n ${16 * MIB} /tmp/head /dev/zero; then val head zero; else val head 
 // The test
 // ---------------------------------------------------------------------------
 
-/** Why the test bed could not be set up; every later hook and test fails with it. */
-let setupError: Error | undefined;
-
 beforeAll(() => {
-  try {
-    // Fail (never skip) when the test bed is missing, saying how to get it.
-    requireQemu();
-    if (BACKEND === 'rnull' && !fs.existsSync(DAEMON_MAIN)) {
-      throw new Error(`${DAEMON_MAIN} is missing: run \`npm run build\` first (\`npm test\` does it)`);
-    }
-    if (BACKEND === 'qemu-storage-daemon') requireQemu('qemu-storage-daemon');
-    const started = Date.now();
-    image = buildInitramfs({ cacheDir: path.join(os.tmpdir(), 'rnull-guest-cache') });
-    timings.push(`initramfs ${image.built ? 'built' : 'cached'}: ${((Date.now() - started) / 1000).toFixed(1)} s`);
-    runDir = fs.mkdtempSync(path.join(os.tmpdir(), 'rnull-e2e-'));
-  } catch (err) {
-    setupError = err as Error;
-    throw err;
-  }
+  run.setup({
+    needsRnull: BACKEND === 'rnull',
+    check: () => {
+      if (BACKEND === 'qemu-storage-daemon') requireQemu('qemu-storage-daemon');
+    },
+  });
 }, 180_000);
 
-/** Starts a daemon for a describe block, unless the test bed itself is missing. */
-function startDaemon(name: string, disk: DiskConfig): Promise<Daemon> {
-  if (setupError !== undefined) throw setupError;
-  return Daemon.start(name, disk, runDir);
-}
-
 afterAll(async () => {
-  for (const daemon of [...running]) await daemon.stop();
+  await run.finish(` [${BACKEND}]`);
   if (Object.keys(fioResults).length > 0) {
-    const record = { backend: BACKEND, date: new Date().toISOString(), kernel: image?.kernel.version, results: fioResults };
+    const record = { backend: BACKEND, date: new Date().toISOString(), kernel: run.kernelVersion, results: fioResults };
     fs.writeFileSync(FIO_RESULTS_FILE, `${JSON.stringify(record, null, 2)}\n`);
   }
-  if (setupError !== undefined) return;
-  console.log(`timings [${BACKEND}]\n  ${timings.join('\n  ')}\nguest logs: ${runDir}`);
-  if (runDir !== undefined && failures === 0 && process.env.RNULL_E2E_KEEP === undefined) {
-    fs.rmSync(runDir, { recursive: true, force: true });
-  }
 }, 60_000);
-
-/** Stops a daemon with SIGTERM and checks that it exits and removes its socket. */
-async function stopAndCheckSocket(daemon: Daemon): Promise<void> {
-  const exit = await daemon.stop();
-  expect(exit).toEqual({ code: 0, signal: null }); // a clean exit of its own, not our SIGKILL
-  expect(fs.existsSync(daemon.socketPath)).toBe(false);
-}
 
 describe(`guest on a ${BACKEND} null disk`, () => {
   describe('memory-backed, 512-byte blocks, 1 queue', () => {
@@ -453,98 +221,98 @@ describe(`guest on a ${BACKEND} null disk`, () => {
     let daemon: Daemon;
     let written: Record<string, string> | undefined;
 
-    beforeAll(counted(async () => {
+    beforeAll(run.counted(async () => {
       daemon = await startDaemon('mem512', disk);
     }), 60_000);
 
-    test('1: geometry, fio random write + verify, ext4 round trip', counted(async () => {
-      const started = Date.now();
-      const report = await bootGuest(
-        daemon,
-        REPORT_GEOMETRY + fioVerify({ name: 'randwrite-verify', offsetMiB: 64, sizeMiB: 64, numjobs: 1 }) + EXT4_ROUND_TRIP,
-        { cpus: 1, numQueues: 1 },
-      );
-      expect(value(report, 'size_sectors')).toBe(String(256 * 2048));
-      expect(value(report, 'logical_block_size')).toBe('512');
-      expect(value(report, 'hw_queues')).toBe('1');
+    test('1: geometry, fio random write + verify, ext4 round trip', run.counted(async () => {
+      await run.timed('scenario 1', async () => {
+        const report = await bootGuest(
+          daemon,
+          REPORT_GEOMETRY + fioVerify({ name: 'randwrite-verify', offsetMiB: 64, sizeMiB: 64, numjobs: 1 }) + EXT4_ROUND_TRIP,
+          { cpus: 1, numQueues: 1 },
+        );
+        expect(value(report, 'size_sectors')).toBe(String(256 * 2048));
+        expect(value(report, 'logical_block_size')).toBe('512');
+        expect(value(report, 'hw_queues')).toBe('1');
 
-      const fio = fioSummary(report);
-      recordFio('1: 1 job, 64 MiB, 512 B blocks, 1 queue', fio);
-      expect(fio.error).toBe(0);
-      expect(fio.write.ioMiB).toBe(64);
-      expect(fio.read.ioMiB).toBe(64); // every written block verified
+        const fio = fioSummary(report);
+        recordFio('1: 1 job, 64 MiB, 512 B blocks, 1 queue', fio);
+        expect(fio.error).toBe(0);
+        expect(fio.write.ioMiB).toBe(64);
+        expect(fio.read.ioMiB).toBe(64); // every written block verified
 
-      const sizes = report.blocks.get('sizes') ?? '';
-      EXT4_FILES_MIB.forEach((mib, i) => expect(sizes).toMatch(new RegExp(`^\\s*${mib * MIB}\\s+file${i + 1}$`, 'm')));
-      written = checksums(report);
-      expect(Object.keys(written).sort()).toEqual(EXT4_FILES_MIB.map((_, i) => `file${i + 1}`));
-      console.log(`ext4 checksums:\n  ${Object.entries(written).map(([f, s]) => `${s}  ${f}`).join('\n  ')}`);
-      timings.push(`scenario 1: ${((Date.now() - started) / 1000).toFixed(1)} s`);
+        const sizes = report.blocks.get('sizes') ?? '';
+        EXT4_FILES_MIB.forEach((mib, i) => expect(sizes).toMatch(new RegExp(`^\\s*${mib * MIB}\\s+file${i + 1}$`, 'm')));
+        written = checksums(report);
+        expect(Object.keys(written).sort()).toEqual(EXT4_FILES_MIB.map((_, i) => `file${i + 1}`));
+        console.log(`ext4 checksums:\n  ${Object.entries(written).map(([f, s]) => `${s}  ${f}`).join('\n  ')}`);
+      });
     }), TEST_TIMEOUT_MS);
 
-    test('2: the data survives a reconnect (second guest, same daemon)', counted(async () => {
+    test('2: the data survives a reconnect (second guest, same daemon)', run.counted(async () => {
       if (written === undefined) throw new Error('scenario 1 did not produce checksums');
-      const started = Date.now();
-      const report = await bootGuest(daemon, REPORT_GEOMETRY + EXT4_READ_BACK, { cpus: 1, numQueues: 1 });
-      expect(value(report, 'size_sectors')).toBe(String(256 * 2048));
-      expect(checksums(report)).toEqual(written);
-      timings.push(`scenario 2: ${((Date.now() - started) / 1000).toFixed(1)} s`);
+      await run.timed('scenario 2', async () => {
+        const report = await bootGuest(daemon, REPORT_GEOMETRY + EXT4_READ_BACK, { cpus: 1, numQueues: 1 });
+        expect(value(report, 'size_sectors')).toBe(String(256 * 2048));
+        expect(checksums(report)).toEqual(written);
+      });
     }), TEST_TIMEOUT_MS);
 
-    test('SIGTERM stops the daemon and removes its socket', counted(() => stopAndCheckSocket(daemon)), 30_000);
+    test('SIGTERM stops the daemon and removes its socket', run.counted(() => daemon.stopAndCheck()), 30_000);
   });
 
   describe('memory-backed, 4096-byte blocks, 2 queues on 2 vCPUs', () => {
     const disk: DiskConfig = { sizeMiB: 256, blockSize: 4096, memoryBacked: true, numQueues: 2 };
     let daemon: Daemon;
 
-    beforeAll(counted(async () => {
+    beforeAll(run.counted(async () => {
       daemon = await startDaemon('mem4k-mq', disk);
     }), 60_000);
 
-    test('3: 4096-byte blocks, two hardware queues, one fio job per CPU', counted(async () => {
-      const started = Date.now();
-      const report = await bootGuest(
-        daemon,
-        REPORT_GEOMETRY + fioVerify({ name: 'mq-randwrite-verify', offsetMiB: 0, sizeMiB: 32, numjobs: 2 }),
-        { cpus: 2, numQueues: 2 },
-      );
-      expect(value(report, 'size_sectors')).toBe(String(256 * 2048)); // always 512-byte units
-      expect(value(report, 'logical_block_size')).toBe('4096');
-      expect(value(report, 'cpus')).toBe('2');
-      expect(value(report, 'hw_queues')).toBe('2');
+    test('3: 4096-byte blocks, two hardware queues, one fio job per CPU', run.counted(async () => {
+      await run.timed('scenario 3', async () => {
+        const report = await bootGuest(
+          daemon,
+          REPORT_GEOMETRY + fioVerify({ name: 'mq-randwrite-verify', offsetMiB: 0, sizeMiB: 32, numjobs: 2 }),
+          { cpus: 2, numQueues: 2 },
+        );
+        expect(value(report, 'size_sectors')).toBe(String(256 * 2048)); // always 512-byte units
+        expect(value(report, 'logical_block_size')).toBe('4096');
+        expect(value(report, 'cpus')).toBe('2');
+        expect(value(report, 'hw_queues')).toBe('2');
 
-      const fio = fioSummary(report);
-      recordFio('3: 2 jobs x 32 MiB, 4 KiB blocks, 2 queues', fio);
-      expect(fio.error).toBe(0);
-      expect(fio.write.ioMiB).toBe(64);
-      expect(fio.read.ioMiB).toBe(64);
-      timings.push(`scenario 3: ${((Date.now() - started) / 1000).toFixed(1)} s`);
+        const fio = fioSummary(report);
+        recordFio('3: 2 jobs x 32 MiB, 4 KiB blocks, 2 queues', fio);
+        expect(fio.error).toBe(0);
+        expect(fio.write.ioMiB).toBe(64);
+        expect(fio.read.ioMiB).toBe(64);
+      });
     }), TEST_TIMEOUT_MS);
 
-    test('SIGTERM stops the daemon and removes its socket', counted(() => stopAndCheckSocket(daemon)), 30_000);
+    test('SIGTERM stops the daemon and removes its socket', run.counted(() => daemon.stopAndCheck()), 30_000);
   });
 
   describe('not memory-backed', () => {
     const disk: DiskConfig = { sizeMiB: 256, blockSize: 512, memoryBacked: false, numQueues: 1 };
     let daemon: Daemon;
 
-    beforeAll(counted(async () => {
+    beforeAll(run.counted(async () => {
       daemon = await startDaemon('null', disk);
     }), 60_000);
 
-    test('4: writes are accepted, reads return zeroes', counted(async () => {
-      const started = Date.now();
-      const report = await bootGuest(daemon, REPORT_GEOMETRY + ZERO_READS, { cpus: 1, numQueues: 1 });
-      expect(value(report, 'size_sectors')).toBe(String(256 * 2048));
-      expect(value(report, 'logical_block_size')).toBe('512');
-      expect(value(report, 'pattern')).toBe('random'); // the block written was not zeroes
-      expect(value(report, 'readback_bytes')).toBe('4096');
-      expect(value(report, 'readback')).toBe('zero');
-      expect(value(report, 'head')).toBe('zero');
-      timings.push(`scenario 4: ${((Date.now() - started) / 1000).toFixed(1)} s`);
+    test('4: writes are accepted, reads return zeroes', run.counted(async () => {
+      await run.timed('scenario 4', async () => {
+        const report = await bootGuest(daemon, REPORT_GEOMETRY + ZERO_READS, { cpus: 1, numQueues: 1 });
+        expect(value(report, 'size_sectors')).toBe(String(256 * 2048));
+        expect(value(report, 'logical_block_size')).toBe('512');
+        expect(value(report, 'pattern')).toBe('random'); // the block written was not zeroes
+        expect(value(report, 'readback_bytes')).toBe('4096');
+        expect(value(report, 'readback')).toBe('zero');
+        expect(value(report, 'head')).toBe('zero');
+      });
     }), TEST_TIMEOUT_MS);
 
-    test('SIGTERM stops the daemon and removes its socket', counted(() => stopAndCheckSocket(daemon)), 30_000);
+    test('SIGTERM stops the daemon and removes its socket', run.counted(() => daemon.stopAndCheck()), 30_000);
   });
 });

@@ -59,6 +59,16 @@ export interface GuestRunOptions {
    * would otherwise wait for I/O until the timeout.
    */
   signal?: AbortSignal;
+  /**
+   * Called with the script's output so far (as `output` in the result) every
+   * 100 ms while the guest runs, for a test that acts from the host at a
+   * point of the script: change the back-end's state while the guest waits
+   * for it, or pull the plug. Returning 'kill' SIGKILLs QEMU at once, as a
+   * power failure would (no shutdown, nothing flushed); the run then counts
+   * as complete (killedByWatch). A watch that throws kills QEMU too, and the
+   * run is aborted with its error.
+   */
+  watch?: (output: string) => 'kill' | undefined;
 }
 
 /** What a guest run produced. */
@@ -73,8 +83,10 @@ export interface GuestRunResult {
   qemuStderr: string;
   qemuExit: { code: number | null; signal: NodeJS.Signals | null };
   timedOut: boolean;
-  /** Why the run was aborted through opts.signal, if it was. */
+  /** Why the run was aborted through opts.signal (or by a failing watch), if it was. */
   aborted: string | null;
+  /** The watch asked for QEMU to be killed (opts.watch returned 'kill'). */
+  killedByWatch: boolean;
   durationMs: number;
   /** Directory holding console.log, out.log, qemu.stderr.log and the script. */
   workDir: string;
@@ -130,6 +142,36 @@ val() { printf '\n@@VAL %s %s\n' "$1" "$2"; }
 block() { printf '\n@@BEGIN %s\n' "$1"; cat "$2"; printf '\n@@END %s\n' "$1"; }
 `;
 
+/**
+ * Shell functions for guest scripts that work on disks (busybox sh; prepend
+ * them to a script that uses them):
+ *  dev_by_serial S      /dev/vdX of the disk whose serial is S (fails if none)
+ *  check NAME F1 OFF1 F2 OFF2 LEN
+ *                       compares LEN bytes of F1 at OFF1 with F2 at OFF2:
+ *                       reports "same", or "differs: <cmp's first message>"
+ *                       (busybox cmp -n lists every differing byte)
+ *  nonzero FILE|DEV     prints how many bytes are not zero (O_DIRECT for devices)
+ *  fresh                drops the guest's caches, so reads reach the back-end
+ */
+export const DISK_HELPERS = `
+dev_by_serial() {
+  for d in /sys/block/vd*; do
+    if [ "$(cat "$d/serial")" = "$1" ]; then echo "/dev/\${d##*/}"; return 0; fi
+  done
+  echo "no disk with serial $1" >&2
+  return 1
+}
+check() {
+  if cmp -s -n "$6" "$2" "$4" "$3" "$5"; then val "$1" same
+  else val "$1" "differs: $(cmp -n "$6" "$2" "$4" "$3" "$5" 2>&1 | head -n 1 || true)"; fi
+}
+nonzero() {
+  if [ -b "$1" ]; then dd if="$1" bs=1M iflag=direct 2>/dev/null | tr -d '\\000' | wc -c
+  else tr -d '\\000' < "$1" | wc -c; fi
+}
+fresh() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+`;
+
 /** Builds the QEMU command line for one run. */
 function qemuArgs(opts: GuestRunOptions, files: { script: string; console: string; output: string }): string[] {
   const mem = opts.memoryMiB ?? 512;
@@ -162,6 +204,18 @@ function qemuArgs(opts: GuestRunOptions, files: { script: string; console: strin
     '-nodefaults',
     '-monitor', 'none',
   ];
+}
+
+/** The init's "@@EXIT <status>" line in the output port's text, if it is there. */
+function exitMarker(raw: string): RegExpExecArray | null {
+  return new RegExp(`^${EXIT_MARKER} (\\d+)$`, 'm').exec(raw.replace(/\r/g, ''));
+}
+
+/** The script's output: the output port's text without carriage returns and the exit marker. */
+function scriptOutput(raw: string): string {
+  const text = raw.replace(/\r/g, '');
+  const marker = exitMarker(text);
+  return marker !== null ? text.slice(0, marker.index) : text;
 }
 
 /** Reads a file that may not exist (QEMU may have died before creating it). */
@@ -208,6 +262,24 @@ export async function runGuest(opts: GuestRunOptions): Promise<GuestRunResult> {
   if (opts.signal?.aborted === true) onAbort();
   opts.signal?.addEventListener('abort', onAbort, { once: true });
 
+  let killedByWatch = false;
+  const watch = opts.watch;
+  const watcher =
+    watch === undefined
+      ? undefined
+      : setInterval(() => {
+          if (killedByWatch || aborted !== null || timedOut) return;
+          try {
+            if (watch(scriptOutput(readIfExists(files.output))) === 'kill') {
+              killedByWatch = true;
+              qemu.kill('SIGKILL');
+            }
+          } catch (err) {
+            aborted = `watch failed: ${(err as Error).message}`;
+            qemu.kill('SIGKILL');
+          }
+        }, 100);
+
   const qemuExit = await new Promise<GuestRunResult['qemuExit']>((resolve) => {
     qemu.on('error', (err) => {
       stderr += `spawn failed: ${err.message}\n`;
@@ -216,21 +288,22 @@ export async function runGuest(opts: GuestRunOptions): Promise<GuestRunResult> {
     qemu.on('close', (code, signal) => resolve({ code, signal }));
   });
   clearTimeout(timer);
+  clearInterval(watcher);
   opts.signal?.removeEventListener('abort', onAbort);
   live.delete(qemu);
   fs.writeFileSync(files.stderr, stderr);
 
-  // Split the init's exit marker off the script output.
-  const raw = readIfExists(files.output).replace(/\r/g, '');
-  const marker = new RegExp(`^${EXIT_MARKER} (\\d+)$`, 'm').exec(raw);
+  const raw = readIfExists(files.output);
+  const marker = exitMarker(raw);
   return {
     scriptExitCode: marker?.[1] !== undefined ? Number(marker[1]) : null,
-    output: marker !== null ? raw.slice(0, marker.index) : raw,
+    output: scriptOutput(raw),
     console: readIfExists(files.console),
     qemuStderr: stderr,
     qemuExit,
     timedOut,
     aborted,
+    killedByWatch,
     durationMs: Date.now() - started,
     workDir: opts.workDir,
   };
@@ -241,6 +314,7 @@ export function describeFailure(result: GuestRunResult): string {
   let why: string;
   if (result.timedOut) why = `QEMU killed after the timeout (${result.durationMs} ms)`;
   else if (result.aborted !== null) why = `QEMU killed: ${result.aborted}`;
+  else if (result.killedByWatch) why = 'QEMU killed by the watch (as asked)';
   else if (result.scriptExitCode === null) {
     why = `guest never finished its script (QEMU exit code ${result.qemuExit.code}, signal ${result.qemuExit.signal})`;
   } else why = `guest script exited with status ${result.scriptExitCode}`;
@@ -256,10 +330,13 @@ export function describeFailure(result: GuestRunResult): string {
   ].join('\n');
 }
 
-/** runGuest, but throws GuestRunError unless the script ran and exited 0. */
+/**
+ * runGuest, but throws GuestRunError unless the script ran and exited 0 (or
+ * the watch killed QEMU, as it asked to).
+ */
 export async function runGuestScript(opts: GuestRunOptions): Promise<GuestRunResult> {
   const result = await runGuest(opts);
-  if (result.timedOut || result.aborted !== null || result.scriptExitCode !== 0) {
+  if (result.timedOut || result.aborted !== null || (result.scriptExitCode !== 0 && !result.killedByWatch)) {
     throw new GuestRunError(describeFailure(result), result);
   }
   return result;
@@ -293,4 +370,18 @@ export function parseGuestOutput(output: string): GuestReport {
     }
   }
   return { values, blocks };
+}
+
+/** A value the guest reported with `val`, which must be present. */
+export function value(report: GuestReport, name: string): string {
+  const v = report.values.get(name);
+  if (v === undefined) throw new Error(`guest did not report ${name}`);
+  return v;
+}
+
+/** A whole-number value the guest reported. */
+export function count(report: GuestReport, name: string): number {
+  const v = value(report, name);
+  if (!/^\d+$/.test(v)) throw new Error(`guest reported ${name} = "${v}", not a whole number`);
+  return Number(v);
 }

@@ -23,13 +23,19 @@ describe('BadBlocks', () => {
     expect(b.count).toBe(0);
   });
 
-  test('hit() checks every sector of a request; once clears only what was hit', () => {
+  test('hit() checks every sector of a request; once clears the range from the first bad sector hit, as null_blk', () => {
     const b = new BadBlocks(true);
     b.add(100, 199);
+    b.add(300, 309);
     expect(b.hit(92, 8)).toBe(false); // 92..99
-    expect(b.hit(96, 8)).toBe(true); // 96..103 touches 100..103
-    expect(b.list()).toEqual([[104, 199]]);
-    expect(b.hit(100, 4)).toBe(false);
+    expect(b.hit(150, 8)).toBe(true); // first bad sector 150: clears 150..199
+    expect(b.list()).toEqual([[100, 149], [300, 309]]);
+    expect(b.hit(150, 50)).toBe(false);
+    expect(b.hit(96, 8)).toBe(true); // first bad sector 100: clears 100..149
+    expect(b.list()).toEqual([[300, 309]]);
+    const plain = new BadBlocks(false);
+    plain.add(10, 20);
+    expect([plain.hit(15, 1), plain.hit(15, 1)]).toEqual([true, true]); // without once nothing clears
   });
 
   test('parseRange accepts "start-end" and "sector", refuses the rest', () => {

@@ -1,6 +1,7 @@
 /**
  * BadBlocks: sector ranges where I/O fails with IOERR (null_blk's `badblocks` configfs
- * attribute, and `badblocks_once`: a bad range is cleared by the first request that hits it).
+ * attribute, and `badblocks_once`: as null_blk, a request that hits a bad range clears it from
+ * the first bad sector the request touched to the end of that range).
  * Ranges are in 512-byte sectors, `start` and `end` inclusive as in null_blk's "+start-end",
  * kept sorted and merged. Changed at run time through the management API.
  */
@@ -52,15 +53,16 @@ export class BadBlocks {
   }
 
   /**
-   * True if any of `nsectors` sectors from `sector` is bad. With `once`, the bad sectors hit
-   * are cleared (the next request there succeeds).
+   * True if any of `nsectors` sectors from `sector` is bad. With `once`, the first bad range
+   * hit is cleared from the first bad sector of the request to its end (null_blk clears the
+   * extent badblocks_check() reports), so the next request there succeeds.
    */
   hit(sector: number, nsectors: number): boolean {
     const last = sector + Math.max(nsectors, 1) - 1;
     for (const [a, b] of this.ranges) {
       if (a > last) return false;
       if (b >= sector) {
-        if (this.once) this.remove(Math.max(a, sector), Math.min(b, last));
+        if (this.once) this.remove(Math.max(a, sector), b);
         return true;
       }
     }
