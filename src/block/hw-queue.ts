@@ -179,10 +179,4 @@ export class HwQueue {
   get hasDeferred(): boolean {
     return this.deferredCount > 0;
   }
-
-  /** The requests the driver owns, for timeout scans and teardown. */
-  forEachInFlight(fn: (rq: Request) => void): void {
-    if (this.inFlight === 0) return;
-    for (const rq of this.requests) if (rq.refcount !== 0) fn(rq);
-  }
 }

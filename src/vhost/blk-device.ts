@@ -26,7 +26,7 @@ import {
   readVringFile,
   readVringState,
 } from './message';
-import { bit, Feature, hasBit, ProtocolFeature, Req, requestName } from './protocol';
+import { bit, Feature, hasBit, ProtocolFeature, Req } from './protocol';
 import { closeFd, Vring } from './vring';
 
 export class VhostUserError extends Error {
@@ -347,11 +347,6 @@ export class VhostUserBlkDevice {
     for (const r of this.vrings) {
       if (r.queue.isRunning) r.base = await r.queue.stop();
     }
-  }
-
-  /** Name of a request, for logs. */
-  static requestName(code: number): string {
-    return requestName(code);
   }
 }
 
