@@ -10,7 +10,8 @@
         "native/fd_watcher.cc",
         "native/guest_memory.cc",
         "native/virtqueue.cc",
-        "native/timer.cc"
+        "native/timer.cc",
+        "native/page_store.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"],

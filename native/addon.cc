@@ -1,12 +1,14 @@
 // rnull_native: the small native shim of rnull. It does only what JavaScript cannot do well:
-// the unix socket with fd passing, mmap of guest memory, fd watching, eventfds, and the split
-// virtqueue walk that needs memory barriers. Everything else lives in TypeScript (src/).
+// the unix socket with fd passing, mmap of guest memory, fd watching, eventfds, the split
+// virtqueue walk that needs memory barriers, and the page store that worker threads share
+// (JavaScript has no shared mutable map). Everything else lives in TypeScript (src/).
 #include <napi.h>
 
 #include "errors.h"
 #include "fd_ops.h"
 #include "fd_watcher.h"
 #include "guest_memory.h"
+#include "page_store.h"
 #include "socket.h"
 #include "timer.h"
 #include "virtqueue.h"
@@ -34,6 +36,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   GuestMemory::Init(env, exports, &data->guestMemoryCtor);
   Virtqueue::Init(env, exports);
   Timer::Init(env, exports);
+  SharedPageStore::Init(env, exports);
   return exports;
 }
 

@@ -1,6 +1,7 @@
 #include "fd_ops.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -18,6 +19,19 @@ Napi::Value Close(const Napi::CallbackInfo& info) {
   if (!ArgInt(info, 0, "fd", &fd)) return Napi::Value();
   if (::close(static_cast<int>(fd)) < 0 && errno != EINTR) ThrowSyscallError(info.Env(), "close", errno);
   return info.Env().Undefined();
+}
+
+// dup(fd): a close-on-exec duplicate of fd (F_DUPFD_CLOEXEC): a worker thread gets its own
+// reference to a kick/call eventfd or memory region, which it closes when done with it.
+Napi::Value Dup(const Napi::CallbackInfo& info) {
+  int64_t fd;
+  if (!ArgInt(info, 0, "fd", &fd)) return Napi::Value();
+  int nfd = ::fcntl(static_cast<int>(fd), F_DUPFD_CLOEXEC, 0);
+  if (nfd < 0) {
+    ThrowSyscallError(info.Env(), "fcntl(F_DUPFD_CLOEXEC)", errno);
+    return Napi::Value();
+  }
+  return Napi::Number::New(info.Env(), nfd);
 }
 
 // eventfd(): a non-blocking, close-on-exec eventfd with counter 0.
@@ -105,6 +119,7 @@ Napi::Value CopyBytes(const Napi::CallbackInfo& info) {
 
 void InitFdOps(Napi::Env env, Napi::Object exports) {
   exports.Set("close", Napi::Function::New(env, Close, "close"));
+  exports.Set("dup", Napi::Function::New(env, Dup, "dup"));
   exports.Set("eventfd", Napi::Function::New(env, EventFd, "eventfd"));
   exports.Set("eventfdRead", Napi::Function::New(env, EventFdRead, "eventfdRead"));
   exports.Set("eventfdWrite", Napi::Function::New(env, EventFdWrite, "eventfdWrite"));

@@ -83,6 +83,20 @@ export interface NativeTimer {
   close(): void;
 }
 
+/**
+ * The memory of a memory-backed disk shared by worker threads (native/page_store.h): positions
+ * and lengths in bytes; unwritten bytes read as zeroes. RangeError outside the array.
+ */
+export interface NativeSharedPageStore {
+  /** Process-wide id: `new SharedPageStore(id)` on another thread attaches to this store. */
+  readonly id: number;
+  readonly pageCount: number;
+  readonly bytesAllocated: number;
+  write(pos: number, src: Uint8Array, srcOffset: number, length: number): void;
+  read(pos: number, dst: Uint8Array, dstOffset: number, length: number): void;
+  discard(pos: number, length: number): void;
+}
+
 export interface NativeFdWatcher {
   start(): void;
   stop(): void;
@@ -97,6 +111,8 @@ export interface ReceivedMessage {
 interface NativeAddon {
   initialize(errorClass: typeof SyscallError): void;
   close(fd: number): void;
+  /** A close-on-exec duplicate of fd. */
+  dup(fd: number): number;
   eventfd(): number;
   eventfdRead(fd: number): number;
   eventfdWrite(fd: number): void;
@@ -112,6 +128,8 @@ interface NativeAddon {
   GuestMemory: new (regions: MemoryRegionSpec[]) => NativeGuestMemory;
   Virtqueue: new () => NativeVirtqueue;
   Timer: new () => NativeTimer;
+  /** No argument: a new store; an id: that store, created on any thread (Error if gone). */
+  SharedPageStore: new (id?: number) => NativeSharedPageStore;
   /** CLOCK_MONOTONIC in nanoseconds. */
   monotonicNs(): number;
   virtqueueConstants: { MAX_QUEUE_SIZE: number; MAX_SEGMENTS: number; SEGMENT_WORDS: number; BATCH_WORDS: number };

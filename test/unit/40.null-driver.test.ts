@@ -1,12 +1,21 @@
-/** drivers/null: the sparse page store and the zero (not memory-backed) disk. */
+/**
+ * drivers/null: the sparse page stores (the JS PageStore of one thread, the native
+ * SharedPageStore of threads > 1: same tests) and the zero (not memory-backed) disk.
+ */
 import { PageStore, PAGE_SIZE } from '../../src/drivers/null/page-store';
 import { native } from '../../src/native';
 import { startBackend, TestBackend } from '../helpers/backend';
 import { TestFrontend } from '../helpers/frontend';
 
-describe('PageStore', () => {
+type Store = Pick<PageStore, 'write' | 'read' | 'discard' | 'pageCount' | 'bytesAllocated'>;
+const STORES: Array<[string, () => Store]> = [
+  ['PageStore', () => new PageStore()],
+  ['SharedPageStore', () => new native.SharedPageStore()],
+];
+
+describe.each(STORES)('%s', (_name, newStore) => {
   test('unwritten bytes read as zeroes and allocate nothing', () => {
-    const s = new PageStore();
+    const s = newStore();
     const out = Buffer.alloc(10000, 0xaa);
     s.read(123456, out, 0, out.length);
     expect(out.every((b) => b === 0)).toBe(true);
@@ -14,7 +23,7 @@ describe('PageStore', () => {
   });
 
   test('a write spanning three pages reads back exactly; neighbours stay zero', () => {
-    const s = new PageStore();
+    const s = newStore();
     const data = Buffer.alloc(PAGE_SIZE + 1000);
     for (let i = 0; i < data.length; i++) data[i] = (i * 31 + 7) & 0xff;
     const pos = 3 * PAGE_SIZE - 500;
@@ -28,7 +37,7 @@ describe('PageStore', () => {
   });
 
   test('pages far apart (beyond 4 GiB) are independent', () => {
-    const s = new PageStore();
+    const s = newStore();
     const a = Buffer.alloc(512, 1);
     const b = Buffer.alloc(512, 2);
     s.write(0, a, 0, 512);
@@ -88,11 +97,11 @@ describe('NullDriver through a back-end', () => {
   });
 });
 
-describe('PageStore against a flat reference (seeded random writes, reads, discards)', () => {
+describe.each(STORES)('%s against a flat reference (seeded random writes, reads, discards)', (_name, newStore) => {
   test('every read matches the reference, across slab edges and reused slots', () => {
     const DISK = 3 << 20; // 768 pages: three slabs' worth
     const ref = Buffer.alloc(DISK);
-    const store = new PageStore();
+    const store = newStore();
     let seed = 12345;
     const rnd = (n: number): number => {
       seed = (seed * 1103515245 + 12345) & 0x7fffffff;
@@ -123,7 +132,7 @@ describe('PageStore against a flat reference (seeded random writes, reads, disca
   });
 
   test('sequentially written data reads back across a slab edge (runs end at the slab)', () => {
-    const store = new PageStore();
+    const store = newStore();
     const data = Buffer.alloc(2 << 20);
     for (let i = 0; i < data.length; i++) data[i] = (i * 13) & 0xff;
     store.write(0, data, 0, data.length);

@@ -17,7 +17,7 @@ import type { HwQueue } from '../../block/hw-queue';
 import { BlkStatus, Operations, ReqOp } from '../../block/operations';
 import type { Request } from '../../block/request';
 import { RequestTimer } from '../../block/request-timer';
-import { SEGMENT_WORDS } from '../../native';
+import { native, NativeSharedPageStore, SEGMENT_WORDS } from '../../native';
 import { BadBlocks } from './badblocks';
 import { PageStore } from './page-store';
 import { Throttle } from './throttle';
@@ -32,6 +32,11 @@ export const enum IrqMode {
 export interface NullDriverOptions {
   /** Keep written data (null_blk memory_backed). */
   memoryBacked: boolean;
+  /**
+   * Memory backing shared by threads (`threads` > 1): `true` for a new native SharedPageStore,
+   * a store id to attach to one created on another thread. Not with cacheBytes.
+   */
+  sharedStore?: true | number;
   /** Completion mode (null_blk irqmode); default None. */
   irqmode?: IrqMode;
   /** Timer mode: delay from start to completion in nanoseconds (null_blk completion_nsec). */
@@ -53,11 +58,14 @@ export const DEFAULT_COMPLETION_NSEC = 10_000;
 const endNow = (rq: Request): void => rq.end(rq.status);
 const completeLater = (rq: Request): void => rq.complete();
 
+/** Where a memory-backed disk's data goes: byte positions, unwritten bytes read as zeroes. */
+type DataStore = Pick<PageStore, 'write' | 'read' | 'discard'>;
+
 export class NullDriver implements Operations {
-  readonly store: PageStore | null;
+  readonly store: PageStore | NativeSharedPageStore | null;
   readonly cache: WriteCache | null;
   /** Where data goes: the cache in front of the store, or the store. */
-  private readonly data: PageStore | WriteCache | null;
+  private readonly data: DataStore | null;
   readonly badblocks: BadBlocks;
   readonly irqmode: IrqMode;
   readonly completionNsec: number;
@@ -65,13 +73,19 @@ export class NullDriver implements Operations {
   private readonly timers: Array<RequestTimer | undefined> = [];
   private readonly onLate: (hctx: number, tag: number) => void;
 
-  /** @throws RangeError for an unknown irqmode, or completionNsec outside timer mode. */
+  /**
+   * @throws RangeError for an unknown irqmode, completionNsec outside timer mode, or a cache
+   * without a (local) page store; Error if the shared store id does not exist.
+   */
   constructor(options: NullDriverOptions) {
-    this.store = options.memoryBacked ? new PageStore() : null;
-    if (options.cacheBytes !== undefined && options.cacheBytes > 0 && this.store === null) {
-      throw new RangeError('cache_size needs memory_backed: a disk that keeps nothing has nothing to cache');
+    const cached = options.cacheBytes !== undefined && options.cacheBytes > 0;
+    if (cached && (!options.memoryBacked || options.sharedStore !== undefined)) {
+      throw new RangeError('cache_size needs memory_backed and one thread: a disk that keeps nothing has nothing to cache');
     }
-    this.cache = this.store !== null && options.cacheBytes !== undefined && options.cacheBytes > 0 ? new WriteCache(this.store, options.cacheBytes) : null;
+    if (!options.memoryBacked) this.store = null;
+    else if (options.sharedStore === undefined) this.store = new PageStore();
+    else this.store = new native.SharedPageStore(options.sharedStore === true ? undefined : options.sharedStore);
+    this.cache = cached ? new WriteCache(this.store as PageStore, options.cacheBytes as number) : null;
     this.data = this.cache ?? this.store;
     this.badblocks = options.badblocks ?? new BadBlocks();
     this.irqmode = options.irqmode ?? IrqMode.None;
@@ -111,6 +125,11 @@ export class NullDriver implements Operations {
   }
 
   readonly throttle: Throttle | null;
+
+  /** The process-wide id of a shared store (other threads attach with it), else null. */
+  get sharedStoreId(): number | null {
+    return this.store !== null && !(this.store instanceof PageStore) ? this.store.id : null;
+  }
 
   queueRq(rq: Request, _isLast: boolean): BlkStatus {
     if (this.badblocks.count !== 0 && rq.op !== ReqOp.Flush && this.badblocks.hit(rq.sector, rq.bytes / 512)) {
@@ -164,7 +183,7 @@ export class NullDriver implements Operations {
 
   /** Copies between the request's guest segments and the cache or store, segment by segment. */
   private transfer(rq: Request, write: boolean): void {
-    const store = this.data as PageStore | WriteCache;
+    const store = this.data as DataStore;
     const segs = rq.segments;
     let pos = rq.sector * 512;
     for (let i = 0, w = rq.segBase; i < rq.segCount; i++, w += SEGMENT_WORDS) {

@@ -1,0 +1,205 @@
+#include "page_store.h"
+
+#include <stdint.h>
+#include <string.h>
+
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "errors.h"
+
+namespace rnull {
+
+namespace {
+constexpr uint64_t kPageSize = 4096;
+constexpr uint64_t kPageShift = 12;
+// Byte positions are JS numbers: exact below 2^53.
+constexpr double kMaxPos = 9007199254740991.0;
+}  // namespace
+
+struct PageMap {
+  uint32_t id = 0;
+  std::mutex mu;
+  std::unordered_map<uint64_t, uint8_t*> pages;
+  // Freed pages kept for reuse (zeroed when handed out), as the JS store's free slots.
+  std::vector<uint8_t*> free;
+
+  ~PageMap() {
+    for (auto& p : pages) delete[] p.second;
+    for (uint8_t* p : free) delete[] p;
+  }
+
+  uint8_t* Alloc() {
+    if (!free.empty()) {
+      uint8_t* p = free.back();
+      free.pop_back();
+      memset(p, 0, kPageSize);
+      return p;
+    }
+    return new uint8_t[kPageSize]();
+  }
+};
+
+namespace {
+
+std::mutex gRegistryMu;
+std::unordered_map<uint32_t, std::weak_ptr<PageMap>> gRegistry;
+uint32_t gNextId = 1;
+
+std::shared_ptr<PageMap> CreateMap() {
+  std::lock_guard<std::mutex> lock(gRegistryMu);
+  for (auto it = gRegistry.begin(); it != gRegistry.end();) {
+    if (it->second.expired()) it = gRegistry.erase(it);
+    else ++it;
+  }
+  auto map = std::make_shared<PageMap>();
+  map->id = gNextId++;
+  gRegistry[map->id] = map;
+  return map;
+}
+
+std::shared_ptr<PageMap> FindMap(uint32_t id) {
+  std::lock_guard<std::mutex> lock(gRegistryMu);
+  auto it = gRegistry.find(id);
+  return it == gRegistry.end() ? nullptr : it->second.lock();
+}
+
+// Reads (pos, array, offset, length) arguments; false after throwing.
+bool CopyArgs(const Napi::CallbackInfo& info, uint64_t* pos, uint8_t** data, uint64_t* len) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 4 || !info[1].IsTypedArray()) {
+    ThrowTypeError(env, "expected (position, Uint8Array, offset, length)");
+    return false;
+  }
+  Napi::Uint8Array arr = info[1].As<Napi::Uint8Array>();
+  double p = info[0].As<Napi::Number>().DoubleValue();
+  double off = info[2].As<Napi::Number>().DoubleValue();
+  double n = info[3].As<Napi::Number>().DoubleValue();
+  if (!(p >= 0 && off >= 0 && n >= 0) || p + n > kMaxPos || off + n > static_cast<double>(arr.ByteLength())) {
+    ThrowRangeError(env, "SharedPageStore: range outside the array or the disk");
+    return false;
+  }
+  *pos = static_cast<uint64_t>(p);
+  *data = arr.Data() + static_cast<size_t>(off);
+  *len = static_cast<uint64_t>(n);
+  return true;
+}
+
+}  // namespace
+
+void SharedPageStore::Init(Napi::Env env, Napi::Object exports) {
+  Napi::Function ctor = DefineClass(env, "SharedPageStore",
+                                    {
+                                        InstanceAccessor<&SharedPageStore::Id>("id"),
+                                        InstanceAccessor<&SharedPageStore::PageCount>("pageCount"),
+                                        InstanceAccessor<&SharedPageStore::BytesAllocated>("bytesAllocated"),
+                                        InstanceMethod<&SharedPageStore::Write>("write"),
+                                        InstanceMethod<&SharedPageStore::Read>("read"),
+                                        InstanceMethod<&SharedPageStore::Discard>("discard"),
+                                    });
+  exports.Set("SharedPageStore", ctor);
+}
+
+// new SharedPageStore(): a new, empty store. new SharedPageStore(id): the store `id` created on
+// any thread of this process (Error if it no longer exists).
+SharedPageStore::SharedPageStore(const Napi::CallbackInfo& info) : Napi::ObjectWrap<SharedPageStore>(info) {
+  if (info.Length() < 1 || info[0].IsUndefined()) {
+    map_ = CreateMap();
+    return;
+  }
+  int64_t id;
+  if (!ArgInt(info, 0, "id", &id)) return;
+  map_ = FindMap(static_cast<uint32_t>(id));
+  if (map_ == nullptr) ThrowError(info.Env(), "SharedPageStore: no store with that id in this process");
+}
+
+Napi::Value SharedPageStore::Id(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), map_ ? map_->id : 0);
+}
+
+Napi::Value SharedPageStore::PageCount(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::mutex> lock(map_->mu);
+  return Napi::Number::New(info.Env(), static_cast<double>(map_->pages.size()));
+}
+
+Napi::Value SharedPageStore::BytesAllocated(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::mutex> lock(map_->mu);
+  return Napi::Number::New(info.Env(), static_cast<double>((map_->pages.size() + map_->free.size()) * kPageSize));
+}
+
+// write(pos, src, srcOffset, length): copies `length` bytes of src into the disk at byte `pos`.
+Napi::Value SharedPageStore::Write(const Napi::CallbackInfo& info) {
+  uint64_t pos, len;
+  uint8_t* src;
+  if (!CopyArgs(info, &pos, &src, &len)) return Napi::Value();
+  PageMap& m = *map_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  while (len > 0) {
+    uint64_t pageNo = pos >> kPageShift;
+    uint64_t in = pos & (kPageSize - 1);
+    uint64_t n = std::min(len, kPageSize - in);
+    uint8_t*& page = m.pages[pageNo];
+    if (page == nullptr) page = m.Alloc();
+    memcpy(page + in, src, n);
+    pos += n;
+    src += n;
+    len -= n;
+  }
+  return info.Env().Undefined();
+}
+
+// read(pos, dst, dstOffset, length): copies from the disk at byte `pos`; unwritten pages read 0.
+Napi::Value SharedPageStore::Read(const Napi::CallbackInfo& info) {
+  uint64_t pos, len;
+  uint8_t* dst;
+  if (!CopyArgs(info, &pos, &dst, &len)) return Napi::Value();
+  PageMap& m = *map_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  while (len > 0) {
+    uint64_t pageNo = pos >> kPageShift;
+    uint64_t in = pos & (kPageSize - 1);
+    uint64_t n = std::min(len, kPageSize - in);
+    auto it = m.pages.find(pageNo);
+    if (it == m.pages.end()) memset(dst, 0, n);
+    else memcpy(dst, it->second + in, n);
+    pos += n;
+    dst += n;
+    len -= n;
+  }
+  return info.Env().Undefined();
+}
+
+// discard(pos, length): the range reads as zeroes; whole pages are freed, partial ones zeroed.
+Napi::Value SharedPageStore::Discard(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  double p, n;
+  if (!ArgNumber(info, 0, "position", &p) || !ArgNumber(info, 1, "length", &n)) return Napi::Value();
+  if (!(p >= 0 && n >= 0) || p + n > kMaxPos) {
+    ThrowRangeError(env, "SharedPageStore: range outside the disk");
+    return Napi::Value();
+  }
+  uint64_t pos = static_cast<uint64_t>(p);
+  uint64_t len = static_cast<uint64_t>(n);
+  PageMap& m = *map_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  while (len > 0) {
+    uint64_t pageNo = pos >> kPageShift;
+    uint64_t in = pos & (kPageSize - 1);
+    uint64_t k = std::min(len, kPageSize - in);
+    auto it = m.pages.find(pageNo);
+    if (it != m.pages.end()) {
+      if (k == kPageSize) {
+        m.free.push_back(it->second);
+        m.pages.erase(it);
+      } else {
+        memset(it->second + in, 0, k);
+      }
+    }
+    pos += k;
+    len -= k;
+  }
+  return env.Undefined();
+}
+
+}  // namespace rnull
