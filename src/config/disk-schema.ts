@@ -12,6 +12,7 @@ export interface DiskConfig {
   blocksize: number;
   memory_backed: boolean;
   num_queues: number;
+  threads: number;
   read_only: boolean;
   serial: string;
   poll_us: number;
@@ -58,6 +59,11 @@ export const diskSchema = {
   },
   num_queues: {
     doc: 'Largest number of virtqueues (hardware queues) a front-end may use, 1 to 64 (QEMU: num-queues).',
+    format: 'queue-count',
+    default: 1,
+  },
+  threads: {
+    doc: 'Threads serving the hardware queues, 1 to 64, at most num_queues: hardware queue i runs on thread i mod threads (thread 0 is the main thread, the others are worker threads), so one disk can use that many cores. Above 1, a memory-backed disk keeps its data in a store shared by the threads; cache_size, mbps, shared_tags and badblocks_once need threads 1.',
     format: 'queue-count',
     default: 1,
   },

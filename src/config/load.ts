@@ -126,6 +126,28 @@ function loadDisk(raw: unknown, overrides: DiskOverrides, where: string): DiskCo
   if (d.completion_nsec !== null && d.irqmode !== 2) {
     throw new ConfigError(`${where}: completion_nsec: applies to irqmode 2 (timer) only, but irqmode is ${d.irqmode}`);
   }
+  checkThreads(d, where);
   if (d.name === '') d.name = path.basename(d.socket).replace(/\.[^.]*$/, '');
   return d;
+}
+
+/**
+ * threads > 1: every thread needs a hardware queue, and the features whose state is one ordered
+ * structure per disk (the volatile cache, the bandwidth clock, a tag budget shared between
+ * disks, bad ranges that clear on first hit) stay on one thread.
+ */
+function checkThreads(d: DiskConfig, where: string): void {
+  if (d.threads === 1) return;
+  if (d.threads > d.num_queues) {
+    throw new ConfigError(`${where}: threads ${d.threads} exceeds num_queues ${d.num_queues}: each thread serves at least one hardware queue`);
+  }
+  const needOne: Array<[boolean, string]> = [
+    [d.cache_size > 0, 'cache_size'],
+    [d.mbps > 0, 'mbps'],
+    [d.shared_tags, 'shared_tags'],
+    [d.badblocks_once, 'badblocks_once'],
+  ];
+  for (const [set, key] of needOne) {
+    if (set) throw new ConfigError(`${where}: ${key}: needs threads 1 (its state is one per disk, not shared between threads), but threads is ${d.threads}`);
+  }
 }

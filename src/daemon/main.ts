@@ -36,6 +36,7 @@ export function buildCli(run: (o: CliOptions) => Promise<void>): Command {
     .addOption(new Option('--blocksize <bytes>', 'logical block size (default 512)').choices(['512', '1024', '2048', '4096']).argParser(Number))
     .option('--memory-backed <bool>', 'keep written data (default true)', bool)
     .option('--num-queues <n>', 'largest number of virtqueues (default 1)', int('--num-queues'))
+    .option('--threads <n>', 'threads serving the hardware queues, at most --num-queues (default 1)', int('--threads'))
     .option('--read-only <bool>', 'offer the disk read-only (default false)', bool)
     .addOption(new Option('--irqmode <mode>', 'completion mode: 0 none, 1 softirq, 2 timer (default 0)').choices(['0', '1', '2']).argParser(Number))
     .option('--completion-nsec <ns>', 'timer mode: ns from start to completion (default 10000)', int('--completion-nsec'))
@@ -85,6 +86,7 @@ export interface CliOptions {
   blocksize?: number;
   memoryBacked?: boolean;
   numQueues?: number;
+  threads?: number;
   readOnly?: boolean;
   serial?: string;
   pollUs?: number;
@@ -116,6 +118,7 @@ async function runDaemon(o: CliOptions): Promise<void> {
     blocksize: o.blocksize,
     memory_backed: o.memoryBacked,
     num_queues: o.numQueues,
+    threads: o.threads,
     read_only: o.readOnly,
     serial: o.serial,
     poll_us: o.pollUs,
@@ -154,7 +157,7 @@ async function runDaemon(o: CliOptions): Promise<void> {
   }
   for (const d of service.disks) {
     log.info(
-      { disk: d.config.name, socket: d.config.socket, sizeMiB: d.config.size, blocksize: d.config.blocksize, memoryBacked: d.config.memory_backed, numQueues: d.config.num_queues, irqmode: d.config.irqmode },
+      { disk: d.config.name, socket: d.config.socket, sizeMiB: d.config.size, blocksize: d.config.blocksize, memoryBacked: d.config.memory_backed, numQueues: d.config.num_queues, threads: d.config.threads, irqmode: d.config.irqmode },
       'serving null disk',
     );
   }

@@ -4,16 +4,15 @@
  */
 import * as path from 'path';
 import type { Logger } from 'pino';
-import { Disk } from '../block/disk';
+import type { Disk } from '../block/disk';
 import { TagSet } from '../block/tag-set';
 import type { DiskConfig } from '../config/disk-schema';
-import { BadBlocks, parseRange } from '../drivers/null/badblocks';
-import { IrqMode, NullDriver } from '../drivers/null/null-driver';
+import type { NullDriver } from '../drivers/null/null-driver';
 import { ManagementServer } from './management/server';
+import { buildNullDisk } from './null-disk';
+import { QueueWorkers } from './queue-workers';
 import { VhostUserBlkDevice } from '../vhost/blk-device';
 import { VhostUserServer } from '../vhost/server';
-
-const MIB_SECTORS = 2048; // 512-byte sectors per MiB
 
 export interface ServedDisk {
   config: DiskConfig;
@@ -21,47 +20,23 @@ export interface ServedDisk {
   driver: NullDriver;
   device: VhostUserBlkDevice;
   server: VhostUserServer;
+  /** The worker threads serving some of its queues (threads > 1), or null. */
+  workers: QueueWorkers | null;
 }
 
 /**
  * Builds a null disk and its vhost-user server from its configuration (not yet listening).
- * `tagSet`, when given, is shared with other disks (shared_tags).
+ * `tagSet`, when given, is shared with other disks (shared_tags). With threads > 1, starts
+ * the disk's worker threads.
  */
 export function createDisk(config: DiskConfig, log: Logger, sharedTagSet?: TagSet): ServedDisk {
   const dlog = log.child({ disk: config.name });
-  let lateLogged = false;
-  const badblocks = new BadBlocks(config.badblocks_once);
-  for (const r of config.badblocks) badblocks.add(...parseRange(r));
-  const driver = new NullDriver({
-    memoryBacked: config.memory_backed,
-    badblocks,
-    mbps: config.mbps,
-    cacheBytes: config.cache_size * 1048576,
-    irqmode: config.irqmode as IrqMode,
-    completionNsec: config.completion_nsec ?? undefined,
-    onLateCompletion: (hctx, tag) => {
-      if (lateLogged) return;
-      lateLogged = true;
-      dlog.warn({ queue: hctx, tag }, 'late completion of a request that had timed out: ignored (logged once)');
-    },
-  });
-  const tagSet = sharedTagSet ?? new TagSet({ nrHwQueues: config.num_queues, queueDepth: config.hw_queue_depth });
-  const disk = new Disk({
-    name: config.name,
-    capacitySectors: config.size * MIB_SECTORS,
-    logicalBlockSize: config.blocksize,
-    readOnly: config.read_only,
-    serial: config.serial,
-    flush: true,
-    timeoutMs: config.io_timeout,
-    discard: config.discard,
-    writeCache: config.cache_size > 0,
-    tagSet,
-    ops: driver,
-  });
-  const device = new VhostUserBlkDevice(disk, config.num_queues, dlog, config.poll_us);
+  const threaded = config.threads > 1;
+  const { disk, driver } = buildNullDisk(config, dlog, { tagSet: sharedTagSet, sharedStore: threaded ? true : undefined });
+  const workers = threaded ? new QueueWorkers(config, driver.sharedStoreId, dlog) : null;
+  const device = new VhostUserBlkDevice(disk, config.num_queues, dlog, config.poll_us, workers);
   const server = new VhostUserServer(config.socket, device, dlog);
-  return { config, disk, driver, device, server };
+  return { config, disk, driver, device, server, workers };
 }
 
 /** The QEMU options that attach `d` to a guest (memory must be shared with the back-end). */
@@ -121,5 +96,6 @@ export class Service {
     if (this.management !== null) await this.management.close();
     this.management = null;
     await Promise.all(this.disks.map((d) => d.server.close()));
+    await Promise.all(this.disks.map((d) => d.workers?.close()));
   }
 }

@@ -27,6 +27,7 @@ import {
   readVringState,
 } from './message';
 import { bit, Feature, hasBit, ProtocolFeature, Req } from './protocol';
+import type { QueueThreads } from './ring-queue';
 import { closeFd, Vring } from './vring';
 
 export class VhostUserError extends Error {
@@ -69,8 +70,16 @@ export class VhostUserBlkDevice {
 
   /**
    * @param pollUs busy-poll limit per virtqueue after a batch, in microseconds (0: none)
+   * @param threads worker threads serving some of the rings (`threads` > 1); null: all rings
+   *   run on this thread
    */
-  constructor(disk: Disk, numQueues: number, log: Logger, private readonly pollUs = 0) {
+  constructor(
+    disk: Disk,
+    numQueues: number,
+    log: Logger,
+    private readonly pollUs = 0,
+    private readonly threads: QueueThreads | null = null,
+  ) {
     if (numQueues > disk.tagSet.nrHwQueues) {
       throw new RangeError(`num-queues ${numQueues} exceeds the tag set's ${disk.tagSet.nrHwQueues} hardware queues`);
     }
@@ -81,7 +90,7 @@ export class VhostUserBlkDevice {
     this.config = blkConfigSpace(disk, numQueues);
     this.vrings = [];
     for (let i = 0; i < numQueues; i++) {
-      this.vrings.push(new Vring(i, new VirtioBlkQueue(i, hctxOf(disk, i), disk, log)));
+      this.vrings.push(new Vring(i, threads?.remoteQueue(i) ?? new VirtioBlkQueue(i, hctxOf(disk, i), disk, log)));
     }
     const s = new Map<number, MessageSpec>();
     const def = (req: Req, handler: Handler, hasReply = false, fds = false): void => {
@@ -120,7 +129,7 @@ export class VhostUserBlkDevice {
   async reset(): Promise<void> {
     await this.stopRings();
     for (const r of this.vrings) r.reset();
-    this.releaseMemory();
+    await this.releaseMemory();
     this.features = 0n;
     this.protocolFeatures = 0n;
     if (this.disk.writeCache && this.config[OFF_WRITEBACK] !== 1) {
@@ -208,30 +217,37 @@ export class VhostUserBlkDevice {
 
   private async setMemTable(msg: Message): Promise<HandlerResult> {
     const regions = readMemTable(msg);
+    const fds = msg.fds.splice(0);
     let map: GuestMemoryMap;
     try {
-      map = new GuestMemoryMap(regions, msg.fds);
+      map = new GuestMemoryMap(regions, fds);
+    } catch (e) {
+      for (const fd of fds) closeFd(fd);
+      throw new VhostUserError(`SET_MEM_TABLE: ${(e as Error).message}`);
+    }
+    try {
+      // Running rings move to the new table: stop them (their requests finish on the old one),
+      // swap, restart where they stopped. Worker threads map the table themselves.
+      const running = this.vrings.filter((r) => r.queue.isRunning);
+      for (const r of running) r.base = await r.queue.stop();
+      await this.releaseMemory();
+      this.memory = map;
+      if (this.threads !== null) await this.threads.mapMemory(regions, fds);
+      this.log.info({ regions: regions.length, bytes: map.size }, 'guest memory mapped');
+      for (const r of running) await this.startRing(r);
     } catch (e) {
       throw new VhostUserError(`SET_MEM_TABLE: ${(e as Error).message}`);
     } finally {
-      for (const fd of msg.fds) closeFd(fd); // the mappings keep the memory alive
-      msg.fds.length = 0;
+      for (const fd of fds) closeFd(fd); // the mappings keep the memory alive
     }
-    // Running rings move to the new table: stop them (their requests finish on the old one),
-    // swap, restart where they stopped.
-    const running = this.vrings.filter((r) => r.queue.isRunning);
-    for (const r of running) r.base = await r.queue.stop();
-    this.releaseMemory();
-    this.memory = map;
-    this.log.info({ regions: regions.length, bytes: map.size }, 'guest memory mapped');
-    for (const r of running) this.startRing(r);
     return undefined;
   }
 
-  private releaseMemory(): void {
+  private async releaseMemory(): Promise<void> {
     if (this.memory !== null) {
       this.memory.release();
       this.memory = null;
+      if (this.threads !== null) await this.threads.releaseMemory();
     }
   }
 
@@ -278,13 +294,13 @@ export class VhostUserBlkDevice {
     return reply;
   }
 
-  private setVringKick(msg: Message): HandlerResult {
+  private async setVringKick(msg: Message): Promise<HandlerResult> {
     const f = readVringFile(msg);
     const r = this.ring(f.index, 'SET_VRING_KICK');
     if (f.noFd) throw new VhostUserError('SET_VRING_KICK without an fd: polling mode is not supported');
     r.setKickFd(msg.fds[0]);
     msg.fds.length = 0;
-    if (!r.queue.isRunning) this.startRing(r);
+    if (!r.queue.isRunning) await this.startRing(r);
     return undefined;
   }
 
@@ -317,11 +333,11 @@ export class VhostUserBlkDevice {
     return hasBit(this.features, Feature.VHOST_USER_PROTOCOL_FEATURES) ? r.enabled : true;
   }
 
-  private startRing(r: Vring): void {
+  private async startRing(r: Vring): Promise<void> {
     if (this.memory === null) throw new VhostUserError(`ring ${r.index} started before SET_MEM_TABLE`);
     if (r.num === 0 || r.addr === null) throw new VhostUserError(`ring ${r.index} started before its size and addresses were set`);
     try {
-      r.queue.start(
+      await r.queue.start(
         {
           memory: this.memory,
           size: r.num,

@@ -1,10 +1,10 @@
 /**
  * Vring: what the front-end told us about one virtqueue (SET_VRING_NUM/ADDR/BASE/KICK/CALL/
- * ERR/ENABLE), and the VirtioBlkQueue that serves it once started. Owns the eventfds it holds.
+ * ERR/ENABLE), and the queue that serves it once started. Owns the eventfds it holds.
  */
 import { native } from '../native';
-import type { VirtioBlkQueue } from '../virtqueue/blk-queue';
 import type { VringAddr } from './message';
+import type { RingQueue } from './ring-queue';
 
 export class Vring {
   num = 0;
@@ -19,7 +19,7 @@ export class Vring {
 
   constructor(
     readonly index: number,
-    readonly queue: VirtioBlkQueue,
+    readonly queue: RingQueue,
   ) {}
 
   setKickFd(fd: number): void {

@@ -19,6 +19,7 @@ import type { CompletionSink, HwQueue } from '../block/hw-queue';
 import { BlkStatus } from '../block/operations';
 import type { Request } from '../block/request';
 import { BATCH_WORDS, MAX_SEGMENTS, native, NativeFdWatcher, NativeVirtqueue, SEGMENT_WORDS } from '../native';
+import type { QueueSnapshot, RingQueue } from '../vhost/ring-queue';
 import { BlkRequestParser, ParseOutcome, serialId } from './blk-request';
 import type { GuestMemoryMap } from './guest-memory';
 
@@ -65,7 +66,7 @@ export interface QueueStats {
   batches: number;
 }
 
-export class VirtioBlkQueue implements CompletionSink {
+export class VirtioBlkQueue implements CompletionSink, RingQueue {
   readonly index: number;
   readonly stats: QueueStats = { requests: 0, badChains: 0, failedRequests: 0, batches: 0 };
   private readonly vq: NativeVirtqueue = new native.Virtqueue();
@@ -372,6 +373,25 @@ export class VirtioBlkQueue implements CompletionSink {
     const st = this.vq.state();
     this.log.error({ queue: this.index, reason: st.brokenReason }, 'virtqueue broken by the guest; no further requests are taken from it');
     this.stopWatching();
+  }
+
+  /** Counters and ring state; `thread` is the thread this queue runs on (0: main). */
+  snapshot(thread = 0): QueueSnapshot {
+    const ring = this.running ? this.vq.state() : null;
+    return {
+      running: this.running,
+      thread,
+      requests: this.stats.requests,
+      failedRequests: this.stats.failedRequests,
+      badChains: this.stats.badChains,
+      batches: this.stats.batches,
+      inFlight: this.hctx.inFlight,
+      broken: ring?.broken ?? false,
+      calls: ring?.calls ?? 0,
+      spins: ring?.spins ?? 0,
+      spinHits: ring?.spinHits ?? 0,
+      pollNs: ring?.pollNs ?? 0,
+    };
   }
 
   /** Native ring state, for tests and diagnostics. */

@@ -41,6 +41,7 @@ export function startBackend(overrides: Partial<DiskConfig> = {}, ops?: Operatio
     blocksize: 512,
     memory_backed: true,
     num_queues: 2,
+    threads: 1,
     read_only: false,
     serial: 'rnull-test',
     poll_us: 0,
@@ -72,6 +73,7 @@ export function startBackend(overrides: Partial<DiskConfig> = {}, ops?: Operatio
     logs,
     async close() {
       await served.server.close();
+      await served.workers?.close();
       fs.rmSync(dir, { recursive: true, force: true });
     },
   };

@@ -3,6 +3,7 @@
  * life cycle, and malformed messages (logged, clean disconnect, next front-end served).
  */
 import { native } from '../../src/native';
+import type { VirtioBlkQueue } from '../../src/virtqueue/blk-queue';
 import { Req } from '../../src/vhost/protocol';
 import { startBackend, TestBackend, until } from '../helpers/backend';
 import { DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, blkHeader } from '../helpers/driver-ring';
@@ -203,7 +204,7 @@ describe('a hostile guest', () => {
     const table = fe.ram.alloc(16 * 64);
     const addrs = () => [hdr + 16 * rnd(8), data + rnd(64 * 1024), 0x7ffff000, fe.ram.regionEnd(0, 8), table, fe.ram.regionEnd(1, 100)][rnd(6)];
     let answered = 0;
-    for (let round = 0; round < 200 && !be.device.vrings[0].queue.state().broken; round++) {
+    for (let round = 0; round < 200 && !(be.device.vrings[0].queue as VirtioBlkQueue).state().broken; round++) {
       const before = ring.usedIdx();
       const n = 1 + rnd(6);
       for (let k = 0; k < n; k++) {
@@ -219,7 +220,7 @@ describe('a hostile guest', () => {
       }
       fe.kick(0);
       // Heads may repeat within a round (the guest offering an in-flight head): that breaks the queue.
-      await until(() => ring.usedIdx() === ((before + n) & 0xffff) || be.device.vrings[0].queue.state().broken, 'chains answered');
+      await until(() => ring.usedIdx() === ((before + n) & 0xffff) || (be.device.vrings[0].queue as VirtioBlkQueue).state().broken, 'chains answered');
       answered += (ring.usedIdx() - before) & 0xffff;
     }
     expect(answered).toBeGreaterThan(0);

@@ -14,7 +14,7 @@ describe('loadConfig()', () => {
   test('no file: one 1 GiB memory-backed disk at ./rnull.sock with 512-byte blocks', () => {
     const c = loadConfig(undefined, {});
     expect(c.disks).toEqual([
-      { name: 'rnull', socket: './rnull.sock', size: 1024, blocksize: 512, memory_backed: true, num_queues: 1, read_only: false, serial: 'rnull', poll_us: 50, irqmode: 0, completion_nsec: null, io_timeout: 30000, discard: false, badblocks: [], badblocks_once: false, mbps: 0, cache_size: 0, hw_queue_depth: 1024, submit_queues: null, shared_tags: false, nr_devices: 1, rotational: false },
+      { name: 'rnull', socket: './rnull.sock', size: 1024, blocksize: 512, memory_backed: true, num_queues: 1, threads: 1, read_only: false, serial: 'rnull', poll_us: 50, irqmode: 0, completion_nsec: null, io_timeout: 30000, discard: false, badblocks: [], badblocks_once: false, mbps: 0, cache_size: 0, hw_queue_depth: 1024, submit_queues: null, shared_tags: false, nr_devices: 1, rotational: false },
     ]);
     expect(c.log_level).toBe('info');
     expect(c.management_socket).toBe('');
@@ -71,5 +71,20 @@ describe('null_blk option combinations', () => {
   test('completion_nsec outside timer mode is refused', () => {
     expect(() => loadConfig(undefined, { completion_nsec: 5000 })).toThrow(/completion_nsec: applies to irqmode 2 \(timer\) only, but irqmode is 0/);
     expect(loadConfig(undefined, { completion_nsec: 5000, irqmode: 2 }).disks[0]).toMatchObject({ irqmode: 2, completion_nsec: 5000 });
+  });
+  test('threads: at most num_queues; per-disk state (cache, bandwidth, shared tags, bad-once) needs one thread', () => {
+    expect(loadConfig(undefined, { threads: 2, num_queues: 4 }).disks[0]).toMatchObject({ threads: 2, num_queues: 4 });
+    expect(() => loadConfig(undefined, { threads: 3, num_queues: 2 })).toThrow(/threads 3 exceeds num_queues 2: each thread serves at least one hardware queue/);
+    expect(() => loadConfig(undefined, { threads: 65, num_queues: 64 })).toThrow(/threads: expected a whole number from 1 to 64/);
+    const needOne: Array<[string, Record<string, unknown>]> = [
+      ['cache_size', { cache_size: 4 }],
+      ['mbps', { mbps: 100 }],
+      ['shared_tags', { shared_tags: true }],
+      ['badblocks_once', { badblocks_once: true }],
+    ];
+    for (const [key, o] of needOne) {
+      expect(() => loadConfig(undefined, { threads: 2, num_queues: 2, ...o })).toThrow(new RegExp(`${key}: needs threads 1 .* but threads is 2`));
+      expect(loadConfig(undefined, { threads: 1, num_queues: 2, ...o }).disks[0]).toMatchObject(o);
+    }
   });
 });

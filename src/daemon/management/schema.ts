@@ -69,6 +69,7 @@ message QueueStats {
   uint64 spins = 10;
   uint64 spin_hits = 11;
   uint64 poll_ns = 12;
+  uint32 thread = 13;  // 0: the main thread; n: worker thread n (disk option threads)
 }
 `;
 
@@ -106,6 +107,7 @@ export interface QueueStatsMsg {
   spins: number;
   spin_hits: number;
   poll_ns: number;
+  thread: number;
 }
 export interface ResponseMsg {
   ok: boolean;

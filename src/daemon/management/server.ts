@@ -42,6 +42,7 @@ export class ManagementServer {
 
   private serve(conn: net.Socket): void {
     let pending = Buffer.alloc(0);
+    let replies = Promise.resolve();
     conn.on('data', (chunk: Buffer) => {
       pending = Buffer.concat([pending, chunk]);
       let parsed;
@@ -58,11 +59,15 @@ export class ManagementServer {
         try {
           req = RequestType.toObject(RequestType.decode(m), { longs: Number, oneofs: true }) as RequestMsg;
         } catch (e) {
-          this.reply(conn, { ok: false, error: `malformed request: ${(e as Error).message}` });
-          conn.end();
+          const error = `malformed request: ${(e as Error).message}`;
+          replies = replies.then(() => {
+            this.reply(conn, { ok: false, error });
+            conn.end();
+          });
           return;
         }
-        this.reply(conn, this.handle(req));
+        // Answered in order, each once its (possibly asynchronous) handling is done.
+        replies = replies.then(async () => this.reply(conn, await this.handle(req)));
       }
     });
     conn.on('error', () => conn.destroy());
@@ -73,7 +78,7 @@ export class ManagementServer {
   }
 
   /** One request; errors are answered, never thrown. */
-  handle(req: RequestMsg): Partial<ResponseMsg> {
+  async handle(req: RequestMsg): Promise<Partial<ResponseMsg>> {
     try {
       if (req.list_disks !== undefined) {
         return {
@@ -97,6 +102,7 @@ export class ManagementServer {
         const bb = d.driver.badblocks;
         if (b.action === BadBlocksAction.ADD) bb.add(b.start ?? 0, b.end ?? 0);
         else if (b.action === BadBlocksAction.REMOVE) bb.remove(b.start ?? 0, b.end ?? 0);
+        if (b.action !== BadBlocksAction.LIST && d.workers !== null) await d.workers.setBadBlocks(bb.list());
         if (b.action !== BadBlocksAction.LIST) this.log.info({ disk: b.disk, action: b.action, start: b.start, end: b.end }, 'bad blocks changed');
         return { ok: true, bad_blocks: bb.list().map(([start, end]) => ({ start, end })) };
       }
@@ -110,27 +116,25 @@ export class ManagementServer {
       }
       if (req.get_stats !== undefined) {
         const d = this.disk(req.get_stats.disk);
+        const snapshots = await Promise.all(d.device.vrings.map((r) => r.queue.snapshot()));
         return {
           ok: true,
           cache_dirty_bytes: d.driver.cache?.dirtyBytes ?? 0,
-          queues: d.device.vrings.map((r) => {
-            const st = r.queue.stats;
-            const ring = r.queue.isRunning ? r.queue.state() : null;
-            return {
-              index: r.index,
-              running: r.queue.isRunning,
-              requests: st.requests,
-              failed_requests: st.failedRequests,
-              bad_chains: st.badChains,
-              in_flight: d.disk.hwQueues[r.index].inFlight,
-              broken: ring?.broken ?? false,
-              batches: st.batches,
-              calls: ring?.calls ?? 0,
-              spins: ring?.spins ?? 0,
-              spin_hits: ring?.spinHits ?? 0,
-              poll_ns: ring?.pollNs ?? 0,
-            };
-          }),
+          queues: snapshots.map((q, index) => ({
+            index,
+            running: q.running,
+            thread: q.thread,
+            requests: q.requests,
+            failed_requests: q.failedRequests,
+            bad_chains: q.badChains,
+            in_flight: q.inFlight,
+            broken: q.broken,
+            batches: q.batches,
+            calls: q.calls,
+            spins: q.spins,
+            spin_hits: q.spinHits,
+            poll_ns: q.pollNs,
+          })),
         };
       }
       return { ok: false, error: 'empty request' };

@@ -1,0 +1,117 @@
+/**
+ * A queue worker thread (daemon/queue-workers.ts starts it): builds the disk's null driver over
+ * the shared page store, serves the hardware queues it was given with VirtioBlkQueues on its own
+ * mapping of guest memory, and answers the main thread's ring operations (thread-messages.ts).
+ * Logs go straight to fd 1, as the main thread's do.
+ */
+import pino from 'pino';
+import { parentPort, workerData } from 'worker_threads';
+import { hctxOf } from '../block/disk';
+import { native } from '../native';
+import type { ThreadReply, ThreadRequest } from '../vhost/thread-messages';
+import { VirtioBlkQueue } from '../virtqueue/blk-queue';
+import { GuestMemoryMap } from '../virtqueue/guest-memory';
+import { buildNullDisk } from './null-disk';
+import type { QueueWorkerData } from './queue-workers';
+
+const data = workerData as QueueWorkerData;
+const log = pino({ level: data.logLevel, base: { pid: process.pid, thread: data.thread } }, pino.destination({ fd: 1, sync: true })).child({
+  disk: data.config.name,
+});
+const { disk, driver } = buildNullDisk(data.config, log, { sharedStore: data.storeId ?? undefined });
+
+interface Served {
+  queue: VirtioBlkQueue;
+  /** This thread's duplicates of the ring's eventfds (-1: none). */
+  kickFd: number;
+  callFd: number;
+}
+const served = new Map<number, Served>();
+for (const q of data.queues) served.set(q, { queue: new VirtioBlkQueue(q, hctxOf(disk, q), disk, log), kickFd: -1, callFd: -1 });
+let memory: GuestMemoryMap | null = null;
+
+function closeFd(fd: number): void {
+  if (fd >= 0) native.close(fd);
+}
+
+function queueOf(index: number): Served {
+  const s = served.get(index);
+  if (s === undefined) throw new RangeError(`queue ${index} is not served by thread ${data.thread}`);
+  return s;
+}
+
+function releaseMemory(): void {
+  if (memory !== null) memory.release();
+  memory = null;
+}
+
+async function handle(m: ThreadRequest): Promise<unknown> {
+  switch (m.op) {
+    case 'memory':
+      try {
+        releaseMemory();
+        memory = new GuestMemoryMap(m.regions, m.fds);
+      } finally {
+        for (const fd of m.fds) closeFd(fd);
+      }
+      return undefined;
+    case 'release':
+      releaseMemory();
+      return undefined;
+    case 'start': {
+      const s = queueOf(m.queue);
+      closeFd(s.kickFd);
+      closeFd(s.callFd);
+      s.kickFd = m.setup.kickFd;
+      s.callFd = m.setup.callFd;
+      try {
+        if (memory === null) throw new Error(`ring ${m.queue} started before its thread mapped guest memory`);
+        s.queue.start({ ...m.setup, memory }, m.enabled);
+      } catch (e) {
+        closeFd(s.kickFd);
+        closeFd(s.callFd);
+        s.kickFd = s.callFd = -1;
+        throw e;
+      }
+      return undefined;
+    }
+    case 'enable':
+      queueOf(m.queue).queue.setEnabled(m.enabled);
+      return undefined;
+    case 'call': {
+      const s = queueOf(m.queue);
+      s.queue.setCallFd(m.fd);
+      closeFd(s.callFd);
+      s.callFd = m.fd;
+      return undefined;
+    }
+    case 'stop': {
+      const s = queueOf(m.queue);
+      const base = await s.queue.stop();
+      closeFd(s.kickFd);
+      closeFd(s.callFd);
+      s.kickFd = -1;
+      s.callFd = -1;
+      return base;
+    }
+    case 'snapshot':
+      return queueOf(m.queue).queue.snapshot(data.thread);
+    case 'badblocks':
+      driver.badblocks.remove(0, Number.MAX_SAFE_INTEGER);
+      for (const [start, end] of m.ranges) driver.badblocks.add(start, end);
+      return undefined;
+  }
+}
+
+const port = parentPort;
+if (port === null) throw new Error('queue-worker.ts runs as a worker thread');
+port.on('message', (m: ThreadRequest & { id: number }) => {
+  handle(m).then(
+    (value) => port.postMessage({ id: m.id, ok: true, value } satisfies ThreadReply),
+    (e: unknown) => {
+      log.error({ op: m.op, err: e }, 'ring operation failed on a worker thread');
+      port.postMessage({ id: m.id, ok: false, error: (e as Error).message } satisfies ThreadReply);
+    },
+  );
+});
+log.debug({ queues: data.queues }, 'queue worker thread ready');

@@ -1,0 +1,54 @@
+/**
+ * RingQueue: what the vhost-user device needs from the queue that serves one virtqueue, whether
+ * it runs on this thread (VirtioBlkQueue) or on a worker thread (RemoteQueue). QueueThreads:
+ * the worker threads of a disk whose `threads` is above 1, as the device sees them.
+ */
+import type { VringSetup } from '../virtqueue/blk-queue';
+import type { MemRegion } from './message';
+
+/** A queue's counters and native ring state (management API `rnull ctl stats`). */
+export interface QueueSnapshot {
+  running: boolean;
+  /** 0: the main thread; n: worker thread n. */
+  thread: number;
+  requests: number;
+  failedRequests: number;
+  badChains: number;
+  batches: number;
+  /** Requests owned by the driver (refcount >= 1). */
+  inFlight: number;
+  broken: boolean;
+  calls: number;
+  spins: number;
+  spinHits: number;
+  pollNs: number;
+}
+
+export interface RingQueue {
+  readonly index: number;
+  readonly isRunning: boolean;
+  /**
+   * Starts serving the ring (vhost-user.rst "Ring states"). Takes no ownership of the setup's
+   * kick/call fds. @throws (or rejects with) RangeError for a ring the queue cannot serve.
+   */
+  start(setup: VringSetup, enabled: boolean): void | Promise<void>;
+  /** SET_VRING_ENABLE. */
+  setEnabled(enabled: boolean): void;
+  /** SET_VRING_CALL on a running ring; the caller may close the previous fd right after. */
+  setCallFd(fd: number): void;
+  /** GET_VRING_BASE: resolves with the next avail index once nothing is in flight. */
+  stop(): Promise<number>;
+  snapshot(): QueueSnapshot | Promise<QueueSnapshot>;
+}
+
+export interface QueueThreads {
+  /** The worker-thread queue serving ring `index`, or null when it runs on the main thread. */
+  remoteQueue(index: number): RingQueue | null;
+  /**
+   * SET_MEM_TABLE: every worker maps the table from its own duplicates of `fds` (the caller keeps
+   * and closes its fds). Call only while no worker ring runs.
+   */
+  mapMemory(regions: readonly MemRegion[], fds: readonly number[]): Promise<void>;
+  /** Every worker unmaps its guest memory (rings stopped first). */
+  releaseMemory(): Promise<void>;
+}

@@ -1,0 +1,53 @@
+/**
+ * The messages between the main thread and a queue worker thread (worker_threads postMessage,
+ * structured clone). fds are process-wide numbers: each one sent is a duplicate that the worker
+ * owns from then on and closes when done with it, so the main thread may close its own at will.
+ * Every request carries an id; the worker answers each with a ThreadReply of the same id.
+ */
+import type { MemRegion } from './message';
+import type { QueueSnapshot } from './ring-queue';
+
+/** A VringSetup without the memory (the worker maps its own) and with the worker's own fds. */
+export interface RemoteVringSetup {
+  size: number;
+  descAddr: number;
+  availAddr: number;
+  usedAddr: number;
+  lastAvailIdx: number;
+  eventIdx: boolean;
+  indirect: boolean;
+  kickFd: number;
+  callFd: number;
+  pollUs: number;
+}
+
+export type ThreadRequest =
+  | { op: 'memory'; regions: MemRegion[]; fds: number[] }
+  | { op: 'release' }
+  | { op: 'start'; queue: number; setup: RemoteVringSetup; enabled: boolean }
+  | { op: 'enable'; queue: number; enabled: boolean }
+  | { op: 'call'; queue: number; fd: number }
+  | { op: 'stop'; queue: number }
+  | { op: 'snapshot'; queue: number }
+  | { op: 'badblocks'; ranges: Array<[number, number]> };
+
+/** What each request resolves with. */
+export interface ThreadResults {
+  memory: undefined;
+  release: undefined;
+  start: undefined;
+  enable: undefined;
+  call: undefined;
+  stop: number;
+  snapshot: QueueSnapshot;
+  badblocks: undefined;
+}
+
+export type ThreadReply = { id: number; ok: true; value: unknown } | { id: number; ok: false; error: string };
+
+/** One worker thread, as its queues see it. */
+export interface ThreadChannel {
+  readonly thread: number;
+  /** Rejects with the worker's error message, or when the worker is gone. */
+  call<R extends ThreadRequest>(request: R): Promise<ThreadResults[R['op']]>;
+}
