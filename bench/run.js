@@ -64,6 +64,8 @@ const HELP = `usage: node bench/run.js [options]        (npm run bench -- [optio
   --backend-cpu N     core for the back-ends (default 0)
   --client-cpu N      core for the client (default 1)
   --no-pin            pin nothing
+  --rnull-threads N   rnull's --threads: 1, or 2 to serve queue 1 on a worker thread (pinned, both
+                      threads share --backend-cpu: use --no-pin to let them spread) (default 1)
   --qsd-aio MODE      I/O mode of QSD's file disk: native (aio=native,cache.direct=on: O_DIRECT on
                       tmpfs needs Linux 6.6+), io_uring, threads, or auto (default: the first of
                       these that passes a verified write/read probe, in that order)
@@ -85,6 +87,7 @@ function parseArgs(argv) {
     size: 1024,
     backendCpu: 0,
     clientCpu: 1,
+    rnullThreads: 1,
     pin: true,
     qsdAio: 'auto',
     timeoutMs: 5000,
@@ -124,6 +127,7 @@ function parseArgs(argv) {
       case '--backends': o.backends = String(val() ?? '').split(',').filter((s) => s !== ''); break;
       case '--workloads': o.workloads = String(val() ?? '').split(',').filter((s) => s !== ''); break;
       case '--size': o.size = num(a, val(), 16, 65536, true); break;
+      case '--rnull-threads': o.rnullThreads = num(a, val(), 1, 2, true); break;
       case '--backend-cpu': o.backendCpu = num(a, val(), 0, 4095, true); break;
       case '--client-cpu': o.clientCpu = num(a, val(), 0, 4095, true); break;
       case '--no-pin': o.pin = false; break;
@@ -276,9 +280,9 @@ function qsdArgs(disk, socket, sizeBytes, image, mode) {
   return args;
 }
 
-function rnullArgs(disk, socket, sizeMiB) {
+function rnullArgs(disk, socket, sizeMiB, threads) {
   return [RNULL_MAIN, '--socket', socket, '--size', String(sizeMiB), '--blocksize', '512', '--memory-backed', disk === 'mem' ? 'true' : 'false',
-    '--num-queues', '2', '--log-level', 'warn'];
+    '--num-queues', '2', '--threads', String(threads), '--log-level', 'warn'];
 }
 
 /** Waits until `socket` exists (the back-end listens), the child dies, or `ms` passes. */
@@ -311,7 +315,7 @@ async function startBackend(ctx, backend, disk) {
   let cmd;
   let args;
   if (backend === 'rnull') {
-    [cmd, args] = pinned(o, o.backendCpu, process.execPath, rnullArgs(disk, socket, o.size));
+    [cmd, args] = pinned(o, o.backendCpu, process.execPath, rnullArgs(disk, socket, o.size, o.rnullThreads));
   } else {
     if (disk === 'mem') {
       image = path.join(ctx.shm, `rnull-bench-${process.pid}-${n}.img`);
@@ -810,7 +814,7 @@ async function main() {
     qsd_file_mode: backends.includes('qsd') && selected.some((c) => c.disk === 'mem') ? QSD_FILE_MODES[ctx.qsdAio] : null,
     load_average_start: loadStart,
     load_average_end: loadEnd,
-    options: { rounds: o.rounds, runtime_s: o.runtime, ramp_s: o.ramp, size_mib: o.size, pin: o.pin, backend_cpu: o.backendCpu, client_cpu: o.clientCpu,
+    options: { rnull_threads: o.rnullThreads, rounds: o.rounds, runtime_s: o.runtime, ramp_s: o.ramp, size_mib: o.size, pin: o.pin, backend_cpu: o.backendCpu, client_cpu: o.clientCpu,
       timeout_ms: o.timeoutMs, backends, quick: o.quick },
     lifecycle: 'a fresh back-end process per run (round x case x back-end), on a fresh socket; memory-backed disks written once before the measured run',
     client: 'vhost-bench defaults: --wait call, --event-idx on, --ring-size 256 (512 for QD128), direct descriptors',

@@ -16,6 +16,11 @@
  *  3. Multiple disks: one daemon (config file), two disks with different
  *     sizes, block sizes and queue counts in one guest; writes stay on
  *     their own disk.
+ *  4. Threads: two disks with num_queues 2, one on 1 thread and one on 2
+ *     (queue 1 on a worker thread), in a 2-vCPU guest: fio writes from both
+ *     CPUs at once and verifies each region from the other CPU (the other
+ *     queue); two writers on different CPUs overwrite the same blocks and
+ *     every block holds one of their patterns afterwards.
  * Each daemon must exit 0 on SIGTERM and remove its sockets.
  *
  * Disks are found in the guest by their serial (/sys/block/vdX/serial, the
@@ -506,4 +511,98 @@ val b_nonzero "$(nonzero $B)"
   }), TEST_TIMEOUT_MS);
 
   test('SIGTERM stops the daemon and removes both sockets', run.counted(() => daemon.stopAndCheck()), 30_000);
+});
+
+// ---------------------------------------------------------------------------
+// 4. Threads
+// ---------------------------------------------------------------------------
+
+describe('1 and 2 threads with num-queues=2', () => {
+  const DISKS = [
+    { serial: 'thr1', threads: 1 },
+    { serial: 'thr2', threads: 2 },
+  ] as const;
+  const REGION_MIB = 16;
+  const OVERLAP_MIB = 8;
+  let daemon: Daemon;
+
+  beforeAll(run.counted(async () => {
+    daemon = await Daemon.startConfig('threads', DISKS.map((d) => ({
+      socket: `${d.serial}.sock`, size: 64, blocksize: 512, memory_backed: true, num_queues: 2, threads: d.threads, serial: d.serial,
+    })), run.dir, { management: true });
+  }), 60_000);
+
+  /** fio over region $r of $D (shell variables), job name region-SERIAL-$r. */
+  const fioRegion = (s: string): string =>
+    `fio --name=region-${s}-$r --filename=$D --offset=$(($r * ${REGION_MIB}))M --size=${REGION_MIB}M --rw=randwrite --bs=4k ` +
+    '--ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --verify_fatal=1 --eta=never --output-format=json';
+
+  /**
+   * Per disk, with hctx i on CPU i: (a) two fio jobs at once, the one on
+   * CPU r writing region r (16 MiB at 16 MiB * r, random 4k, crc32c verify
+   * headers); (b) two fio verify-only passes at once, region r read back
+   * from CPU 1 - r, i.e. through the other hardware queue; (c) two writers
+   * at once on CPUs 0 and 1 filling the same 8 MiB with 0xaa and 0x55
+   * (same random order: they race for the same blocks); the region must
+   * then hold nothing but those two bytes (a lost page would read zeroes).
+   */
+  const script = DISKS.map(({ serial: s }) => `
+D=$(dev_by_serial ${s})
+geometry ${s} $D
+val ${s}_cpus_hctx0 "$(cat /sys/block/\${D##*/}/mq/0/cpu_list)"
+val ${s}_cpus_hctx1 "$(cat /sys/block/\${D##*/}/mq/1/cpu_list)"
+for r in 0 1; do
+  ${fioRegion(s)} --do_verify=0 --cpus_allowed=$r --output=/tmp/w-$r.json &
+done
+wait
+for r in 0 1; do
+  ${fioRegion(s)} --verify_only --cpus_allowed=$((1 - $r)) --output=/tmp/v-$r.json &
+done
+wait
+for r in 0 1; do block ${s}-write-$r /tmp/w-$r.json; block ${s}-verify-$r /tmp/v-$r.json; done
+fio --name=same-a --filename=$D --offset=${2 * REGION_MIB}M --size=${OVERLAP_MIB}M --rw=randwrite --bs=4k --ioengine=libaio --iodepth=16 \\
+    --direct=1 --buffer_pattern=0xaa --cpus_allowed=0 --eta=never --output-format=json --output=/tmp/oa.json &
+fio --name=same-b --filename=$D --offset=${2 * REGION_MIB}M --size=${OVERLAP_MIB}M --rw=randwrite --bs=4k --ioengine=libaio --iodepth=16 \\
+    --direct=1 --buffer_pattern=0x55 --cpus_allowed=1 --eta=never --output-format=json --output=/tmp/ob.json &
+wait
+block ${s}-same-a /tmp/oa.json
+block ${s}-same-b /tmp/ob.json
+fresh
+dd if=$D of=/tmp/same bs=1M skip=${2 * REGION_MIB} count=${OVERLAP_MIB} iflag=direct 2>/dev/null
+val ${s}_same_bytes "$(wc -c < /tmp/same)"
+val ${s}_same_other "$(tr -d '\\252\\125' < /tmp/same | wc -c)"
+rm -f /tmp/same
+`).join('');
+
+  test('fio from both CPUs verifies through the other queue; racing writers leave only their patterns', run.counted(async () => {
+    const report = await run.timed('4: threads 1 and 2 (one guest, 2 vCPUs)', () =>
+      bootGuest('threads', [daemon], DISKS.map((_, i) => daemon.disk(i, 2)), script, 2));
+    const lines: string[] = [];
+    for (const d of DISKS) {
+      const s = d.serial;
+      expect({ disk: s, hwQueues: count(report, `${s}_hw_queues`), hctx0: value(report, `${s}_cpus_hctx0`), hctx1: value(report, `${s}_cpus_hctx1`) })
+        .toEqual({ disk: s, hwQueues: 2, hctx0: '0', hctx1: '1' });
+      for (const r of [0, 1]) {
+        const w = fioSummary(report, `${s}-write-${r}`);
+        const v = fioSummary(report, `${s}-verify-${r}`);
+        lines.push(`threads ${d.threads}, region ${r}: ${describePhase(`randwrite qd16 on CPU ${r}`, w.write)}; ${describePhase(`verify on CPU ${1 - r}`, v.read)}`);
+        // Every block written from CPU r read back from the other CPU and matched.
+        expect({ disk: s, region: r, errors: [w.error, v.error], written: w.write.ioMiB, verified: v.read.ioMiB })
+          .toEqual({ disk: s, region: r, errors: [0, 0], written: REGION_MIB, verified: REGION_MIB });
+      }
+      for (const w of ['a', 'b']) expect({ disk: s, writer: w, error: fioSummary(report, `${s}-same-${w}`).error }).toEqual({ disk: s, writer: w, error: 0 });
+      expect({ disk: s, bytes: count(report, `${s}_same_bytes`), other: count(report, `${s}_same_other`) })
+        .toEqual({ disk: s, bytes: OVERLAP_MIB * MIB, other: 0 });
+
+      // Both hardware queues carried requests, on the threads the config gave them.
+      const stats = await daemon.ctl('stats', s);
+      const queues = stats.queues ?? [];
+      lines.push(`threads ${d.threads}: ${queues.map((q) => `queue ${q.index} on thread ${String(q.thread)}: ${q.requests} requests`).join(', ')}`);
+      expect(queues.map((q) => ({ index: q.index, thread: q.thread ?? 0, busy: q.requests > 1000, failed: q.failed_requests })))
+        .toEqual([0, 1].map((i) => ({ index: i, thread: i % d.threads, busy: true, failed: 0 })));
+    }
+    console.log(`threads\n${lines.join('\n')}`);
+  }), TEST_TIMEOUT_MS);
+
+  test('SIGTERM stops the daemon and its worker threads and removes both sockets', run.counted(() => daemon.stopAndCheck()), 30_000);
 });
