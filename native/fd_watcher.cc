@@ -58,6 +58,7 @@ Napi::Value FdWatcher::Start(const Napi::CallbackInfo& info) {
   }
   active_ = true;
   Ref();
+  napi_add_env_cleanup_hook(env, OnEnvCleanup, this);
   return env.Undefined();
 }
 
@@ -69,11 +70,23 @@ Napi::Value FdWatcher::Stop(const Napi::CallbackInfo& info) {
 
 void FdWatcher::StopPolling() {
   if (!active_) return;
+  napi_remove_env_cleanup_hook(Env(), OnEnvCleanup, this);
+  ClosePoll();
+  Unref();
+}
+
+void FdWatcher::ClosePoll() {
   active_ = false;
   uv_poll_stop(poll_);
   uv_close(reinterpret_cast<uv_handle_t*>(poll_), OnClose);
   poll_ = nullptr;
-  Unref();
+}
+
+// The environment ends (a worker thread terminated, or the process exiting) with the watcher
+// still started: its handle must be closed, or Node aborts on closing the thread's loop.
+void FdWatcher::OnEnvCleanup(void* arg) {
+  FdWatcher* self = static_cast<FdWatcher*>(arg);
+  if (self->active_) self->ClosePoll();
 }
 
 void FdWatcher::OnClose(uv_handle_t* handle) { delete reinterpret_cast<uv_poll_t*>(handle); }

@@ -20,6 +20,8 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
   Napi::Value Start(const Napi::CallbackInfo& info);
   Napi::Value Stop(const Napi::CallbackInfo& info);
   void StopPolling();
+  void ClosePoll();
+  static void OnEnvCleanup(void* arg);
   static void OnPoll(uv_poll_t* handle, int status, int events);
   static void OnClose(uv_handle_t* handle);
 
