@@ -40,7 +40,11 @@ function queueOf(index: number): Served {
   return s;
 }
 
+/** Unmaps guest memory; refused while a ring still runs on it (its native walk would fault). */
 function releaseMemory(): void {
+  for (const [index, s] of served) {
+    if (s.queue.isRunning) throw new Error(`guest memory kept: ring ${index} still runs on it`);
+  }
   if (memory !== null) memory.release();
   memory = null;
 }

@@ -4,8 +4,9 @@
  * here, each building the same null disk (daemon/null-disk.ts) over the shared page store and
  * serving its queues (daemon/queue-worker.ts).
  *
- * A worker that fails is logged; its pending and later calls reject, so the ring operation
- * that needed it fails and the front-end is disconnected with that reason.
+ * A worker that fails is logged and started again (up to MAX_RESTARTS times); the calls it had
+ * pending reject, so the ring operation that needed it fails and the front-end is disconnected
+ * with that reason; the next front-end finds a fresh worker.
  */
 import * as fs from 'fs';
 import * as path from 'path';
@@ -36,31 +37,42 @@ function workerScript(): string {
   return path.join(__dirname, '..', '..', 'dist', 'daemon', 'queue-worker.js');
 }
 
+/** A worker lost more often than this is not started again (a bug that strikes at once). */
+const MAX_RESTARTS = 5;
+
 class WorkerChannel implements ThreadChannel {
-  private readonly worker: Worker;
+  private worker: Worker;
   private nextId = 1;
   private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
-  private gone: Error | null = null;
+  private stopped: Error | null = null;
+  private restarts = 0;
+  incarnation = 0;
 
   constructor(
     readonly thread: number,
-    data: QueueWorkerData,
+    private readonly data: QueueWorkerData,
     private readonly log: Logger,
+    private readonly onLost: (error: Error) => void,
   ) {
-    this.worker = new Worker(workerScript(), { workerData: data, stdout: false, stderr: false });
-    this.worker.on('message', (r: ThreadReply) => {
+    this.worker = this.spawn();
+  }
+
+  private spawn(): Worker {
+    const w = new Worker(workerScript(), { workerData: this.data, stdout: false, stderr: false });
+    w.on('message', (r: ThreadReply) => {
       const p = this.pending.get(r.id);
       if (p === undefined) return;
       this.pending.delete(r.id);
       if (r.ok) p.resolve(r.value);
-      else p.reject(new Error(`worker thread ${thread}: ${r.error}`));
+      else p.reject(new Error(`worker thread ${this.thread}: ${r.error}`));
     });
-    this.worker.on('error', (e) => this.fail(new Error(`worker thread ${thread} failed: ${e.message}`)));
-    this.worker.on('exit', (code) => this.fail(new Error(`worker thread ${thread} exited (code ${code})`)));
+    w.on('error', (e) => this.lost(w, `failed: ${e.message}`));
+    w.on('exit', (code) => this.lost(w, `exited (code ${code})`));
+    return w;
   }
 
   call<R extends ThreadRequest>(request: R): Promise<ThreadResults[R['op']]> {
-    if (this.gone !== null) return Promise.reject(this.gone);
+    if (this.stopped !== null) return Promise.reject(this.stopped);
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
@@ -69,21 +81,36 @@ class WorkerChannel implements ThreadChannel {
   }
 
   async terminate(): Promise<void> {
-    this.gone ??= new Error(`worker thread ${this.thread} stopped`);
+    this.stopped ??= new Error(`worker thread ${this.thread} stopped`);
     await this.worker.terminate();
   }
 
-  private fail(e: Error): void {
-    if (this.gone === null) this.log.error({ thread: this.thread, err: e }, 'queue worker thread lost; its rings stop');
-    this.gone ??= e;
+  /**
+   * The worker is gone: what was asked of it fails (the front-end using its rings is then
+   * disconnected), and a fresh worker takes its place for the next front-end.
+   */
+  private lost(w: Worker, how: string): void {
+    if (w !== this.worker || this.stopped !== null) return;
+    const e = new Error(`worker thread ${this.thread} ${how}`);
     for (const p of this.pending.values()) p.reject(e);
     this.pending.clear();
+    this.incarnation++;
+    this.onLost(e);
+    if (this.restarts >= MAX_RESTARTS) {
+      this.stopped = e;
+      this.log.error({ thread: this.thread, err: e }, `queue worker thread lost ${this.restarts + 1} times: not restarted; its rings cannot start`);
+      return;
+    }
+    this.restarts++;
+    this.log.error({ thread: this.thread, err: e }, 'queue worker thread lost: its rings stop; restarting it');
+    this.worker = this.spawn();
   }
 }
 
 export class QueueWorkers implements QueueThreads {
   /** Channels to threads 1..threads-1 (index t - 1). */
   private readonly channels: WorkerChannel[] = [];
+  private lostHandler: (error: Error) => void = () => undefined;
 
   /** Starts `config.threads - 1` worker threads. */
   constructor(
@@ -94,7 +121,8 @@ export class QueueWorkers implements QueueThreads {
     for (let t = 1; t < config.threads; t++) {
       const queues: number[] = [];
       for (let q = t; q < config.num_queues; q += config.threads) queues.push(q);
-      this.channels.push(new WorkerChannel(t, { config, storeId, thread: t, queues, logLevel: log.level }, log));
+      const data = { config, storeId, thread: t, queues, logLevel: log.level };
+      this.channels.push(new WorkerChannel(t, data, log, (e) => this.lostHandler(e)));
     }
   }
 
@@ -109,6 +137,10 @@ export class QueueWorkers implements QueueThreads {
 
   async releaseMemory(): Promise<void> {
     await Promise.all(this.channels.map((c) => c.call({ op: 'release' })));
+  }
+
+  onLost(handler: (error: Error) => void): void {
+    this.lostHandler = handler;
   }
 
   /** Bad block ranges changed at run time (management API): every worker takes the new list. */

@@ -67,6 +67,11 @@ export class VhostUserBlkDevice {
   private protocolFeatures = 0n;
   private memory: GuestMemoryMap | null = null;
   readonly specs: ReadonlyMap<number, MessageSpec>;
+  /**
+   * Told when the device can no longer serve the front-end (a worker thread was lost with
+   * its rings): the connection then ends, with this reason logged.
+   */
+  onFailure: ((error: Error) => void) | null = null;
 
   /**
    * @param pollUs busy-poll limit per virtqueue after a batch, in microseconds (0: none)
@@ -115,6 +120,7 @@ export class VhostUserBlkDevice {
     def(Req.SET_VRING_ERR, this.setVringErr, false, true);
     def(Req.SET_VRING_ENABLE, this.setVringEnable);
     this.specs = s;
+    threads?.onLost((e) => this.onFailure?.(e));
   }
 
   /** True once REPLY_ACK was negotiated. */
@@ -127,15 +133,19 @@ export class VhostUserBlkDevice {
    * closes eventfds, unmaps guest memory, forgets negotiated features.
    */
   async reset(): Promise<void> {
-    await this.stopRings();
-    for (const r of this.vrings) r.reset();
-    await this.releaseMemory();
-    this.features = 0n;
-    this.protocolFeatures = 0n;
-    if (this.disk.writeCache && this.config[OFF_WRITEBACK] !== 1) {
-      // A new front-end finds the device as reset: write cache in writeback.
-      (this.disk.ops.setWriteCache as (on: boolean) => void)(true);
-      this.config[OFF_WRITEBACK] = 1;
+    // A ring on a lost worker thread fails to stop: everything else is still reset.
+    try {
+      await this.stopRings();
+    } finally {
+      for (const r of this.vrings) r.reset();
+      this.features = 0n;
+      this.protocolFeatures = 0n;
+      if (this.disk.writeCache && this.config[OFF_WRITEBACK] !== 1) {
+        // A new front-end finds the device as reset: write cache in writeback.
+        (this.disk.ops.setWriteCache as (on: boolean) => void)(true);
+        this.config[OFF_WRITEBACK] = 1;
+      }
+      await this.releaseMemory();
     }
   }
 
@@ -243,6 +253,7 @@ export class VhostUserBlkDevice {
     return undefined;
   }
 
+  /** Unmaps guest memory here, then on the worker threads (which refuse while a ring runs). */
   private async releaseMemory(): Promise<void> {
     if (this.memory !== null) {
       this.memory.release();
@@ -359,10 +370,18 @@ export class VhostUserBlkDevice {
     this.log.debug({ queue: r.index, size: r.num, base: r.base }, 'ring started');
   }
 
+  /** Stops every running ring; all are tried, the first failure is rethrown after. */
   private async stopRings(): Promise<void> {
+    let failure: unknown = null;
     for (const r of this.vrings) {
-      if (r.queue.isRunning) r.base = await r.queue.stop();
+      if (!r.queue.isRunning) continue;
+      try {
+        r.base = await r.queue.stop();
+      } catch (e) {
+        failure ??= e;
+      }
     }
+    if (failure !== null) throw failure;
   }
 }
 

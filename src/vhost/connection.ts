@@ -39,6 +39,7 @@ export class VhostUserConnection {
   ) {
     this.watcher = new native.FdWatcher(fd, (status) => this.onReadable(status), false);
     this.watcher.start();
+    device.onFailure = (e) => void this.close(e.message, 'error', e);
   }
 
   get isClosing(): boolean {

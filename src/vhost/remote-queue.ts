@@ -12,6 +12,8 @@ import type { ThreadChannel } from './thread-messages';
 
 export class RemoteQueue implements RingQueue {
   private running = false;
+  /** The channel's incarnation the ring was started on. */
+  private startedOn = -1;
 
   constructor(
     readonly index: number,
@@ -29,6 +31,7 @@ export class RemoteQueue implements RingQueue {
     const callFd = setup.callFd >= 0 ? native.dup(setup.callFd) : -1;
     const { memory: _memory, ...rest } = setup;
     this.running = true;
+    this.startedOn = this.channel.incarnation;
     try {
       await this.channel.call({ op: 'start', queue: this.index, setup: { ...rest, kickFd, callFd }, enabled });
     } catch (e) {
@@ -45,10 +48,17 @@ export class RemoteQueue implements RingQueue {
     if (this.running) this.send(this.channel.call({ op: 'call', queue: this.index, fd: fd >= 0 ? native.dup(fd) : -1 }));
   }
 
+  /** Rejects if the worker cannot stop the ring (or is gone); the ring counts as stopped then. */
   async stop(): Promise<number> {
-    const base = await this.channel.call({ op: 'stop', queue: this.index });
-    this.running = false;
-    return base;
+    if (this.startedOn !== this.channel.incarnation) {
+      this.running = false;
+      throw new Error(`worker thread ${this.channel.thread} was lost while ring ${this.index} ran: its position is unknown`);
+    }
+    try {
+      return await this.channel.call({ op: 'stop', queue: this.index });
+    } finally {
+      this.running = false;
+    }
   }
 
   snapshot(): Promise<QueueSnapshot> {

@@ -51,4 +51,6 @@ export interface QueueThreads {
   mapMemory(regions: readonly MemRegion[], fds: readonly number[]): Promise<void>;
   /** Every worker unmaps its guest memory (rings stopped first). */
   releaseMemory(): Promise<void>;
+  /** `handler` hears of each worker thread lost (its rings' state with it). */
+  onLost(handler: (error: Error) => void): void;
 }

@@ -48,6 +48,8 @@ export type ThreadReply = { id: number; ok: true; value: unknown } | { id: numbe
 /** One worker thread, as its queues see it. */
 export interface ThreadChannel {
   readonly thread: number;
+  /** Bumped each time the worker is replaced after being lost: a ring started before is gone. */
+  readonly incarnation: number;
   /** Rejects with the worker's error message, or when the worker is gone. */
   call<R extends ThreadRequest>(request: R): Promise<ThreadResults[R['op']]>;
 }

@@ -9,7 +9,7 @@ import { BadBlocksAction } from '../../src/daemon/management/schema';
 import { native } from '../../src/native';
 import { Req } from '../../src/vhost/protocol';
 import type { QueueSnapshot } from '../../src/vhost/ring-queue';
-import { startBackend, TestBackend } from '../helpers/backend';
+import { startBackend, TestBackend, until } from '../helpers/backend';
 import { state, TestFrontend, u64 } from '../helpers/frontend';
 
 const ADDON = path.join(__dirname, '..', '..', 'build', 'Release', 'rnull_native.node');
@@ -166,5 +166,23 @@ describe('a disk with threads 2 and num_queues 2', () => {
       expect(Number(process.hrtime.bigint() - t0)).toBeGreaterThanOrEqual(2_000_000);
     }
     expect((await snapshots(be))[1].requests).toBe(5);
+  });
+
+  test('a lost worker thread: the front-end is disconnected with the reason logged; a fresh worker serves the next one', async () => {
+    be = startBackend({ threads: 2, num_queues: 2 });
+    fe = new TestFrontend(be.socket);
+    await fe.setup({ queues: 2 });
+    const data = Buffer.alloc(512, 0x42);
+    expect(await fe.blk(1, 1, 8, { data })).toMatchObject({ status: 0 });
+    // As if the worker had crashed: its thread ends under the running ring.
+    const channel = (be.workers as unknown as { channels: Array<{ worker: { terminate(): Promise<number> } }> }).channels[0];
+    await channel.worker.terminate();
+    await fe.waitClosed();
+    await until(() => be.logs.some((l) => l.level === 50 && /worker thread 1 exited/.test(JSON.stringify(l))), 'error log naming the worker');
+    fe.close();
+    fe = new TestFrontend(be.socket);
+    await fe.setup({ queues: 2 });
+    expect((await fe.blk(1, 0, 8, { readLen: 512 })).data!.equals(data)).toBe(true);
+    expect((await snapshots(be))[1]).toMatchObject({ thread: 1, running: true, requests: 1 });
   });
 });
