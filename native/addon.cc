@@ -1,7 +1,7 @@
 // rnull_native: the small native shim of rnull. It does only what JavaScript cannot do well:
 // the unix socket with fd passing, mmap of guest memory, fd watching, eventfds, the split
-// virtqueue walk that needs memory barriers, and the page store that worker threads share
-// (JavaScript has no shared mutable map). Everything else lives in TypeScript (src/).
+// virtqueue walk that needs memory barriers, and the page store of memory-backed disks, which
+// worker threads share (JavaScript has no shared mutable map). Everything else lives in TypeScript (src/).
 #include <napi.h>
 
 #include "errors.h"
@@ -36,7 +36,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   GuestMemory::Init(env, exports, &data->guestMemoryCtor);
   Virtqueue::Init(env, exports);
   Timer::Init(env, exports);
-  SharedPageStore::Init(env, exports);
+  PageStore::Init(env, exports);
   return exports;
 }
 

@@ -77,7 +77,7 @@ bool CopyArgs(const Napi::CallbackInfo& info, uint64_t* pos, uint8_t** data, uin
   double off = info[2].As<Napi::Number>().DoubleValue();
   double n = info[3].As<Napi::Number>().DoubleValue();
   if (!(p >= 0 && off >= 0 && n >= 0) || p + n > kMaxPos || off + n > static_cast<double>(arr.ByteLength())) {
-    ThrowRangeError(env, "SharedPageStore: range outside the array or the disk");
+    ThrowRangeError(env, "PageStore: range outside the array or the disk");
     return false;
   }
   *pos = static_cast<uint64_t>(p);
@@ -88,22 +88,22 @@ bool CopyArgs(const Napi::CallbackInfo& info, uint64_t* pos, uint8_t** data, uin
 
 }  // namespace
 
-void SharedPageStore::Init(Napi::Env env, Napi::Object exports) {
-  Napi::Function ctor = DefineClass(env, "SharedPageStore",
+void PageStore::Init(Napi::Env env, Napi::Object exports) {
+  Napi::Function ctor = DefineClass(env, "PageStore",
                                     {
-                                        InstanceAccessor<&SharedPageStore::Id>("id"),
-                                        InstanceAccessor<&SharedPageStore::PageCount>("pageCount"),
-                                        InstanceAccessor<&SharedPageStore::BytesAllocated>("bytesAllocated"),
-                                        InstanceMethod<&SharedPageStore::Write>("write"),
-                                        InstanceMethod<&SharedPageStore::Read>("read"),
-                                        InstanceMethod<&SharedPageStore::Discard>("discard"),
+                                        InstanceAccessor<&PageStore::Id>("id"),
+                                        InstanceAccessor<&PageStore::PageCount>("pageCount"),
+                                        InstanceAccessor<&PageStore::BytesAllocated>("bytesAllocated"),
+                                        InstanceMethod<&PageStore::Write>("write"),
+                                        InstanceMethod<&PageStore::Read>("read"),
+                                        InstanceMethod<&PageStore::Discard>("discard"),
                                     });
-  exports.Set("SharedPageStore", ctor);
+  exports.Set("PageStore", ctor);
 }
 
-// new SharedPageStore(): a new, empty store. new SharedPageStore(id): the store `id` created on
+// new PageStore(): a new, empty store. new PageStore(id): the store `id` created on
 // any thread of this process (Error if it no longer exists).
-SharedPageStore::SharedPageStore(const Napi::CallbackInfo& info) : Napi::ObjectWrap<SharedPageStore>(info) {
+PageStore::PageStore(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PageStore>(info) {
   if (info.Length() < 1 || info[0].IsUndefined()) {
     map_ = CreateMap();
     return;
@@ -111,25 +111,25 @@ SharedPageStore::SharedPageStore(const Napi::CallbackInfo& info) : Napi::ObjectW
   int64_t id;
   if (!ArgInt(info, 0, "id", &id)) return;
   map_ = FindMap(static_cast<uint32_t>(id));
-  if (map_ == nullptr) ThrowError(info.Env(), "SharedPageStore: no store with that id in this process");
+  if (map_ == nullptr) ThrowError(info.Env(), "PageStore: no store with that id in this process");
 }
 
-Napi::Value SharedPageStore::Id(const Napi::CallbackInfo& info) {
+Napi::Value PageStore::Id(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), map_ ? map_->id : 0);
 }
 
-Napi::Value SharedPageStore::PageCount(const Napi::CallbackInfo& info) {
+Napi::Value PageStore::PageCount(const Napi::CallbackInfo& info) {
   std::lock_guard<std::mutex> lock(map_->mu);
   return Napi::Number::New(info.Env(), static_cast<double>(map_->pages.size()));
 }
 
-Napi::Value SharedPageStore::BytesAllocated(const Napi::CallbackInfo& info) {
+Napi::Value PageStore::BytesAllocated(const Napi::CallbackInfo& info) {
   std::lock_guard<std::mutex> lock(map_->mu);
   return Napi::Number::New(info.Env(), static_cast<double>((map_->pages.size() + map_->free.size()) * kPageSize));
 }
 
 // write(pos, src, srcOffset, length): copies `length` bytes of src into the disk at byte `pos`.
-Napi::Value SharedPageStore::Write(const Napi::CallbackInfo& info) {
+Napi::Value PageStore::Write(const Napi::CallbackInfo& info) {
   uint64_t pos, len;
   uint8_t* src;
   if (!CopyArgs(info, &pos, &src, &len)) return Napi::Value();
@@ -150,7 +150,7 @@ Napi::Value SharedPageStore::Write(const Napi::CallbackInfo& info) {
 }
 
 // read(pos, dst, dstOffset, length): copies from the disk at byte `pos`; unwritten pages read 0.
-Napi::Value SharedPageStore::Read(const Napi::CallbackInfo& info) {
+Napi::Value PageStore::Read(const Napi::CallbackInfo& info) {
   uint64_t pos, len;
   uint8_t* dst;
   if (!CopyArgs(info, &pos, &dst, &len)) return Napi::Value();
@@ -171,12 +171,12 @@ Napi::Value SharedPageStore::Read(const Napi::CallbackInfo& info) {
 }
 
 // discard(pos, length): the range reads as zeroes; whole pages are freed, partial ones zeroed.
-Napi::Value SharedPageStore::Discard(const Napi::CallbackInfo& info) {
+Napi::Value PageStore::Discard(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   double p, n;
   if (!ArgNumber(info, 0, "position", &p) || !ArgNumber(info, 1, "length", &n)) return Napi::Value();
   if (!(p >= 0 && n >= 0) || p + n > kMaxPos) {
-    ThrowRangeError(env, "SharedPageStore: range outside the disk");
+    ThrowRangeError(env, "PageStore: range outside the disk");
     return Napi::Value();
   }
   uint64_t pos = static_cast<uint64_t>(p);

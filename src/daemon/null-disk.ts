@@ -19,8 +19,8 @@ export interface NullDisk {
 export interface NullDiskOptions {
   /** A tag set shared with other disks (shared_tags); otherwise the disk gets its own. */
   tagSet?: TagSet;
-  /** Memory backing shared by threads: `true` for a new store, or the id of an existing one. */
-  sharedStore?: true | number;
+  /** A worker thread's disk: the id of the main thread's page store, to share. */
+  storeId?: number;
 }
 
 /** @throws RangeError for option combinations the driver refuses (config/load.ts checks first). */
@@ -30,7 +30,7 @@ export function buildNullDisk(config: DiskConfig, log: Logger, options: NullDisk
   for (const r of config.badblocks) badblocks.add(...parseRange(r));
   const driver = new NullDriver({
     memoryBacked: config.memory_backed,
-    sharedStore: config.memory_backed ? options.sharedStore : undefined,
+    storeId: config.memory_backed ? options.storeId : undefined,
     badblocks,
     mbps: config.mbps,
     cacheBytes: config.cache_size * 1048576,

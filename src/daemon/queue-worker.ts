@@ -18,7 +18,7 @@ const data = workerData as QueueWorkerData;
 const log = pino({ level: data.logLevel, base: { pid: process.pid, thread: data.thread } }, pino.destination({ fd: 1, sync: true })).child({
   disk: data.config.name,
 });
-const { disk, driver } = buildNullDisk(data.config, log, { sharedStore: data.storeId ?? undefined });
+const { disk, driver } = buildNullDisk(data.config, log, { storeId: data.storeId ?? undefined });
 
 interface Served {
   queue: VirtioBlkQueue;

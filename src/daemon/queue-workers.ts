@@ -22,7 +22,7 @@ import type { ThreadChannel, ThreadReply, ThreadRequest, ThreadResults } from '.
 /** What a worker is started with (workerData). */
 export interface QueueWorkerData {
   config: DiskConfig;
-  /** The SharedPageStore id of a memory-backed disk, else null. */
+  /** The PageStore id of a memory-backed disk (the workers share it), else null. */
   storeId: number | null;
   thread: number;
   /** Hardware queue indexes this thread serves. */

@@ -31,9 +31,8 @@ export interface ServedDisk {
  */
 export function createDisk(config: DiskConfig, log: Logger, sharedTagSet?: TagSet): ServedDisk {
   const dlog = log.child({ disk: config.name });
-  const threaded = config.threads > 1;
-  const { disk, driver } = buildNullDisk(config, dlog, { tagSet: sharedTagSet, sharedStore: threaded ? true : undefined });
-  const workers = threaded ? new QueueWorkers(config, driver.sharedStoreId, dlog) : null;
+    const { disk, driver } = buildNullDisk(config, dlog, { tagSet: sharedTagSet });
+  const workers = config.threads > 1 ? new QueueWorkers(config, driver.storeId, dlog) : null;
   const device = new VhostUserBlkDevice(disk, config.num_queues, dlog, config.poll_us, workers);
   const server = new VhostUserServer(config.socket, device, dlog);
   return { config, disk, driver, device, server, workers };

@@ -84,11 +84,11 @@ export interface NativeTimer {
 }
 
 /**
- * The memory of a memory-backed disk shared by worker threads (native/page_store.h): positions
- * and lengths in bytes; unwritten bytes read as zeroes. RangeError outside the array.
+ * The memory of a memory-backed disk, shareable by worker threads (native/page_store.h):
+ * positions and lengths in bytes; unwritten bytes read as zeroes. RangeError outside the array.
  */
-export interface NativeSharedPageStore {
-  /** Process-wide id: `new SharedPageStore(id)` on another thread attaches to this store. */
+export interface NativePageStore {
+  /** Process-wide id: `openPageStore(id)` on another thread attaches to this store. */
   readonly id: number;
   readonly pageCount: number;
   readonly bytesAllocated: number;
@@ -129,7 +129,7 @@ interface NativeAddon {
   Virtqueue: new () => NativeVirtqueue;
   Timer: new () => NativeTimer;
   /** No argument: a new store; an id: that store, created on any thread (Error if gone). */
-  SharedPageStore: new (id?: number) => NativeSharedPageStore;
+  PageStore: new (id?: number) => NativePageStore;
   /** CLOCK_MONOTONIC in nanoseconds. */
   monotonicNs(): number;
   virtqueueConstants: { MAX_QUEUE_SIZE: number; MAX_SEGMENTS: number; SEGMENT_WORDS: number; BATCH_WORDS: number };

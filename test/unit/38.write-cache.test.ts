@@ -5,7 +5,7 @@ import * as path from 'path';
 import pino from 'pino';
 import { managementCall } from '../../src/daemon/management/client';
 import { ManagementServer } from '../../src/daemon/management/server';
-import { PageStore } from '../../src/drivers/null/page-store';
+import { openPageStore } from '../../src/drivers/null/page-store';
 import { WriteCache } from '../../src/drivers/null/write-cache';
 import { Req } from '../../src/vhost/protocol';
 import { startBackend, TestBackend } from '../helpers/backend';
@@ -15,7 +15,7 @@ const page = (v: number, n = 4096): Buffer => Buffer.alloc(n, v);
 
 describe('WriteCache', () => {
   test('writes stay volatile until flush(); drop() loses exactly the unflushed ones', () => {
-    const store = new PageStore();
+    const store = openPageStore();
     const c = new WriteCache(store, 1 << 20);
     c.write(0, page(1), 0, 4096);
     c.flush();
@@ -33,7 +33,7 @@ describe('WriteCache', () => {
   });
 
   test('a full cache writes its oldest pages back: dirty data never exceeds the capacity', () => {
-    const store = new PageStore();
+    const store = openPageStore();
     const c = new WriteCache(store, 4 * 4096);
     for (let i = 0; i < 10; i++) c.write(i * 4096, page(i + 1), 0, 4096);
     expect(c.dirtyBytes).toBe(4 * 4096);
@@ -46,7 +46,7 @@ describe('WriteCache', () => {
   });
 
   test('writethrough: writes go to the store; switching flushes first', () => {
-    const store = new PageStore();
+    const store = openPageStore();
     const c = new WriteCache(store, 1 << 20);
     c.write(0, page(5), 0, 4096);
     c.setWriteback(false);

@@ -1,6 +1,6 @@
 /**
  * threads > 1: hardware queues served on worker threads (daemon/queue-workers.ts), sharing one
- * native SharedPageStore. The back-end runs in this process; its workers run the built dist/.
+ * native PageStore. The back-end runs in this process; its workers run the built dist/.
  */
 import * as path from 'path';
 import { Worker } from 'worker_threads';
@@ -25,16 +25,16 @@ async function snapshots(be: TestBackend): Promise<QueueSnapshot[]> {
   return Promise.all(be.device.vrings.map((r) => r.queue.snapshot()));
 }
 
-describe('SharedPageStore across threads', () => {
+describe('PageStore across threads', () => {
   test('two threads allocating pages of one store at once: no page is lost or mixed up', async () => {
-    const store = new native.SharedPageStore();
+    const store = new native.PageStore();
     const PAGES = 20000;
     // Thread t writes every page p with p % 2 === t, in page order (both allocate all the time),
     // each page filled with a byte derived from its number.
     const code = `
       const { workerData, parentPort } = require('worker_threads');
       const addon = require(workerData.addon);
-      const store = new addon.SharedPageStore(workerData.id);
+      const store = new addon.PageStore(workerData.id);
       const page = Buffer.alloc(4096);
       for (let p = workerData.t; p < workerData.pages; p += 2) {
         page.fill((p * 31 + 7) & 0xff);
@@ -60,13 +60,13 @@ describe('SharedPageStore across threads', () => {
   });
 
   test('attaching by id finds the same store; an unknown id is refused', () => {
-    const a = new native.SharedPageStore();
-    const b = new native.SharedPageStore(a.id);
+    const a = new native.PageStore();
+    const b = new native.PageStore(a.id);
     a.write(8192, Buffer.from('shared'), 0, 6);
     const out = Buffer.alloc(6);
     b.read(8192, out, 0, 6);
     expect(out.toString()).toBe('shared');
-    expect(() => new native.SharedPageStore(999999)).toThrow(/no store with that id/);
+    expect(() => new native.PageStore(999999)).toThrow(/no store with that id/);
     expect(() => a.write(0, Buffer.alloc(4), 2, 4)).toThrow(/range outside the array/);
   });
 });

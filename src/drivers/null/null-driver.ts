@@ -17,9 +17,9 @@ import type { HwQueue } from '../../block/hw-queue';
 import { BlkStatus, Operations, ReqOp } from '../../block/operations';
 import type { Request } from '../../block/request';
 import { RequestTimer } from '../../block/request-timer';
-import { native, NativeSharedPageStore, SEGMENT_WORDS } from '../../native';
+import { SEGMENT_WORDS } from '../../native';
 import { BadBlocks } from './badblocks';
-import { PageStore } from './page-store';
+import { openPageStore, type PageStore } from './page-store';
 import { Throttle } from './throttle';
 import { WriteCache } from './write-cache';
 
@@ -33,10 +33,10 @@ export interface NullDriverOptions {
   /** Keep written data (null_blk memory_backed). */
   memoryBacked: boolean;
   /**
-   * Memory backing shared by threads (`threads` > 1): `true` for a new native SharedPageStore,
-   * a store id to attach to one created on another thread. Not with cacheBytes.
+   * Threads > 1: the id of the PageStore created by this disk's driver on the main thread, for
+   * a worker thread's driver to share. Not with cacheBytes (the cache is one per disk).
    */
-  sharedStore?: true | number;
+  storeId?: number;
   /** Completion mode (null_blk irqmode); default None. */
   irqmode?: IrqMode;
   /** Timer mode: delay from start to completion in nanoseconds (null_blk completion_nsec). */
@@ -62,7 +62,7 @@ const completeLater = (rq: Request): void => rq.complete();
 type DataStore = Pick<PageStore, 'write' | 'read' | 'discard'>;
 
 export class NullDriver implements Operations {
-  readonly store: PageStore | NativeSharedPageStore | null;
+  readonly store: PageStore | null;
   readonly cache: WriteCache | null;
   /** Where data goes: the cache in front of the store, or the store. */
   private readonly data: DataStore | null;
@@ -75,16 +75,14 @@ export class NullDriver implements Operations {
 
   /**
    * @throws RangeError for an unknown irqmode, completionNsec outside timer mode, or a cache
-   * without a (local) page store; Error if the shared store id does not exist.
+   * without memory backing or with a shared store; Error if storeId names no store.
    */
   constructor(options: NullDriverOptions) {
     const cached = options.cacheBytes !== undefined && options.cacheBytes > 0;
-    if (cached && (!options.memoryBacked || options.sharedStore !== undefined)) {
+    if (cached && (!options.memoryBacked || options.storeId !== undefined)) {
       throw new RangeError('cache_size needs memory_backed and one thread: a disk that keeps nothing has nothing to cache');
     }
-    if (!options.memoryBacked) this.store = null;
-    else if (options.sharedStore === undefined) this.store = new PageStore();
-    else this.store = new native.SharedPageStore(options.sharedStore === true ? undefined : options.sharedStore);
+    this.store = options.memoryBacked ? openPageStore(options.storeId) : null;
     this.cache = cached ? new WriteCache(this.store as PageStore, options.cacheBytes as number) : null;
     this.data = this.cache ?? this.store;
     this.badblocks = options.badblocks ?? new BadBlocks();
@@ -126,9 +124,9 @@ export class NullDriver implements Operations {
 
   readonly throttle: Throttle | null;
 
-  /** The process-wide id of a shared store (other threads attach with it), else null. */
-  get sharedStoreId(): number | null {
-    return this.store !== null && !(this.store instanceof PageStore) ? this.store.id : null;
+  /** The process-wide id of the page store (worker threads attach with it), else null. */
+  get storeId(): number | null {
+    return this.store?.id ?? null;
   }
 
   queueRq(rq: Request, _isLast: boolean): BlkStatus {

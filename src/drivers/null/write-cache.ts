@@ -1,8 +1,8 @@
 /**
  * WriteCache: null_blk's write-back cache emulation (`cache_size`). In writeback mode, writes
- * land in a volatile cache of at most `capacityBytes`; FLUSH makes them durable by moving the
- * dirty pages into the PageStore (no copy: the page slots change hands); when the cache is
- * full, the oldest dirty pages are written back first. In writethrough mode (the guest cleared
+ * land in a volatile cache of at most `capacityBytes` (4 KiB pages of its own); FLUSH makes
+ * them durable by writing the dirty pages into the PageStore; when the cache is full, the
+ * oldest dirty pages are written back first. In writethrough mode (the guest cleared
  * `writeback` through VIRTIO_BLK_F_CONFIG_WCE) writes go straight to the store. Reads see the
  * cache first.
  *
@@ -11,11 +11,16 @@
  *
  * Invariant: dirty.size * PAGE_SIZE <= capacityBytes after every write.
  */
-import { PAGE_SIZE, PageStore } from './page-store';
+import { native } from '../../native';
+import { PAGE_SIZE, type PageStore } from './page-store';
+
+const copyBytes = native.copyBytes;
 
 export class WriteCache {
-  /** Dirty page slots by page number, oldest first (Map keeps insertion order). */
-  private readonly dirty = new Map<number, number>();
+  /** Dirty pages by page number, oldest first (Map keeps insertion order). */
+  private readonly dirty = new Map<number, Buffer>();
+  /** Page buffers no longer dirty, kept for reuse (never more than the capacity in all). */
+  private readonly spare: Buffer[] = [];
   private readonly maxPages: number;
   writeback = true;
 
@@ -41,15 +46,14 @@ export class WriteCache {
       const pageNo = Math.floor(pos / PAGE_SIZE);
       const inPage = pos - pageNo * PAGE_SIZE;
       const n = Math.min(len, PAGE_SIZE - inPage);
-      let slot = this.dirty.get(pageNo);
-      if (slot === undefined) {
-        slot = this.store.allocSlot();
-        const clean = this.store.slotOf(pageNo);
-        if (clean !== undefined && n < PAGE_SIZE) this.store.copySlot(slot, clean); // keep the rest of the page
-        this.dirty.set(pageNo, slot);
+      let page = this.dirty.get(pageNo);
+      if (page === undefined) {
+        page = this.spare.pop() ?? Buffer.allocUnsafe(PAGE_SIZE);
+        if (n < PAGE_SIZE) this.store.read(pageNo * PAGE_SIZE, page, 0, PAGE_SIZE); // keep the rest of the page
+        this.dirty.set(pageNo, page);
         if (this.dirty.size > this.maxPages) this.writeBackOldest();
       }
-      this.store.copyToSlot(slot, inPage, src, srcOff, n);
+      copyBytes(page, inPage, src, srcOff, n);
       pos += n;
       srcOff += n;
       len -= n;
@@ -65,8 +69,8 @@ export class WriteCache {
       const pageNo = Math.floor(pos / PAGE_SIZE);
       const inPage = pos - pageNo * PAGE_SIZE;
       const n = Math.min(len, PAGE_SIZE - inPage);
-      const slot = this.dirty.get(pageNo);
-      if (slot !== undefined) this.store.copyFromSlot(slot, inPage, dst, dstOff, n);
+      const page = this.dirty.get(pageNo);
+      if (page !== undefined) copyBytes(dst, dstOff, page, inPage, n);
       else this.store.read(pos, dst, dstOff, n);
       pos += n;
       dstOff += n;
@@ -74,23 +78,17 @@ export class WriteCache {
     }
   }
 
-  /** Discarded ranges are dropped from the cache, then from the store. */
+  /** Dirty pages in the range are written back, then the store discards the range. */
   discard(pos: number, len: number): void {
     const first = Math.floor(pos / PAGE_SIZE);
     const last = Math.floor((pos + len - 1) / PAGE_SIZE);
-    for (let p = first; p <= last && this.dirty.size > 0; p++) {
-      const slot = this.dirty.get(p);
-      if (slot === undefined) continue;
-      this.dirty.delete(p);
-      this.store.putSlot(p, slot); // the store then zeroes or frees exactly the discarded part
-    }
+    for (let p = first; p <= last && this.dirty.size > 0; p++) this.writeBack(p);
     this.store.discard(pos, len);
   }
 
   /** FLUSH: every dirty page becomes durable. */
   flush(): void {
-    for (const [pageNo, slot] of this.dirty) this.store.putSlot(pageNo, slot);
-    this.dirty.clear();
+    for (const pageNo of [...this.dirty.keys()]) this.writeBack(pageNo);
   }
 
   /** Switches writeback (true) or writethrough (false); going writethrough flushes first. */
@@ -101,15 +99,21 @@ export class WriteCache {
 
   /** Loses every dirty page (power-failure emulation). */
   drop(): void {
-    for (const slot of this.dirty.values()) this.store.freeSlot(slot);
+    for (const page of this.dirty.values()) this.spare.push(page);
     this.dirty.clear();
   }
 
   private writeBackOldest(): void {
     const oldest = this.dirty.keys().next();
-    if (oldest.done === true) return;
-    const slot = this.dirty.get(oldest.value) as number;
-    this.dirty.delete(oldest.value);
-    this.store.putSlot(oldest.value, slot);
+    if (oldest.done !== true) this.writeBack(oldest.value);
+  }
+
+  /** Writes dirty page `pageNo` (if it is dirty) into the store. */
+  private writeBack(pageNo: number): void {
+    const page = this.dirty.get(pageNo);
+    if (page === undefined) return;
+    this.store.write(pageNo * PAGE_SIZE, page, 0, PAGE_SIZE);
+    this.dirty.delete(pageNo);
+    this.spare.push(page);
   }
 }
