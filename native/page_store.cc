@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include <mutex>
+#include <shared_mutex>
 #include <unordered_map>
 #include <vector>
 
@@ -20,7 +21,7 @@ constexpr double kMaxPos = 9007199254740991.0;
 
 struct PageMap {
   uint32_t id = 0;
-  std::mutex mu;
+  std::shared_mutex mu;
   std::unordered_map<uint64_t, uint8_t*> pages;
   // Freed pages kept for reuse (zeroed when handed out), as the JS store's free slots.
   std::vector<uint8_t*> free;
@@ -119,12 +120,12 @@ Napi::Value PageStore::Id(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value PageStore::PageCount(const Napi::CallbackInfo& info) {
-  std::lock_guard<std::mutex> lock(map_->mu);
+  std::shared_lock<std::shared_mutex> lock(map_->mu);
   return Napi::Number::New(info.Env(), static_cast<double>(map_->pages.size()));
 }
 
 Napi::Value PageStore::BytesAllocated(const Napi::CallbackInfo& info) {
-  std::lock_guard<std::mutex> lock(map_->mu);
+  std::shared_lock<std::shared_mutex> lock(map_->mu);
   return Napi::Number::New(info.Env(), static_cast<double>((map_->pages.size() + map_->free.size()) * kPageSize));
 }
 
@@ -134,7 +135,7 @@ Napi::Value PageStore::Write(const Napi::CallbackInfo& info) {
   uint8_t* src;
   if (!CopyArgs(info, &pos, &src, &len)) return Napi::Value();
   PageMap& m = *map_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::unique_lock<std::shared_mutex> lock(m.mu);
   while (len > 0) {
     uint64_t pageNo = pos >> kPageShift;
     uint64_t in = pos & (kPageSize - 1);
@@ -155,7 +156,7 @@ Napi::Value PageStore::Read(const Napi::CallbackInfo& info) {
   uint8_t* dst;
   if (!CopyArgs(info, &pos, &dst, &len)) return Napi::Value();
   PageMap& m = *map_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::shared_lock<std::shared_mutex> lock(m.mu);
   while (len > 0) {
     uint64_t pageNo = pos >> kPageShift;
     uint64_t in = pos & (kPageSize - 1);
@@ -182,7 +183,7 @@ Napi::Value PageStore::Discard(const Napi::CallbackInfo& info) {
   uint64_t pos = static_cast<uint64_t>(p);
   uint64_t len = static_cast<uint64_t>(n);
   PageMap& m = *map_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::unique_lock<std::shared_mutex> lock(m.mu);
   while (len > 0) {
     uint64_t pageNo = pos >> kPageShift;
     uint64_t in = pos & (kPageSize - 1);

@@ -5,9 +5,9 @@
 // (JavaScript has no shared mutable map). Also faster than the JS Map + slab store it replaced
 // (bench, memory-backed 4k randwrite QD32: 262k -> 445k IOPS): one call per guest segment.
 //
-// Consistency: one mutex per store, held for a whole call (one guest segment), so a page is
-// never allocated twice or freed under a reader, and a segment's copy is atomic with respect to
-// every other thread's.
+// Consistency: one reader-writer lock per store, held for a whole call (one guest segment):
+// reads share it, writes and discards hold it alone. So a page is never allocated twice or
+// freed under a reader, and a segment's copy is atomic with respect to every other thread's.
 #pragma once
 #include <napi.h>
 
