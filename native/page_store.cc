@@ -129,6 +129,23 @@ Napi::Value PageStore::BytesAllocated(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>((map_->pages.size() + map_->free.size()) * kPageSize));
 }
 
+namespace {
+
+// Calls f(pageNo, offsetInPage, bytes, done) for each page piece of [pos, pos + len), where
+// `done` counts the bytes before that piece.
+template <typename F>
+void ForEachPage(uint64_t pos, uint64_t len, F f) {
+  for (uint64_t done = 0; done < len;) {
+    uint64_t at = pos + done;
+    uint64_t in = at & (kPageSize - 1);
+    uint64_t n = std::min(len - done, kPageSize - in);
+    f(at >> kPageShift, in, n, done);
+    done += n;
+  }
+}
+
+}  // namespace
+
 // write(pos, src, srcOffset, length): copies `length` bytes of src into the disk at byte `pos`.
 Napi::Value PageStore::Write(const Napi::CallbackInfo& info) {
   uint64_t pos, len;
@@ -136,17 +153,11 @@ Napi::Value PageStore::Write(const Napi::CallbackInfo& info) {
   if (!CopyArgs(info, &pos, &src, &len)) return Napi::Value();
   PageMap& m = *map_;
   std::unique_lock<std::shared_mutex> lock(m.mu);
-  while (len > 0) {
-    uint64_t pageNo = pos >> kPageShift;
-    uint64_t in = pos & (kPageSize - 1);
-    uint64_t n = std::min(len, kPageSize - in);
+  ForEachPage(pos, len, [&](uint64_t pageNo, uint64_t in, uint64_t n, uint64_t done) {
     uint8_t*& page = m.pages[pageNo];
     if (page == nullptr) page = m.Alloc();
-    memcpy(page + in, src, n);
-    pos += n;
-    src += n;
-    len -= n;
-  }
+    memcpy(page + in, src + done, n);
+  });
   return info.Env().Undefined();
 }
 
@@ -157,17 +168,11 @@ Napi::Value PageStore::Read(const Napi::CallbackInfo& info) {
   if (!CopyArgs(info, &pos, &dst, &len)) return Napi::Value();
   PageMap& m = *map_;
   std::shared_lock<std::shared_mutex> lock(m.mu);
-  while (len > 0) {
-    uint64_t pageNo = pos >> kPageShift;
-    uint64_t in = pos & (kPageSize - 1);
-    uint64_t n = std::min(len, kPageSize - in);
+  ForEachPage(pos, len, [&](uint64_t pageNo, uint64_t in, uint64_t n, uint64_t done) {
     auto it = m.pages.find(pageNo);
-    if (it == m.pages.end()) memset(dst, 0, n);
-    else memcpy(dst, it->second + in, n);
-    pos += n;
-    dst += n;
-    len -= n;
-  }
+    if (it == m.pages.end()) memset(dst + done, 0, n);
+    else memcpy(dst + done, it->second + in, n);
+  });
   return info.Env().Undefined();
 }
 
@@ -180,26 +185,18 @@ Napi::Value PageStore::Discard(const Napi::CallbackInfo& info) {
     ThrowRangeError(env, "PageStore: range outside the disk");
     return Napi::Value();
   }
-  uint64_t pos = static_cast<uint64_t>(p);
-  uint64_t len = static_cast<uint64_t>(n);
   PageMap& m = *map_;
   std::unique_lock<std::shared_mutex> lock(m.mu);
-  while (len > 0) {
-    uint64_t pageNo = pos >> kPageShift;
-    uint64_t in = pos & (kPageSize - 1);
-    uint64_t k = std::min(len, kPageSize - in);
+  ForEachPage(static_cast<uint64_t>(p), static_cast<uint64_t>(n), [&](uint64_t pageNo, uint64_t in, uint64_t k, uint64_t) {
     auto it = m.pages.find(pageNo);
-    if (it != m.pages.end()) {
-      if (k == kPageSize) {
-        m.free.push_back(it->second);
-        m.pages.erase(it);
-      } else {
-        memset(it->second + in, 0, k);
-      }
+    if (it == m.pages.end()) return;
+    if (k == kPageSize) {
+      m.free.push_back(it->second);
+      m.pages.erase(it);
+    } else {
+      memset(it->second + in, 0, k);
     }
-    pos += k;
-    len -= k;
-  }
+  });
   return env.Undefined();
 }
 

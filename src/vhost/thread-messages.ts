@@ -4,22 +4,12 @@
  * owns from then on and closes when done with it, so the main thread may close its own at will.
  * Every request carries an id; the worker answers each with a ThreadReply of the same id.
  */
+import type { VringSetup } from '../virtqueue/blk-queue';
 import type { MemRegion } from './message';
 import type { QueueSnapshot } from './ring-queue';
 
-/** A VringSetup without the memory (the worker maps its own) and with the worker's own fds. */
-export interface RemoteVringSetup {
-  size: number;
-  descAddr: number;
-  availAddr: number;
-  usedAddr: number;
-  lastAvailIdx: number;
-  eventIdx: boolean;
-  indirect: boolean;
-  kickFd: number;
-  callFd: number;
-  pollUs: number;
-}
+/** A VringSetup without the memory (the worker maps its own), with the worker's own kick/call fds. */
+export type RemoteVringSetup = Omit<VringSetup, 'memory'>;
 
 export type ThreadRequest =
   | { op: 'memory'; regions: MemRegion[]; fds: number[] }

@@ -186,6 +186,21 @@ export class TestFrontend {
     return this.features;
   }
 
+  /**
+   * Restarts ring q after GET_VRING_BASE, as QEMU does: SET_VRING_BASE `base`, new kick and
+   * call eventfds, enable.
+   */
+  restartRing(q: number, base: number): void {
+    this.send(Req.SET_VRING_BASE, state(q, base));
+    const kick = native.eventfd();
+    const call = native.eventfd();
+    this.kickFds[q] = kick;
+    this.callFds[q] = call;
+    this.send(Req.SET_VRING_KICK, u64(BigInt(q)), [kick]);
+    this.send(Req.SET_VRING_CALL, u64(BigInt(q)), [call]);
+    this.send(Req.SET_VRING_ENABLE, state(q, 1));
+  }
+
   kick(q = 0): void {
     native.eventfdWrite(this.kickFds[q]);
   }

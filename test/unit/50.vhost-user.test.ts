@@ -91,15 +91,7 @@ describe('ring life cycle', () => {
     const r = await fe.call(Req.GET_VRING_BASE, state(0, 0));
     expect(r.payload.readUInt32LE(0)).toBe(0);
     expect(r.payload.readUInt32LE(4)).toBe(5);
-    // Restart as QEMU does: base, new kick and call, enable.
-    fe.send(Req.SET_VRING_BASE, state(0, 5));
-    const kick = native.eventfd();
-    const call = native.eventfd();
-    fe.kickFds[0] = kick;
-    fe.callFds[0] = call;
-    fe.send(Req.SET_VRING_KICK, u64(0n), [kick]);
-    fe.send(Req.SET_VRING_CALL, u64(0n), [call]);
-    fe.send(Req.SET_VRING_ENABLE, state(0, 1));
+    fe.restartRing(0, 5);
     expect(await fe.blk(0, 0, 0, { readLen: 512 })).toMatchObject({ status: 0 });
     expect(fe.rings[0].usedIdx()).toBe(6);
   });

@@ -10,7 +10,7 @@ import { native } from '../../src/native';
 import { Req } from '../../src/vhost/protocol';
 import type { QueueSnapshot } from '../../src/vhost/ring-queue';
 import { startBackend, TestBackend, until } from '../helpers/backend';
-import { state, TestFrontend, u64 } from '../helpers/frontend';
+import { state, TestFrontend } from '../helpers/frontend';
 
 const ADDON = path.join(__dirname, '..', '..', 'build', 'Release', 'rnull_native.node');
 
@@ -115,15 +115,7 @@ describe('a disk with threads 2 and num_queues 2', () => {
     const r = await fe.call(Req.GET_VRING_BASE, state(1, 0));
     expect(r.payload.readUInt32LE(4)).toBe(5);
     expect((await snapshots(be))[1].running).toBe(false);
-    fe.send(Req.SET_VRING_BASE, state(1, 5));
-    const kick = native.eventfd();
-    const call = native.eventfd();
-    fe.kickFds[1] = kick;
-    fe.callFds[1] = call;
-    fe.send(Req.SET_VRING_KICK, u64(1n), [kick]);
-    fe.send(Req.SET_VRING_CALL, u64(1n), [call]);
-    fe.send(Req.SET_VRING_ENABLE, state(1, 1));
-    native.eventfdRead(call);
+    fe.restartRing(1, 5);
     expect(await fe.blk(1, 0, 0, { readLen: 512 })).toMatchObject({ status: 0 });
     expect(fe.rings[1].usedIdx()).toBe(6);
   });
