@@ -128,7 +128,7 @@ export class QueueWorkers implements QueueThreads {
 
   remoteQueue(index: number): RingQueue | null {
     const t = index % this.config.threads;
-    return t === 0 ? null : new RemoteQueue(index, this.channels[t - 1], this.log);
+    return t === 0 ? null : new RemoteQueue(index, this.channels[t - 1]);
   }
 
   async mapMemory(regions: readonly MemRegion[], fds: readonly number[]): Promise<void> {

@@ -315,11 +315,12 @@ export class VhostUserBlkDevice {
     return undefined;
   }
 
-  private setVringCall(msg: Message): HandlerResult {
+  private async setVringCall(msg: Message): Promise<HandlerResult> {
     const f = readVringFile(msg);
     const r = this.ring(f.index, 'SET_VRING_CALL');
-    r.setCallFd(f.noFd ? -1 : msg.fds[0]);
+    const fd = f.noFd ? -1 : msg.fds[0];
     msg.fds.length = 0;
+    await r.setCallFd(fd);
     return undefined;
   }
 
@@ -331,12 +332,12 @@ export class VhostUserBlkDevice {
     return undefined;
   }
 
-  private setVringEnable(msg: Message): HandlerResult {
+  private async setVringEnable(msg: Message): Promise<HandlerResult> {
     const { index, num } = readVringState(msg);
     const r = this.ring(index, 'SET_VRING_ENABLE');
     if (num > 1) throw new VhostUserError(`SET_VRING_ENABLE: state ${num} is neither 0 nor 1`);
     r.enabled = num === 1;
-    r.queue.setEnabled(this.ringEnabled(r));
+    await r.queue.setEnabled(this.ringEnabled(r));
     return undefined;
   }
 

@@ -4,7 +4,6 @@
  * Messages to one worker are delivered in order, so an enable after a start finds the ring
  * started. Kick and call eventfds are duplicated for the worker (it owns and closes its copies).
  */
-import type { Logger } from 'pino';
 import { native } from '../native';
 import type { VringSetup } from '../virtqueue/blk-queue';
 import type { QueueSnapshot, RingQueue } from './ring-queue';
@@ -18,7 +17,6 @@ export class RemoteQueue implements RingQueue {
   constructor(
     readonly index: number,
     private readonly channel: ThreadChannel,
-    private readonly log: Logger,
   ) {}
 
   get isRunning(): boolean {
@@ -40,12 +38,14 @@ export class RemoteQueue implements RingQueue {
     }
   }
 
-  setEnabled(enabled: boolean): void {
-    if (this.running) this.send(this.channel.call({ op: 'enable', queue: this.index, enabled }));
+  /** Resolves once the worker has applied it (REPLY_ACK then means what it says). */
+  async setEnabled(enabled: boolean): Promise<void> {
+    if (this.running) await this.channel.call({ op: 'enable', queue: this.index, enabled });
   }
 
-  setCallFd(fd: number): void {
-    if (this.running) this.send(this.channel.call({ op: 'call', queue: this.index, fd: fd >= 0 ? native.dup(fd) : -1 }));
+  /** Resolves once the worker signals the new fd (it owns a duplicate, and closes its old one). */
+  async setCallFd(fd: number): Promise<void> {
+    if (this.running) await this.channel.call({ op: 'call', queue: this.index, fd: fd >= 0 ? native.dup(fd) : -1 });
   }
 
   /** Rejects if the worker cannot stop the ring (or is gone); the ring counts as stopped then. */
@@ -63,10 +63,5 @@ export class RemoteQueue implements RingQueue {
 
   snapshot(): Promise<QueueSnapshot> {
     return this.channel.call({ op: 'snapshot', queue: this.index });
-  }
-
-  /** Messages nobody awaits: a failure is logged (the worker has logged its side). */
-  private send(p: Promise<unknown>): void {
-    p.catch((e: unknown) => this.log.error({ queue: this.index, thread: this.channel.thread, err: e }, 'worker thread refused a ring operation'));
   }
 }

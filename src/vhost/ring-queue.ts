@@ -32,10 +32,13 @@ export interface RingQueue {
    * kick/call fds. @throws (or rejects with) RangeError for a ring the queue cannot serve.
    */
   start(setup: VringSetup, enabled: boolean): void | Promise<void>;
-  /** SET_VRING_ENABLE. */
-  setEnabled(enabled: boolean): void;
-  /** SET_VRING_CALL on a running ring; the caller may close the previous fd right after. */
-  setCallFd(fd: number): void;
+  /** SET_VRING_ENABLE: in effect once this returns (or resolves). */
+  setEnabled(enabled: boolean): void | Promise<void>;
+  /**
+   * SET_VRING_CALL on a running ring: once this returns (or resolves), completions signal
+   * `fd` and the caller may close the previous one.
+   */
+  setCallFd(fd: number): void | Promise<void>;
   /** GET_VRING_BASE: resolves with the next avail index once nothing is in flight. */
   stop(): Promise<number>;
   snapshot(): QueueSnapshot | Promise<QueueSnapshot>;

@@ -27,10 +27,12 @@ export class Vring {
     this.kickFd = fd;
   }
 
-  setCallFd(fd: number): void {
-    this.queue.setCallFd(fd); // switch before closing the old one
-    closeFd(this.callFd);
+  /** SET_VRING_CALL: the queue switches to `fd` (a worker thread acknowledges), then the old fd is closed. */
+  async setCallFd(fd: number): Promise<void> {
+    const old = this.callFd;
     this.callFd = fd;
+    await this.queue.setCallFd(fd);
+    closeFd(old);
   }
 
   setErrFd(fd: number): void {
@@ -38,10 +40,11 @@ export class Vring {
     this.errFd = fd;
   }
 
-  /** Closes the eventfds (after GET_VRING_BASE or a disconnect). */
+  /** Closes the eventfds once the queue has stopped (after GET_VRING_BASE or a disconnect). */
   closeFds(): void {
     this.setKickFd(-1);
-    this.setCallFd(-1);
+    closeFd(this.callFd);
+    this.callFd = -1;
     this.setErrFd(-1);
   }
 

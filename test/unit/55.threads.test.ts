@@ -10,7 +10,7 @@ import { native } from '../../src/native';
 import { Req } from '../../src/vhost/protocol';
 import type { QueueSnapshot } from '../../src/vhost/ring-queue';
 import { startBackend, TestBackend, until } from '../helpers/backend';
-import { state, TestFrontend } from '../helpers/frontend';
+import { state, TestFrontend, u64 } from '../helpers/frontend';
 
 const ADDON = path.join(__dirname, '..', '..', 'build', 'Release', 'rnull_native.node');
 
@@ -118,6 +118,22 @@ describe('a disk with threads 2 and num_queues 2', () => {
     fe.restartRing(1, 5);
     expect(await fe.blk(1, 0, 0, { readLen: 512 })).toMatchObject({ status: 0 });
     expect(fe.rings[1].usedIdx()).toBe(6);
+  });
+
+  test('SET_VRING_CALL on a running worker ring: completions signal the new eventfd, not the old one', async () => {
+    be = startBackend({ threads: 2, num_queues: 2 });
+    fe = new TestFrontend(be.socket);
+    await fe.setup({ queues: 2, featureMask: ~(1n << 29n) }); // no event idx: every batch calls
+    const old = fe.callFds[1];
+    const call = native.eventfd();
+    fe.callFds[1] = call;
+    fe.send(Req.SET_VRING_CALL, u64(1n), [call]);
+    await fe.call(Req.GET_QUEUE_NUM); // handled once the worker has switched
+    native.eventfdRead(old);
+    await fe.blk(1, 0, 0, { readLen: 512 });
+    expect(native.eventfdRead(call)).toBe(1);
+    expect(native.eventfdRead(old)).toBe(0);
+    native.close(old);
   });
 
   test('SET_MEM_TABLE on running rings: the worker remaps and keeps serving', async () => {
