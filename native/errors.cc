@@ -50,6 +50,23 @@ bool ArgInt(const Napi::CallbackInfo& info, size_t i, const char* name, int64_t*
   return true;
 }
 
+bool ArgByteRange(const Napi::CallbackInfo& info, size_t arr, size_t off, size_t len, const char* what, uint8_t** data, size_t* length) {
+  if (info.Length() <= arr || !info[arr].IsTypedArray() || info[arr].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+    ThrowTypeError(info.Env(), (std::string(what) + ": expected a Uint8Array").c_str());
+    return false;
+  }
+  double o, n;
+  if (!ArgNumber(info, off, "offset", &o) || !ArgNumber(info, len, "length", &n)) return false;
+  Napi::Uint8Array a = info[arr].As<Napi::Uint8Array>();
+  if (!(o >= 0 && n >= 0) || o + n > static_cast<double>(a.ByteLength())) {
+    ThrowRangeError(info.Env(), (std::string(what) + ": range outside the array").c_str());
+    return false;
+  }
+  *data = a.Data() + static_cast<size_t>(o);
+  *length = static_cast<size_t>(n);
+  return true;
+}
+
 bool GetSafeU64(Napi::Object o, const char* key, uint64_t* out) {
   Napi::Value v = o.Get(key);
   if (!v.IsNumber()) return false;

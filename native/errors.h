@@ -25,6 +25,10 @@ void ThrowError(Napi::Env env, const char* message);
 // Argument helpers: each returns false after throwing a TypeError naming the argument.
 bool ArgInt(const Napi::CallbackInfo& info, size_t i, const char* name, int64_t* out);
 bool ArgNumber(const Napi::CallbackInfo& info, size_t i, const char* name, double* out);
+// Reads a byte range given as three arguments: a Uint8Array (index arr), an offset (off) and a
+// length (len), with [offset, offset + length) inside the array; *data points at the offset.
+// False after throwing (TypeError for wrong types, RangeError naming `what` outside the array).
+bool ArgByteRange(const Napi::CallbackInfo& info, size_t arr, size_t off, size_t len, const char* what, uint8_t** data, size_t* length);
 // Reads o[key] as a non-negative safe integer; false (no exception) if it is not one.
 bool GetSafeU64(Napi::Object o, const char* key, uint64_t* out);
 

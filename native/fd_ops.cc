@@ -96,23 +96,12 @@ Napi::Value MemfdCreate(const Napi::CallbackInfo& info) {
 // memory views and page-store pages) without creating a view per copy, as Buffer#copy does.
 // Throws RangeError when either range falls outside its array.
 Napi::Value CopyBytes(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (info.Length() < 5 || !info[0].IsTypedArray() || !info[2].IsTypedArray()) {
-    ThrowTypeError(env, "expected (Uint8Array, offset, Uint8Array, offset, length)");
+  uint8_t *dst, *src;
+  size_t dstLen, srcLen;
+  if (!ArgByteRange(info, 0, 1, 4, "copyBytes", &dst, &dstLen) || !ArgByteRange(info, 2, 3, 4, "copyBytes", &src, &srcLen))
     return Napi::Value();
-  }
-  Napi::Uint8Array dst = info[0].As<Napi::Uint8Array>();
-  Napi::Uint8Array src = info[2].As<Napi::Uint8Array>();
-  double dOff = info[1].As<Napi::Number>().DoubleValue();
-  double sOff = info[3].As<Napi::Number>().DoubleValue();
-  double len = info[4].As<Napi::Number>().DoubleValue();
-  if (!(dOff >= 0 && sOff >= 0 && len >= 0) || dOff + len > static_cast<double>(dst.ByteLength()) ||
-      sOff + len > static_cast<double>(src.ByteLength())) {
-    ThrowRangeError(env, "copyBytes: range outside the array");
-    return Napi::Value();
-  }
-  memmove(dst.Data() + static_cast<size_t>(dOff), src.Data() + static_cast<size_t>(sOff), static_cast<size_t>(len));
-  return env.Undefined();
+  memmove(dst, src, srcLen);
+  return info.Env().Undefined();
 }
 
 }  // namespace

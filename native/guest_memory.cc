@@ -18,9 +18,6 @@ void GuestMemory::Init(Napi::Env env, Napi::Object exports, Napi::FunctionRefere
   exports.Set("GuestMemory", f);
 }
 
-namespace {
-}  // namespace
-
 // new GuestMemory([{ gpa, size, uaddr, mmapOffset, fd }, ...]): maps every region (MAP_SHARED,
 // read/write). Numbers are bytes. The fds stay owned by the caller (they may be closed after).
 // Throws RangeError for an empty, overflowing or overlapping region, SyscallError if mmap fails.

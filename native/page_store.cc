@@ -66,24 +66,18 @@ std::shared_ptr<PageMap> FindMap(uint32_t id) {
   return it == gRegistry.end() ? nullptr : it->second.lock();
 }
 
-// Reads (pos, array, offset, length) arguments; false after throwing.
+// Reads (pos, array, offset, length) arguments: a byte position on the disk and a range of the
+// array; false after throwing.
 bool CopyArgs(const Napi::CallbackInfo& info, uint64_t* pos, uint8_t** data, uint64_t* len) {
-  Napi::Env env = info.Env();
-  if (info.Length() < 4 || !info[1].IsTypedArray()) {
-    ThrowTypeError(env, "expected (position, Uint8Array, offset, length)");
-    return false;
-  }
-  Napi::Uint8Array arr = info[1].As<Napi::Uint8Array>();
-  double p = info[0].As<Napi::Number>().DoubleValue();
-  double off = info[2].As<Napi::Number>().DoubleValue();
-  double n = info[3].As<Napi::Number>().DoubleValue();
-  if (!(p >= 0 && off >= 0 && n >= 0) || p + n > kMaxPos || off + n > static_cast<double>(arr.ByteLength())) {
-    ThrowRangeError(env, "PageStore: range outside the array or the disk");
+  double p;
+  size_t n;
+  if (!ArgNumber(info, 0, "position", &p) || !ArgByteRange(info, 1, 2, 3, "PageStore", data, &n)) return false;
+  if (!(p >= 0) || p + static_cast<double>(n) > kMaxPos) {
+    ThrowRangeError(info.Env(), "PageStore: range outside the disk");
     return false;
   }
   *pos = static_cast<uint64_t>(p);
-  *data = arr.Data() + static_cast<size_t>(off);
-  *len = static_cast<uint64_t>(n);
+  *len = n;
   return true;
 }
 

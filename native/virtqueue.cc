@@ -134,6 +134,12 @@ Napi::Value Virtqueue::Configure(const Napi::CallbackInfo& info) {
     ThrowRangeError(env, "ring address is not inside guest memory");
     return Napi::Value();
   }
+  uint64_t batchBytes = 0;
+  if (o.Has("batchBytes") && !o.Get("batchBytes").IsUndefined() && !GetSafeU64(o, "batchBytes", &batchBytes)) {
+    ThrowTypeError(env, "batchBytes must be a safe non-negative integer");
+    return Napi::Value();
+  }
+  // Everything is checked: from here on the queue changes (nothing above left it half-changed).
   memory_ = mem;
   memoryRef_ = Napi::Persistent(memObj);
   segRef_ = Napi::Persistent(seg);
@@ -142,11 +148,6 @@ Napi::Value Virtqueue::Configure(const Napi::CallbackInfo& info) {
   segments_ = seg.Data();
   batch_ = batch.Data();
   usedBuf_ = used.Data();
-  uint64_t batchBytes = 0;
-  if (o.Has("batchBytes") && !o.Get("batchBytes").IsUndefined() && !GetSafeU64(o, "batchBytes", &batchBytes)) {
-    ThrowTypeError(env, "batchBytes must be a safe non-negative integer");
-    return Napi::Value();
-  }
   batchBytes_ = batchBytes;
   Napi::Value infov = o.Get("info");
   if (infov.IsTypedArray() && infov.As<Napi::TypedArray>().TypedArrayType() == napi_float64_array &&
@@ -206,6 +207,13 @@ Napi::Value Virtqueue::SetPolling(const Napi::CallbackInfo& info) {
 
 // Appends the segments of one guest buffer [addr, addr+len), split at region and chunk edges.
 // Returns false (setting *err) if the buffer is not wholly inside guest memory.
+// True when the buffer's last byte (addr + len - 1, not wrapping past 2^64) is guest memory:
+// where a failed chain's status byte would be.
+bool Virtqueue::LastByteInMemory(uint64_t addr, uint32_t len) {
+  uint64_t last = addr + (len ? len - 1 : 0);
+  return last >= addr && memory_->HostRangeGpa(last, 1) != nullptr;
+}
+
 bool Virtqueue::AddBuffer(uint64_t addr, uint32_t len, uint32_t flags, uint32_t* seg, uint32_t* nseg, uint32_t* err) {
   uint64_t left = len;
   while (left > 0) {
@@ -275,7 +283,7 @@ uint32_t Virtqueue::Walk(uint16_t head, uint32_t* seg, uint32_t* nseg) {
     }
     seenWritable = seenWritable || writable;
     lastTranslated = err == kChainOk ? AddBuffer(d.addr, d.len, writable ? 1 : 0, seg, nseg, &err)
-                                     : memory_->HostRangeGpa(d.addr + (d.len ? d.len - 1 : 0), 1) != nullptr;
+                                     : LastByteInMemory(d.addr, d.len);
     last = d;
     if (!(d.flags & kDescFNext)) break;
     i = d.next;

@@ -77,6 +77,7 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   void MarkBroken(const std::string& reason);
   uint32_t Walk(uint16_t head, uint32_t* seg, uint32_t* nseg);
   bool AddBuffer(uint64_t addr, uint32_t len, uint32_t flags, uint32_t* seg, uint32_t* nseg, uint32_t* err);
+  bool LastByteInMemory(uint64_t addr, uint32_t len);
   void Notify(uint16_t oldUsed);
   uint32_t PublishUsed(uint32_t n);
 
@@ -87,8 +88,8 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   uint32_t* batch_ = nullptr;
   uint32_t* usedBuf_ = nullptr;
   Napi::Reference<Napi::Float64Array> infoRef_;
-  double* info_ = nullptr;
-  uint64_t batchBytes_ = 0;  // a batch ends once its chains hold this many bytes (0: no limit)  // [0] monotonic ns of the last pop, [1] published by the last pop(n)
+  double* info_ = nullptr;   // [0] monotonic ns of the last pop, [1] published by the last pop(n)
+  uint64_t batchBytes_ = 0;  // a batch ends once its chains hold this many bytes (0: no limit)
 
   volatile Desc* desc_ = nullptr;
   volatile uint16_t* avail_ = nullptr;  // flags, idx, ring[size], used_event

@@ -17,7 +17,7 @@
 import { native, NativeFdWatcher, NativeTimer } from '../native';
 import type { HwQueue } from './hw-queue';
 import { BlkStatus } from './operations';
-import type { Request } from './request';
+import { type Request, TAG_BITS } from './request';
 
 export class RequestTimer {
   private readonly timer: NativeTimer = new native.Timer();
@@ -69,7 +69,7 @@ export class RequestTimer {
       if (rq !== null) this.onExpire(rq);
       else {
         this.stale++;
-        this.onStale(ref % 65536);
+        this.onStale(ref % (1 << TAG_BITS));
       }
     }
     if (this.count > 0) this.timer.arm(this.deadlines[this.head]);

@@ -7,7 +7,7 @@
 import pino from 'pino';
 import { parentPort, workerData } from 'worker_threads';
 import { hctxOf } from '../block/disk';
-import { native } from '../native';
+import { closeFd } from '../vhost/vring';
 import type { ThreadReply, ThreadRequest } from '../vhost/thread-messages';
 import { VirtioBlkQueue } from '../virtqueue/blk-queue';
 import { GuestMemoryMap } from '../virtqueue/guest-memory';
@@ -29,10 +29,6 @@ interface Served {
 const served = new Map<number, Served>();
 for (const q of data.queues) served.set(q, { queue: new VirtioBlkQueue(q, hctxOf(disk, q), disk, log), kickFd: -1, callFd: -1 });
 let memory: GuestMemoryMap | null = null;
-
-function closeFd(fd: number): void {
-  if (fd >= 0) native.close(fd);
-}
 
 function queueOf(index: number): Served {
   const s = served.get(index);

@@ -14,6 +14,7 @@ import type { Logger } from 'pino';
 import { Worker } from 'worker_threads';
 import type { DiskConfig } from '../config/disk-schema';
 import { native } from '../native';
+import { closeFd } from '../vhost/vring';
 import type { MemRegion } from '../vhost/message';
 import { RemoteQueue } from '../vhost/remote-queue';
 import type { QueueThreads, RingQueue } from '../vhost/ring-queue';
@@ -35,6 +36,20 @@ function workerScript(): string {
   const here = path.join(__dirname, 'queue-worker.js');
   if (fs.existsSync(here)) return here;
   return path.join(__dirname, '..', '..', 'dist', 'daemon', 'queue-worker.js');
+}
+
+/** The duplicated fds a request hands over. */
+function fdsOf(r: ThreadRequest): number[] {
+  switch (r.op) {
+    case 'memory':
+      return r.fds;
+    case 'start':
+      return [r.setup.kickFd, r.setup.callFd];
+    case 'call':
+      return [r.fd];
+    default:
+      return [];
+  }
 }
 
 /** A worker lost more often than this is not started again (a bug that strikes at once). */
@@ -71,8 +86,12 @@ class WorkerChannel implements ThreadChannel {
     return w;
   }
 
+  /** Sends `request`; the fds it carries belong to the worker from now on (closed here if it is gone). */
   call<R extends ThreadRequest>(request: R): Promise<ThreadResults[R['op']]> {
-    if (this.stopped !== null) return Promise.reject(this.stopped);
+    if (this.stopped !== null) {
+      for (const fd of fdsOf(request)) closeFd(fd);
+      return Promise.reject(this.stopped);
+    }
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject });

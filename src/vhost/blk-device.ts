@@ -246,6 +246,7 @@ export class VhostUserBlkDevice {
       this.log.info({ regions: regions.length, bytes: map.size }, 'guest memory mapped');
       for (const r of running) await this.startRing(r);
     } catch (e) {
+      if (this.memory !== map) map.release(); // failed before the new table was taken
       throw new VhostUserError(`SET_MEM_TABLE: ${(e as Error).message}`);
     } finally {
       for (const fd of fds) closeFd(fd); // the mappings keep the memory alive
@@ -309,9 +310,11 @@ export class VhostUserBlkDevice {
     const f = readVringFile(msg);
     const r = this.ring(f.index, 'SET_VRING_KICK');
     if (f.noFd) throw new VhostUserError('SET_VRING_KICK without an fd: polling mode is not supported');
+    // A running ring moves to the new kick fd: stopped first (its watcher holds the old one).
+    if (r.queue.isRunning) r.base = await r.queue.stop();
     r.setKickFd(msg.fds[0]);
     msg.fds.length = 0;
-    if (!r.queue.isRunning) await this.startRing(r);
+    await this.startRing(r);
     return undefined;
   }
 

@@ -31,8 +31,11 @@ export class Vring {
   async setCallFd(fd: number): Promise<void> {
     const old = this.callFd;
     this.callFd = fd;
-    await this.queue.setCallFd(fd);
-    closeFd(old);
+    try {
+      await this.queue.setCallFd(fd);
+    } finally {
+      closeFd(old); // a worker that refused holds its own duplicate
+    }
   }
 
   setErrFd(fd: number): void {

@@ -91,6 +91,8 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
   private draining = false;
   private publishScheduled = false;
   private running = false;
+  /** stop() is waiting for the in-flight requests. */
+  private stopping = false;
   private enabled = false;
   private brokenLogged = false;
   private lastNoiseLog = 0;
@@ -120,12 +122,9 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
   /**
    * Starts the ring: configures the native virtqueue and watches the kick eventfd. Processing
    * begins once the ring is also enabled (setEnabled). Takes no ownership of kickFd/callFd.
-   * @throws RangeError when the ring does not lie in guest memory or is larger than the tag set.
+   * @throws RangeError when the ring does not lie in guest memory.
    */
   start(setup: VringSetup, enabled: boolean): void {
-    if (setup.size > this.hctx.depth) {
-      throw new RangeError(`ring size ${setup.size} exceeds the hardware queue depth ${this.hctx.depth}`);
-    }
     if (this.size !== setup.size) {
       this.size = setup.size;
       this.segments = new Uint32Array(setup.size * MAX_SEGMENTS * SEGMENT_WORDS);
@@ -136,6 +135,11 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
       this.usedLen = new Uint32Array(setup.size);
     }
     this.views = setup.memory.views;
+    // Every request of this queue reads its data through these (set once, not per request).
+    for (const rq of this.hctx.requests) {
+      rq.memory = this.views;
+      rq.segments = this.segments;
+    }
     this.parser = new BlkRequestParser(
       {
         capacitySectors: this.disk.capacitySectors,
@@ -175,7 +179,7 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
   /** SET_VRING_ENABLE: a disabled ring is not processed (kicks wait until it is enabled). */
   setEnabled(enabled: boolean): void {
     this.enabled = enabled;
-    if (!this.running || this.kickWatcher === null) return;
+    if (!this.running || this.stopping || this.kickWatcher === null) return;
     if (enabled) {
       this.kickWatcher.start();
       this.drain(); // buffers made available before the ring was enabled
@@ -198,11 +202,13 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
    * been published, then stops the ring. Resolves with the next avail index.
    */
   async stop(): Promise<number> {
+    this.stopping = true; // drain() takes nothing more, not even when a tag frees up
     this.stopWatching();
     if (this.inflight > 0) {
       await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
     }
     this.publish();
+    this.stopping = false;
     this.running = false;
     this.hctx.detach();
     return this.vq.stop();
@@ -217,7 +223,7 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
 
   /** Drains the avail ring: batch after batch until it is empty. */
   drain(): void {
-    if (!this.running || !this.enabled || this.draining) return;
+    if (!this.running || !this.enabled || this.draining || this.stopping) return;
     this.draining = true;
     const parser = this.parser as BlkRequestParser;
     const requests = this.hctx.requests;
@@ -227,14 +233,14 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
       for (;;) {
         // One crossing per batch: publish the last batch's completions, then pop the next
         // (no more chains than free tags: the rest wait in the avail ring).
-        const toPublish = this.usedCount;
-        this.usedCount = 0;
         const room = tags.free;
         if (room <= 0) {
-          if (toPublish > 0) this.published(this.vq.push(toPublish));
+          this.publish();
           tags.wait(this.drainLater);
           break;
         }
+        const toPublish = this.usedCount;
+        this.usedCount = 0;
         const n = this.vq.pop(toPublish, room);
         if (toPublish > 0) this.published(this.info[1]);
         if (n <= 0) {
@@ -262,8 +268,6 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
             this.statusChunk[head] = parser.statusChunk;
             this.statusOffset[head] = parser.statusOffset;
             this.usedLen[head] = parser.usedLen;
-            rq.memory = this.views;
-            rq.segments = this.segments;
             this.stats.requests++;
             lastDispatched = i === n - 1;
             try {

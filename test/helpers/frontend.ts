@@ -201,6 +201,25 @@ export class TestFrontend {
     this.send(Req.SET_VRING_ENABLE, state(q, 1));
   }
 
+  /**
+   * Offers `n` reads of `bytes` each (sectors `sector`, `sector` + 8, ...) on ring q in one go,
+   * with one kick. Returns the status byte addresses (0xff until the back-end writes them).
+   */
+  offerReads(n: number, opts: { q?: number; sector?: number; bytes?: number } = {}): number[] {
+    const { q = 0, sector = 0, bytes = 512 } = opts;
+    const sts: number[] = [];
+    for (let i = 0; i < n; i++) {
+      const h = this.ram.alloc(16);
+      this.ram.bytes(h, 16).set(blkHeader(0, sector + 8 * i));
+      const st = this.ram.alloc(1);
+      this.ram.bytes(st, 1)[0] = 0xff;
+      this.rings[q].addChain([{ addr: h, len: 16 }, { addr: this.ram.alloc(bytes, 512), len: bytes, write: true }, { addr: st, len: 1, write: true }]);
+      sts.push(st);
+    }
+    this.kick(q);
+    return sts;
+  }
+
   kick(q = 0): void {
     native.eventfdWrite(this.kickFds[q]);
   }

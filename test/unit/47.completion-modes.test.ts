@@ -6,7 +6,6 @@ import { BlkStatus, Operations } from '../../src/block/operations';
 import { native } from '../../src/native';
 import { Req } from '../../src/vhost/protocol';
 import { startBackend, TestBackend, until } from '../helpers/backend';
-import { blkHeader } from '../helpers/driver-ring';
 import { state, TestFrontend } from '../helpers/frontend';
 
 let be: TestBackend;
@@ -23,21 +22,7 @@ async function open(overrides: Record<string, unknown>, ops?: Operations, setup 
 }
 
 /** Offers `n` 4 KiB reads in one go (one kick); returns the status byte addresses. */
-function offerReads(n: number, sector = 0): number[] {
-  const ring = fe.rings[0];
-  const sts: number[] = [];
-  for (let i = 0; i < n; i++) {
-    const h = fe.ram.alloc(16);
-    fe.ram.bytes(h, 16).set(blkHeader(0, sector + 8 * i));
-    const d = fe.ram.alloc(4096, 512);
-    const st = fe.ram.alloc(1);
-    fe.ram.bytes(st, 1)[0] = 0xff;
-    ring.addChain([{ addr: h, len: 16 }, { addr: d, len: 4096, write: true }, { addr: st, len: 1, write: true }]);
-    sts.push(st);
-  }
-  fe.kick(0);
-  return sts;
-}
+const offerReads = (n: number): number[] => fe.offerReads(n, { bytes: 4096 });
 
 function percentile(sorted: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];

@@ -5,20 +5,11 @@ import { loadConfig } from '../../src/config/load';
 import { Service } from '../../src/daemon/service';
 import { native } from '../../src/native';
 import { startBackend, TestBackend, until } from '../helpers/backend';
-import { blkHeader } from '../helpers/driver-ring';
-import { TestFrontend } from '../helpers/frontend';
+import { state, TestFrontend } from '../helpers/frontend';
+import { Req } from '../../src/vhost/protocol';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-
-function offerReads(fe: TestFrontend, n: number): void {
-  for (let i = 0; i < n; i++) {
-    const h = fe.ram.alloc(16);
-    fe.ram.bytes(h, 16).set(blkHeader(0, 8 * i));
-    fe.rings[0].addChain([{ addr: h, len: 16 }, { addr: fe.ram.alloc(512), len: 512, write: true }, { addr: fe.ram.alloc(1), len: 1, write: true }]);
-  }
-  fe.kick(0);
-}
 
 describe('hw_queue_depth', () => {
   let be: TestBackend;
@@ -32,12 +23,24 @@ describe('hw_queue_depth', () => {
     be = startBackend({ hw_queue_depth: 2, irqmode: 2, completion_nsec: 200_000_000 });
     fe = new TestFrontend(be.socket);
     await fe.setup();
-    offerReads(fe, 7);
+    fe.offerReads(7);
     await until(() => be.disk.hwQueues[0].inFlight === 2, 'two in flight');
     await new Promise((r) => setTimeout(r, 20));
     expect(be.disk.hwQueues[0].inFlight).toBe(2); // 200 ms timers: the other five wait in the ring
     expect(fe.rings[0].usedIdx()).toBe(0);
     await fe.waitUsedIdx(0, 7, 5000); // 4 rounds of 200 ms, no further kick
+    expect(be.disk.hwQueues[0].inFlight).toBe(0);
+  });
+
+  test('GET_VRING_BASE with chains waiting for tags: the ring stops after the in-flight ones, taking no more', async () => {
+    be = startBackend({ hw_queue_depth: 2, irqmode: 2, completion_nsec: 50_000_000 });
+    fe = new TestFrontend(be.socket);
+    await fe.setup();
+    fe.offerReads(7);
+    await until(() => be.disk.hwQueues[0].inFlight === 2, 'two in flight');
+    const r = await fe.call(Req.GET_VRING_BASE, state(0, 0));
+    expect(r.payload.readUInt32LE(4)).toBe(2); // the five waiting chains stay with the guest
+    expect(fe.rings[0].usedIdx()).toBe(2);
     expect(be.disk.hwQueues[0].inFlight).toBe(0);
   });
 });
@@ -56,10 +59,10 @@ describe('Service: shared_tags, nr_devices, submit_queues', () => {
       await a.setup();
       await b.setup();
       expect(svc.disks[0].disk.tagSet).toBe(svc.disks[1].disk.tagSet);
-      offerReads(a, 2);
+      a.offerReads(2);
       await until(() => svc.disks[0].disk.hwQueues[0].inFlight === 2, 'a holds both tags');
       const t0 = native.monotonicNs();
-      offerReads(b, 1);
+      b.offerReads(1);
       await b.waitUsedIdx(0, 1, 3000);
       // b's request had to wait for a's (100 ms timers) to free a tag, then took 100 ms itself.
       expect((native.monotonicNs() - t0) / 1e6).toBeGreaterThan(150);
@@ -79,10 +82,10 @@ describe('Service: shared_tags, nr_devices, submit_queues', () => {
     try {
       await a.setup();
       await b.setup();
-      offerReads(a, 2);
+      a.offerReads(2);
       await until(() => svc.disks[0].disk.hwQueues[0].inFlight === 2, 'a busy');
       const t0 = native.monotonicNs();
-      offerReads(b, 1);
+      b.offerReads(1);
       await b.waitUsedIdx(0, 1, 3000);
       expect((native.monotonicNs() - t0) / 1e6).toBeLessThan(150);
     } finally {

@@ -96,6 +96,21 @@ describe('ring life cycle', () => {
     expect(fe.rings[0].usedIdx()).toBe(6);
   });
 
+  test('SET_VRING_KICK on a running ring: kicks on the new eventfd are served, from where the ring was', async () => {
+    be = startBackend();
+    fe = new TestFrontend(be.socket);
+    await fe.setup();
+    await fe.blk(0, 0, 0, { readLen: 512 });
+    const old = fe.kickFds[0];
+    const kick = native.eventfd();
+    fe.kickFds[0] = kick;
+    fe.send(Req.SET_VRING_KICK, u64(0n), [kick]);
+    await fe.call(Req.GET_QUEUE_NUM);
+    native.close(old);
+    expect(await fe.blk(0, 0, 8, { readLen: 512 })).toMatchObject({ status: 0 });
+    expect(fe.rings[0].usedIdx()).toBe(2);
+  });
+
   test('the call eventfd is signalled after completions', async () => {
     be = startBackend();
     fe = new TestFrontend(be.socket);
