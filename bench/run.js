@@ -258,7 +258,7 @@ function haveCommand(cmd, args = ['--version']) {
 }
 
 /**
- * QSD's ways of serving a file in /dev/shm, best first (measured on the build machine: native AIO
+ * QSD's ways of serving a file in /dev/shm, best first (measured on a 2-vCPU VM: native AIO
  * with O_DIRECT completes tmpfs I/O inline at submission, ~1.6x the IOPS of io_uring at 4k, which
  * in turn beats the thread pool ~1.7x).
  */

@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # Installs the Debian packages rnull's guest (QEMU) tests need.
 #
-#   qemu-system-x86    qemu-system-x86_64, boots the test guest (TCG)
-#   qemu-utils         qemu-img (qemu-storage-daemon, the reference back-end,
-#                      comes with qemu-system-x86 via qemu-system-common)
+#   qemu-system-x86    qemu-system-x86_64, boots the test guest (TCG); brings
+#                      qemu-storage-daemon (the reference back-end) through
+#                      qemu-system-common
 #   fio                I/O load + data verification inside the guest
 #   busybox-static     the guest's shell and userland
 #   linux-image-amd64  the guest kernel (/boot/vmlinuz-*) and its modules
-#   cpio, kmod         inspecting / handling initramfs and modules by hand
 #   e2fsprogs          mkfs.ext4 inside the guest
+#
+# Node.js 20.3 or newer with npm, python3, make and g++ must already be there
+# (they build the native addon and the benchmark client); this checks Node.
 #
 # Idempotent: when every package is already installed it does nothing (not
 # even `apt-get update`). Uses sudo only when not running as root.
 set -euo pipefail
 
-PACKAGES=(qemu-system-x86 qemu-utils fio busybox-static linux-image-amd64 cpio e2fsprogs kmod)
+node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 3) ? 0 : 1)' ||
+  { echo "install-deps: Node.js 20.3 or newer is needed (found $(node --version 2>/dev/null || echo none))" >&2; exit 1; }
+
+PACKAGES=(qemu-system-x86 fio busybox-static linux-image-amd64 e2fsprogs)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -99,6 +99,12 @@ function expandDevices(d: DiskConfig): DiskConfig[] {
   }));
 }
 
+/** Every disk key at its schema default (a disk given no settings; `name` still empty). */
+export function defaultDiskConfig(): DiskConfig {
+  addFormats();
+  return convict<DiskConfig>(diskSchema as convict.Schema<DiskConfig>, { args: [], env: {} }).getProperties();
+}
+
 function loadDisk(raw: unknown, overrides: DiskOverrides, where: string): DiskConfig {
   if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) throw new ConfigError(`${where}: expected an object`);
   const c = convict<DiskConfig>(diskSchema as convict.Schema<DiskConfig>, { args: [], env: {} });

@@ -7,6 +7,7 @@
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
 import pino from 'pino';
+import { diskSchema } from '../config/disk-schema';
 import { ConfigError, DiskOverrides, loadConfig } from '../config/load';
 import { parseRange } from '../drivers/null/badblocks';
 import { managementCall } from './management/client';
@@ -27,7 +28,7 @@ function bool(v: string): boolean {
 }
 
 /** The command line: the daemon itself, and `rnull ctl` for the management API. */
-export function buildCli(run: (o: CliOptions) => Promise<void>): Command {
+function buildCli(run: (o: CliOptions) => Promise<void>): Command {
   const root = new Command('rnull')
     .description('vhost-user-blk back-end serving null_blk-style disks to QEMU guests')
     .option('-c, --config <file>', 'per-VM configuration file (JSON)')
@@ -112,30 +113,10 @@ export async function main(argv: string[]): Promise<void> {
 }
 
 async function runDaemon(o: CliOptions): Promise<void> {
-  const overrides: DiskOverrides = {
-    socket: o.socket,
-    size: o.size,
-    blocksize: o.blocksize,
-    memory_backed: o.memoryBacked,
-    num_queues: o.numQueues,
-    threads: o.threads,
-    read_only: o.readOnly,
-    serial: o.serial,
-    poll_us: o.pollUs,
-    irqmode: o.irqmode,
-    completion_nsec: o.completionNsec,
-    io_timeout: o.ioTimeout,
-    discard: o.discard,
-    badblocks: o.badblocks,
-    badblocks_once: o.badblocksOnce,
-    mbps: o.mbps,
-    cache_size: o.cacheSize,
-    hw_queue_depth: o.hwQueueDepth,
-    submit_queues: o.submitQueues,
-    shared_tags: o.sharedTags,
-    nr_devices: o.nrDevices,
-    rotational: o.rotational,
-  };
+  // Every disk key's flag is the key in kebab case, so its option is the key in camelCase.
+  const option = (key: string): unknown => (o as Record<string, unknown>)[key.replace(/_([a-z])/g, (_m, c: string) => c.toUpperCase())];
+  const overrides = Object.fromEntries(Object.keys(diskSchema).map((k) => [k, option(k)])) as DiskOverrides;
+
   let config;
   try {
     config = loadConfig(o.config, overrides, o.logLevel, o.managementSocket);

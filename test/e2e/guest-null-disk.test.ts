@@ -50,13 +50,7 @@ function startDaemon(name: string, disk: DiskConfig): Promise<Daemon> {
   const dir = run.dir;
   const socketPath = path.join(dir, `${name}.sock`);
   if (BACKEND === 'rnull') {
-    return Daemon.startRnull(name, [
-      '--socket', socketPath,
-      '--size', String(disk.sizeMiB),
-      '--blocksize', String(disk.blockSize),
-      '--memory-backed', String(disk.memoryBacked),
-      '--num-queues', String(disk.numQueues),
-    ], [socketPath], dir);
+    return Daemon.startCli(name, { size: disk.sizeMiB, blocksize: disk.blockSize, 'memory-backed': disk.memoryBacked, 'num-queues': disk.numQueues }, dir);
   }
   // Reference back-end: a raw file (memory-backed stand-in) or null-co (reads zeroes).
   let blockdev = `driver=null-co,node-name=disk0,size=${disk.sizeMiB * MIB},read-zeroes=on`;
@@ -86,7 +80,7 @@ function startDaemon(name: string, disk: DiskConfig): Promise<Daemon> {
 
 /** Boots a guest on the daemon's disk, runs the script, returns its report. */
 function bootGuest(daemon: Daemon, script: string, opts: { cpus: number; numQueues: number }): Promise<GuestReport> {
-  return run.boot(daemon.name, [daemon], [daemon.disk(0, opts.numQueues)], script, { cpus: opts.cpus, cleanLogs: false });
+  return run.boot(daemon.name, [daemon], [daemon.disk(0, opts.numQueues)], script, { cpus: opts.cpus });
 }
 
 /** Parses `sha256sum` output into file -> digest. */

@@ -14,6 +14,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import type { DiskConfig } from '../../src/config/disk-schema';
 import { buildInitramfs, DEFAULT_PROGRAMS, type GuestImage } from './initramfs';
 import {
   GuestRunError,
@@ -41,25 +42,8 @@ export interface DaemonExit {
   signal: NodeJS.Signals | null;
 }
 
-/** One disk of an rnull config file (its keys; see the README). */
-export interface DiskSpec {
-  socket: string;
-  size: number;
-  blocksize: 512 | 1024 | 2048 | 4096;
-  name?: string;
-  memory_backed?: boolean;
-  num_queues?: number;
-  serial?: string;
-  irqmode?: 0 | 1 | 2;
-  completion_nsec?: number;
-  discard?: boolean;
-  io_timeout?: number;
-  poll_us?: number;
-  cache_size?: number;
-  mbps?: number;
-  badblocks?: string[];
-  badblocks_once?: boolean;
-}
+/** One disk of an rnull config file (its keys; see the README): socket, size and blocksize, and any other. */
+export type DiskSpec = Pick<DiskConfig, 'socket' | 'size' | 'blocksize'> & Partial<DiskConfig>;
 
 /** How to start a daemon. */
 export interface DaemonSpawn {
@@ -81,7 +65,7 @@ const WARN = 40;
 /** Daemons not yet stopped; stopAll() stops them whatever happened. */
 const running = new Set<Daemon>();
 
-export function sleep(ms: number): Promise<void> {
+function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 

@@ -8,6 +8,7 @@ import * as path from 'path';
 import pino from 'pino';
 import { Writable } from 'stream';
 import type { DiskConfig } from '../../src/config/disk-schema';
+import { defaultDiskConfig } from '../../src/config/load';
 import { Disk } from '../../src/block/disk';
 import type { Operations } from '../../src/block/operations';
 import { createDisk, ServedDisk } from '../../src/daemon/service';
@@ -35,29 +36,13 @@ export function startBackend(overrides: Partial<DiskConfig> = {}, ops?: Operatio
   });
   const log = pino({ level: 'debug' }, sink);
   const config: DiskConfig = {
+    ...defaultDiskConfig(),
     name: 'test',
     socket,
     size: 16,
-    blocksize: 512,
-    memory_backed: true,
     num_queues: 2,
-    threads: 1,
-    read_only: false,
     serial: 'rnull-test',
     poll_us: 0,
-    irqmode: 0,
-    completion_nsec: null,
-    io_timeout: 30000,
-    discard: false,
-    badblocks: [],
-    badblocks_once: false,
-    mbps: 0,
-    cache_size: 0,
-    hw_queue_depth: 1024,
-    submit_queues: null,
-    shared_tags: false,
-    nr_devices: 1,
-    rotational: false,
     ...overrides,
   };
   const served = createDisk(config, log);

@@ -4,6 +4,7 @@ import * as os from 'os';
 import * as path from 'path';
 import pino from 'pino';
 import { managementCall } from '../../src/daemon/management/client';
+import { readDelimited } from '../../src/daemon/management/schema';
 import { ManagementServer } from '../../src/daemon/management/server';
 import { BadBlocks, parseRange } from '../../src/drivers/null/badblocks';
 import { startBackend, TestBackend } from '../helpers/backend';
@@ -93,5 +94,13 @@ describe('through a back-end', () => {
     } finally {
       await mgmt.close();
     }
+  });
+});
+
+describe('management framing', () => {
+  test('a length prefix above 1 MiB is refused as soon as it is read, before the message arrives', () => {
+    const prefix = Buffer.from([0x80, 0x80, 0x80, 0x01]); // varint 2 MiB, no payload yet
+    expect(() => readDelimited(prefix)).toThrow(/2097152 bytes exceeds 1 MiB/);
+    expect(readDelimited(Buffer.from([0x80, 0x80, 0x20])).messages).toEqual([]); // 512 KiB: waits for more
   });
 });

@@ -4,7 +4,7 @@
  */
 import * as protobuf from 'protobufjs';
 
-export const MANAGEMENT_PROTO = `
+const MANAGEMENT_PROTO = `
 syntax = "proto3";
 package rnull.management;
 
@@ -151,8 +151,9 @@ export function readDelimited(buf: Buffer): { messages: Buffer[]; rest: Buffer }
       }
       if (shift > 28) throw new Error('management message length prefix is corrupt');
     }
+    // Refused as soon as the prefix is read, not after buffering the whole message.
+    if (complete && len > 1 << 20) throw new Error(`management message of ${len} bytes exceeds 1 MiB`);
     if (!complete || p + len > buf.length) break;
-    if (len > 1 << 20) throw new Error(`management message of ${len} bytes exceeds 1 MiB`);
     messages.push(buf.subarray(p, p + len));
     off = p + len;
   }
