@@ -18,6 +18,9 @@ class Error : public std::runtime_error {
 // "what: strerror(errno)" as an Error.
 Error sys_error(const std::string& what, int err);
 
+// Pins the calling thread to `cpu`; returns 0 or the errno of the failure.
+int pin_current_thread(int cpu);
+
 inline uint64_t now_ns() {
   timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);

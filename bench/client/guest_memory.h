@@ -34,7 +34,6 @@ class GuestMemory {
   uint8_t* at(uint64_t offset) const { return base_ + offset; }
   uint64_t gpa(uint64_t offset) const { return gpa_base_ + offset; }
   uint64_t uaddr(uint64_t offset) const { return uint64_t(reinterpret_cast<uintptr_t>(base_ + offset)); }
-  uint64_t size() const { return size_; }
   int fd() const { return fd_; }
   // The SET_MEM_TABLE entry describing this memory.
   VuRegion region() const;

@@ -97,7 +97,10 @@ Device handshake(VhostUserConn& c, const Options& o) {
     std::vector<uint8_t> cfg = c.get_config(o.config_size);
     std::memcpy(&d.capacity_sectors, cfg.data(), 8);
     if (d.features_acked & bit(F_BLK_BLK_SIZE)) std::memcpy(&d.blk_size, cfg.data() + 20, 4);
-    if (cfg.size() >= 36) std::memcpy(&d.config_num_queues, cfg.data() + 34, 2);
+    std::memcpy(&d.config_num_queues, cfg.data() + 34, 2);  // get_config checked the size (>= 40)
+    if (d.capacity_sectors > (uint64_t(1) << 54)) {
+      throw Error("back-end reports a capacity of " + std::to_string(d.capacity_sectors) + " sectors (over 2^54)");
+    }
     d.disk_bytes = d.capacity_sectors * 512;
     if (o.disk_size != 0) {
       if (o.disk_size > d.disk_bytes) {
@@ -144,10 +147,11 @@ void lat_object(JsonWriter& j, const char* key, const LatencyHistogram& h) {
 int run(const Options& o) {
   signal(SIGPIPE, SIG_IGN);
   if (!o.pin.empty()) {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(o.pin[0], &set);
-    if (sched_setaffinity(0, sizeof(set), &set) != 0) throw sys_error("cannot pin to cpu " + std::to_string(o.pin[0]), errno);
+    // Every cpu of the list must be usable; the queue threads pin themselves to them.
+    for (int cpu : o.pin) {
+      if (int e = pin_current_thread(cpu)) throw sys_error("cannot pin to cpu " + std::to_string(cpu), e);
+    }
+    pin_current_thread(o.pin[0]);
   }
 
   VhostUserConn conn(o.socket, o.timeout_ms);
@@ -239,7 +243,7 @@ int run(const Options& o) {
   std::vector<uint32_t> inflight_at_stop;
   std::vector<std::string> ring_states;
   for (auto& w : workers) {
-    inflight_at_stop.push_back(w->inflight_now.load());
+    inflight_at_stop.push_back(w->inflight());
     ring_states.push_back(w->ring_state());
   }
 

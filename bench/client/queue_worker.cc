@@ -196,7 +196,7 @@ void QueueWorker::complete(uint32_t id, uint32_t len, uint64_t now) {
 
 bool QueueWorker::wait_for_used(uint64_t& now) {
   const uint64_t timeout_ns = uint64_t(o_.timeout_ms) * 1000000ull;
-  const uint64_t last = last_progress_ns.load(std::memory_order_relaxed);
+  const uint64_t last = last_progress_ns_;
   if (o_.wait == WaitMode::Poll) {
     if ((++spins_ & 255) != 0) {
       cpu_relax();
@@ -242,16 +242,13 @@ std::string QueueWorker::ring_state() {
 
 void QueueWorker::run() {
   loop();
-  inflight_now.store(inflight_, std::memory_order_relaxed);
   ctl_.finished.fetch_add(1);
 }
 
 void QueueWorker::loop() {
   if (!o_.pin.empty()) {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(o_.pin[index_ % o_.pin.size()], &set);
-    pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+    int cpu = o_.pin[index_ % o_.pin.size()];
+    if (int e = pin_current_thread(cpu)) fail("cannot pin to cpu " + std::to_string(cpu) + ": " + std::strerror(e));
   }
   while (!ctl_.go.load(std::memory_order_acquire)) {
     if (ctl_.abort.load()) return;
@@ -261,7 +258,7 @@ void QueueWorker::loop() {
   enum class Phase { Main, Drain, Readback, Done } phase = Phase::Main;
   const bool by_time = ctl_.t_end != 0;
   uint64_t now = now_ns();
-  last_progress_ns.store(now, std::memory_order_relaxed);
+  last_progress_ns_ = now;
 
   while (!ctl_.abort.load(std::memory_order_relaxed)) {
     // Reap.
@@ -280,9 +277,8 @@ void QueueWorker::loop() {
       }
       if (!failure.empty()) break;
       ring_.consume(n);
-      last_progress_ns.store(now, std::memory_order_relaxed);
-      inflight_now.store(inflight_, std::memory_order_relaxed);
-      ring_.suppress_call();
+      last_progress_ns_ = now;
+          ring_.suppress_call();
     }
 
     // Refill.
@@ -324,8 +320,7 @@ void QueueWorker::loop() {
       for (uint32_t si : staged_) slots_[si].submit_ns = ts;
       inflight_ += uint32_t(staged_.size());
       staged_.clear();
-      inflight_now.store(inflight_, std::memory_order_relaxed);
-      counters.kick_checks++;
+          counters.kick_checks++;
       if (ring_.publish()) {
         const uint64_t one = 1;
         if (write(kick_fd_, &one, sizeof(one)) != sizeof(one) && errno != EAGAIN) {

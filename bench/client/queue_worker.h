@@ -62,9 +62,7 @@ class QueueWorker {
   LatencyHistogram hist;
   std::string failure;           // protocol violation seen (empty if none)
   std::vector<std::string> mismatch_details;  // first few verify mismatches
-  // Published for stall reports while running.
-  std::atomic<uint32_t> inflight_now{0};
-  std::atomic<uint64_t> last_progress_ns{0};
+  uint32_t inflight() const { return inflight_; }  // requests in flight (read after the thread ended)
   std::string ring_state();  // one line: indices and flags of the ring
   uint16_t avail_idx() const { return ring_.avail_idx(); }
   uint32_t index() const { return index_; }
@@ -104,6 +102,7 @@ class QueueWorker {
   std::vector<uint32_t> free_;    // stack of free slot indices
   std::vector<uint32_t> staged_;  // slots staged since the last publish
   uint32_t inflight_ = 0;
+  uint64_t last_progress_ns_ = 0;  // when a completion last arrived (stall detection)
   uint64_t submitted_measured_ = 0;
   uint32_t spins_ = 0;  // poll mode: idle iterations (the clock is read every 256)
 };

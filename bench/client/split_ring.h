@@ -51,7 +51,6 @@ class DriverRing {
   // `desc`, `avail`, `used` point into shared memory that is zeroed.
   void init(uint32_t n, void* desc, void* avail, void* used, bool event_idx);
 
-  uint32_t size() const { return n_; }
   VringDesc& desc(uint32_t i) { return desc_[i]; }
 
   // Puts `head` in the next avail slot; not visible to the device until publish().

@@ -24,7 +24,6 @@ class LatencyHistogram {
     if (ns < min_) min_ = ns;
   }
   void merge(const LatencyHistogram& o);
-  uint64_t count() const { return count_; }
   uint64_t max_ns() const { return count_ ? max_ : 0; }
   uint64_t min_ns() const { return count_ ? min_ : 0; }
   double mean_ns() const { return count_ ? double(sum_) / double(count_) : 0.0; }

@@ -1,5 +1,8 @@
 #include "vhost_user.h"
 
+#include <pthread.h>
+#include <sched.h>
+
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -57,6 +60,13 @@ static_assert(sizeof(MemTable) == 8 + 8 * 32, "memory table payload");
 }  // namespace
 
 Error sys_error(const std::string& what, int err) { return Error(what + ": " + std::strerror(err)); }
+
+int pin_current_thread(int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  return pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+}
 
 const char* vu_req_name(uint32_t req) {
   switch (req) {
@@ -185,21 +195,23 @@ std::vector<uint8_t> VhostUserConn::recv_reply(uint32_t req, uint32_t expect_siz
   return payload;
 }
 
+uint64_t VhostUserConn::recv_u64(uint32_t req) {
+  std::vector<uint8_t> p = recv_reply(req, 8);
+  uint64_t v;
+  std::memcpy(&v, p.data(), 8);
+  return v;
+}
+
 void VhostUserConn::send_set(uint32_t req, const void* payload, uint32_t size, const int* fds, int nfds) {
   send_msg(req, reply_ack_, payload, size, fds, nfds);
   if (!reply_ack_) return;
-  std::vector<uint8_t> ack = recv_reply(req, 8);
-  uint64_t v;
-  std::memcpy(&v, ack.data(), 8);
+  uint64_t v = recv_u64(req);
   if (v != 0) throw Error(std::string("back-end refused ") + vu_req_name(req) + " (ack " + std::to_string(v) + ")");
 }
 
 uint64_t VhostUserConn::get_u64(VuReq req) {
   send_msg(req, false, nullptr, 0, nullptr, 0);
-  std::vector<uint8_t> p = recv_reply(req, 8);
-  uint64_t v;
-  std::memcpy(&v, p.data(), 8);
-  return v;
+  return recv_u64(req);
 }
 
 void VhostUserConn::set_u64(VuReq req, uint64_t value, int fd) {

@@ -70,6 +70,7 @@ class VhostUserConn {
   void send_msg(uint32_t req, bool need_reply, const void* payload, uint32_t size, const int* fds, int nfds);
   // Reads one reply for `req`; returns its payload (checked against `expect_size` unless 0).
   std::vector<uint8_t> recv_reply(uint32_t req, uint32_t expect_size);
+  uint64_t recv_u64(uint32_t req);
   void read_full(void* buf, size_t len, uint32_t req);
   void send_set(uint32_t req, const void* payload, uint32_t size, const int* fds = nullptr, int nfds = 0);
 

@@ -43,7 +43,6 @@ class Workload {
   CheckResult check(const uint8_t* buf, const IoPlan& p, std::string* detail) const;
 
   bool wrote_anything() const { return writes_done_ > 0; }
-  uint64_t units() const { return units_; }
 
  private:
   uint64_t rand64() {

@@ -37,7 +37,15 @@ const mem = new native.GuestMemory([{ gpa: 0, size: RAM, uaddr: UADDR, mmapOffse
 const view = Buffer.from(mem.chunks()[0]);
 const memoryMap = { table: mem, views: [view], regions: [], release() {}, size: RAM };
 
-const DESC = 0x1000, AVAIL = DESC + 16 * SIZE * 3, USED = AVAIL + 4096, DATA = 1 << 20;
+const DESC = 0x1000, AVAIL = DESC + 16 * SIZE, USED = AVAIL + 4096, DATA = 1 << 20;
+/** Writes descriptor i of the table. */
+function put(i, addr, len, flags, next) {
+  const o = DESC + 16 * i;
+  view.writeBigUInt64LE(BigInt(addr), o);
+  view.writeUInt32LE(len, o + 8);
+  view.writeUInt16LE(flags, o + 12);
+  view.writeUInt16LE(next, o + 14);
+}
 // One 3-descriptor chain per slot of SIZE/3 heads: header, data (device-writable), status.
 const HEADS = Math.floor(SIZE / 3);
 for (let h = 0; h < HEADS; h++) {
@@ -46,15 +54,6 @@ for (let h = 0; h < HEADS; h++) {
   const st = data + BS;
   view.writeUInt32LE(WRITE ? 1 : 0, hdr); // VIRTIO_BLK_T_OUT or _IN
   view.writeBigUInt64LE(BigInt((h * 8) % 100000), hdr + 8);
-  const d = DESC + 16 * 3 * h;
-  const put = (i, addr, len, flags, next) => {
-    const o = DESC + 16 * i;
-    view.writeBigUInt64LE(BigInt(addr), o);
-    view.writeUInt32LE(len, o + 8);
-    view.writeUInt16LE(flags, o + 12);
-    view.writeUInt16LE(next, o + 14);
-  };
-  void d;
   put(3 * h, hdr, 16, 1, 3 * h + 1);
   put(3 * h + 1, data, BS, WRITE ? 1 : 3, 3 * h + 2); // device-readable for writes
   put(3 * h + 2, st, 1, 2, 0);
