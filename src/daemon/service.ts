@@ -31,7 +31,7 @@ export interface ServedDisk {
  */
 export function createDisk(config: DiskConfig, log: Logger, sharedTagSet?: TagSet): ServedDisk {
   const dlog = log.child({ disk: config.name });
-    const { disk, driver } = buildNullDisk(config, dlog, { tagSet: sharedTagSet });
+  const { disk, driver } = buildNullDisk(config, dlog, { tagSet: sharedTagSet });
   const workers = config.threads > 1 ? new QueueWorkers(config, driver.storeId, dlog) : null;
   const device = new VhostUserBlkDevice(disk, config.num_queues, dlog, config.poll_us, workers);
   const server = new VhostUserServer(config.socket, device, dlog);
