@@ -35,7 +35,7 @@ export interface QueueWorkerData {
 function workerScript(): string {
   const here = path.join(__dirname, 'queue-worker.js');
   if (fs.existsSync(here)) return here;
-  return path.join(__dirname, '..', '..', 'dist', 'daemon', 'queue-worker.js');
+  return path.join(__dirname, '..', 'dist', 'daemon', 'queue-worker.js');
 }
 
 /** The duplicated fds a request hands over. */

@@ -136,7 +136,10 @@ interface NativeAddon {
 }
 
 // eslint-disable-next-line @typescript-eslint/no-var-requires
-const addon: NativeAddon = require(path.join(__dirname, '..', '..', 'build', 'Release', 'rnull_native.node'));
+// The package root: one folder up from the source (native/index.ts, run by ts-jest), two from
+// the build (dist/native/index.js).
+const root = __filename.endsWith('.ts') ? path.join(__dirname, '..') : path.join(__dirname, '..', '..');
+const addon: NativeAddon = require(path.join(root, 'build', 'Release', 'rnull_native.node'));
 addon.initialize(SyscallError);
 
 export const native = addon;

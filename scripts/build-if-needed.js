@@ -25,4 +25,7 @@ function mtime(p) {
 }
 const run = (cmd) => execSync(cmd, { cwd: root, stdio: 'inherit' });
 if (mtime('build/Release/rnull_native.node') < Math.max(newest('native', ['.cc', '.h']), mtime('binding.gyp'))) run('npm run build:native');
-if (mtime('dist/daemon/main.js') < Math.max(newest('src', ['.ts']), mtime('tsconfig.json'))) run('npm run build:ts');
+// The TypeScript folders: tsconfig.json's "include" (each "<folder>/**/*.ts").
+const tsDirs = require(path.join(root, 'tsconfig.json')).include.map((g) => g.split('/')[0]);
+const newestTs = Math.max(...tsDirs.map((d) => newest(d, ['.ts'])));
+if (mtime('dist/daemon/main.js') < Math.max(newestTs, mtime('tsconfig.json'))) run('npm run build:ts');

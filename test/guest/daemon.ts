@@ -14,7 +14,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import type { DiskConfig } from '../../src/config/disk-schema';
+import type { DiskConfig } from '../../config/disk-schema';
 import { buildInitramfs, DEFAULT_PROGRAMS, type GuestImage } from './initramfs';
 import {
   GuestRunError,

@@ -7,13 +7,13 @@ import * as os from 'os';
 import * as path from 'path';
 import pino from 'pino';
 import { Writable } from 'stream';
-import type { DiskConfig } from '../../src/config/disk-schema';
-import { defaultDiskConfig } from '../../src/config/load';
-import { Disk } from '../../src/block/disk';
-import type { Operations } from '../../src/block/operations';
-import { createDisk, ServedDisk } from '../../src/daemon/service';
-import { VhostUserBlkDevice } from '../../src/vhost/blk-device';
-import { VhostUserServer } from '../../src/vhost/server';
+import type { DiskConfig } from '../../config/disk-schema';
+import { defaultDiskConfig } from '../../config/load';
+import { Disk } from '../../block/disk';
+import type { Operations } from '../../block/operations';
+import { createDisk, ServedDisk } from '../../daemon/service';
+import { VhostUserBlkDevice } from '../../vhost/blk-device';
+import { VhostUserServer } from '../../vhost/server';
 
 export interface TestBackend extends ServedDisk {
   socket: string;

@@ -4,8 +4,8 @@
  * eventfds, and issues virtio-blk requests through DriverRing. Fully asynchronous, so the
  * back-end may run in the same process.
  */
-import { native, NativeFdWatcher } from '../../src/native';
-import { Req } from '../../src/vhost/protocol';
+import { native, NativeFdWatcher } from '../../native';
+import { Req } from '../../vhost/protocol';
 import { blkHeader, DriverRing } from './driver-ring';
 import { GuestRam } from './guest-ram';
 

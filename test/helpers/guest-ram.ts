@@ -3,8 +3,8 @@
  * and front-end virtual addresses (deliberately different, so translation mistakes show), with
  * a bump allocator and accessors by guest-physical address.
  */
-import { native, NativeGuestMemory } from '../../src/native';
-import type { MemRegion } from '../../src/vhost/message';
+import { native, NativeGuestMemory } from '../../native';
+import type { MemRegion } from '../../vhost/message';
 
 export interface RamLayout {
   gpa: number;

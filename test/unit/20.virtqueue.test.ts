@@ -2,7 +2,7 @@
  * native Virtqueue: chain walking, translation and ring index handling against rings built by
  * hand in a memfd (test/helpers/driver-ring.ts). Exact error codes and segments are asserted.
  */
-import { BATCH_WORDS, MAX_SEGMENTS, native, NativeVirtqueue, SEGMENT_WORDS } from '../../src/native';
+import { BATCH_WORDS, MAX_SEGMENTS, native, NativeVirtqueue, SEGMENT_WORDS } from '../../native';
 import { DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DriverRing, writeDesc } from '../helpers/driver-ring';
 import { Worker } from 'worker_threads';
 import { GuestRam } from '../helpers/guest-ram';

@@ -3,10 +3,10 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import pino from 'pino';
-import { managementCall } from '../../src/daemon/management/client';
-import { readDelimited } from '../../src/daemon/management/schema';
-import { ManagementServer } from '../../src/daemon/management/server';
-import { BadBlocks, parseRange } from '../../src/drivers/null/badblocks';
+import { managementCall } from '../../daemon/management/client';
+import { readDelimited } from '../../daemon/management/schema';
+import { ManagementServer } from '../../daemon/management/server';
+import { BadBlocks, parseRange } from '../../drivers/null/badblocks';
 import { startBackend, TestBackend } from '../helpers/backend';
 import { TestFrontend } from '../helpers/frontend';
 

@@ -3,11 +3,11 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import pino from 'pino';
-import { managementCall } from '../../src/daemon/management/client';
-import { ManagementServer } from '../../src/daemon/management/server';
-import { openPageStore } from '../../src/drivers/null/page-store';
-import { WriteCache } from '../../src/drivers/null/write-cache';
-import { Req } from '../../src/vhost/protocol';
+import { managementCall } from '../../daemon/management/client';
+import { ManagementServer } from '../../daemon/management/server';
+import { openPageStore } from '../../drivers/null/page-store';
+import { WriteCache } from '../../drivers/null/write-cache';
+import { Req } from '../../vhost/protocol';
 import { startBackend, TestBackend } from '../helpers/backend';
 import { TestFrontend } from '../helpers/frontend';
 

@@ -1,6 +1,6 @@
 /** drivers/null: the sparse page store and the zero (not memory-backed) disk. */
-import { openPageStore, PAGE_SIZE } from '../../src/drivers/null/page-store';
-import { native } from '../../src/native';
+import { openPageStore, PAGE_SIZE } from '../../drivers/null/page-store';
+import { native } from '../../native';
 import { startBackend, TestBackend } from '../helpers/backend';
 import { TestFrontend } from '../helpers/frontend';
 

@@ -1,9 +1,9 @@
 /** block/: the Request state machine, HwQueue dispatch and deferred completion, TagSet and Disk checks. */
-import { Disk, validateBlockSize } from '../../src/block/disk';
-import { CompletionSink, HwQueue } from '../../src/block/hw-queue';
-import { BlkStatus, Operations, ReqOp } from '../../src/block/operations';
-import { Request, RequestStateError } from '../../src/block/request';
-import { TagSet } from '../../src/block/tag-set';
+import { Disk, validateBlockSize } from '../../block/disk';
+import { CompletionSink, HwQueue } from '../../block/hw-queue';
+import { BlkStatus, Operations, ReqOp } from '../../block/operations';
+import { Request, RequestStateError } from '../../block/request';
+import { TagSet } from '../../block/tag-set';
 import { startBackend, TestBackend } from '../helpers/backend';
 import { TestFrontend } from '../helpers/frontend';
 

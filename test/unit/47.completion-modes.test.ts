@@ -2,9 +2,9 @@
  * Completion modes (null_blk irqmode 0/1/2), timeouts and teardown through a real in-process
  * back-end. The timer test measures the actual delay distribution against completion_nsec.
  */
-import { BlkStatus, Operations } from '../../src/block/operations';
-import { native } from '../../src/native';
-import { Req } from '../../src/vhost/protocol';
+import { BlkStatus, Operations } from '../../block/operations';
+import { native } from '../../native';
+import { Req } from '../../vhost/protocol';
 import { startBackend, TestBackend, until } from '../helpers/backend';
 import { state, TestFrontend } from '../helpers/frontend';
 

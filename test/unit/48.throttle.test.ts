@@ -1,6 +1,6 @@
 /** Bandwidth throttling (null_blk mbps): the virtual clock, and the rate a front-end observes. */
-import { Throttle } from '../../src/drivers/null/throttle';
-import { native } from '../../src/native';
+import { Throttle } from '../../drivers/null/throttle';
+import { native } from '../../native';
 import { startBackend, TestBackend } from '../helpers/backend';
 import { TestFrontend } from '../helpers/frontend';
 import { GuestRam } from '../helpers/guest-ram';

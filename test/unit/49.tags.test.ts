@@ -1,12 +1,12 @@
 /** hw_queue_depth and shared_tags: tags bound the requests in flight; chains beyond them wait in the ring. */
 import pino from 'pino';
-import type { DiskConfig } from '../../src/config/disk-schema';
-import { loadConfig } from '../../src/config/load';
-import { Service } from '../../src/daemon/service';
-import { native } from '../../src/native';
+import type { DiskConfig } from '../../config/disk-schema';
+import { loadConfig } from '../../config/load';
+import { Service } from '../../daemon/service';
+import { native } from '../../native';
 import { startBackend, TestBackend, until } from '../helpers/backend';
 import { state, TestFrontend } from '../helpers/frontend';
-import { Req } from '../../src/vhost/protocol';
+import { Req } from '../../vhost/protocol';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';

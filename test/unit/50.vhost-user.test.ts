@@ -2,9 +2,9 @@
  * The vhost-user protocol against a real in-process back-end: negotiation, config space, ring
  * life cycle, and malformed messages (logged, clean disconnect, next front-end served).
  */
-import { native } from '../../src/native';
-import type { VirtioBlkQueue } from '../../src/virtqueue/blk-queue';
-import { Req } from '../../src/vhost/protocol';
+import { native } from '../../native';
+import type { VirtioBlkQueue } from '../../virtqueue/blk-queue';
+import { Req } from '../../vhost/protocol';
 import { startBackend, TestBackend, until } from '../helpers/backend';
 import { DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, blkHeader } from '../helpers/driver-ring';
 import { state, TestFrontend, u64 } from '../helpers/frontend';

@@ -4,11 +4,11 @@
  */
 import * as path from 'path';
 import { Worker } from 'worker_threads';
-import { ManagementServer } from '../../src/daemon/management/server';
-import { BadBlocksAction } from '../../src/daemon/management/schema';
-import { native } from '../../src/native';
-import { Req } from '../../src/vhost/protocol';
-import type { QueueSnapshot } from '../../src/vhost/ring-queue';
+import { ManagementServer } from '../../daemon/management/server';
+import { BadBlocksAction } from '../../daemon/management/schema';
+import { native } from '../../native';
+import { Req } from '../../vhost/protocol';
+import type { QueueSnapshot } from '../../vhost/ring-queue';
 import { startBackend, TestBackend, until } from '../helpers/backend';
 import { state, TestFrontend, u64 } from '../helpers/frontend';
 

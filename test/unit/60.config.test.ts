@@ -2,7 +2,7 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { ConfigError, loadConfig } from '../../src/config/load';
+import { ConfigError, loadConfig } from '../../config/load';
 
 function file(content: unknown): string {
   const p = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'rnull-cfg-')), 'vm.json');

@@ -7,7 +7,7 @@ import * as fs from 'fs';
 import * as net from 'net';
 import * as os from 'os';
 import * as path from 'path';
-import { Req } from '../../src/vhost/protocol';
+import { Req } from '../../vhost/protocol';
 import { until } from '../helpers/backend';
 import { TestFrontend } from '../helpers/frontend';
 
