@@ -15,9 +15,10 @@ import { Worker } from 'worker_threads';
 import type { DiskConfig } from '../config/disk-schema';
 import { native } from '../native';
 import { closeFd } from '../vhost/vring';
-import type { MemRegion } from '../vhost/message';
+import type { MemRegion } from '../virtqueue/guest-memory';
 import { RemoteQueue } from '../vhost/remote-queue';
-import type { QueueThreads, RingQueue } from '../vhost/ring-queue';
+import type { QueueThreads } from '../vhost/queue-threads';
+import type { RingQueue } from '../virtqueue/ring-queue';
 import type { ThreadChannel, ThreadReply, ThreadRequest, ThreadResults } from '../vhost/thread-messages';
 
 /** What a worker is started with (workerData). */

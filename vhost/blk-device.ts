@@ -27,7 +27,7 @@ import {
   readVringState,
 } from './message';
 import { bit, Feature, hasBit, ProtocolFeature, Req } from './protocol';
-import type { QueueThreads } from './ring-queue';
+import type { QueueThreads } from './queue-threads';
 import { closeFd, Vring } from './vring';
 
 export class VhostUserError extends Error {

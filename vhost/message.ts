@@ -3,6 +3,7 @@
  * throws MessageError naming the message and what was wrong; the connection logs it and
  * disconnects (vhost-user.rst gives no way to reject a malformed message otherwise).
  */
+import type { MemRegion } from '../virtqueue/guest-memory';
 import { HEADER_SIZE, MAX_MEM_REGIONS, VRING_IDX_MASK, VRING_NOFD_MASK, requestName } from './protocol';
 
 export class MessageError extends Error {
@@ -33,14 +34,6 @@ export interface VringAddr {
   usedAddr: number;
   availAddr: number;
   logAddr: number;
-}
-
-/** SET_MEM_TABLE region: guest-physical address, size, front-end address, offset into the fd. */
-export interface MemRegion {
-  gpa: number;
-  size: number;
-  uaddr: number;
-  mmapOffset: number;
 }
 
 export interface ConfigAccess {

@@ -6,7 +6,7 @@
  */
 import { native } from '../native';
 import type { VringSetup } from '../virtqueue/blk-queue';
-import type { QueueSnapshot, RingQueue } from './ring-queue';
+import type { QueueSnapshot, RingQueue } from '../virtqueue/ring-queue';
 import type { ThreadChannel } from './thread-messages';
 
 export class RemoteQueue implements RingQueue {

@@ -5,8 +5,8 @@
  * Every request carries an id; the worker answers each with a ThreadReply of the same id.
  */
 import type { VringSetup } from '../virtqueue/blk-queue';
-import type { MemRegion } from './message';
-import type { QueueSnapshot } from './ring-queue';
+import type { MemRegion } from '../virtqueue/guest-memory';
+import type { QueueSnapshot } from '../virtqueue/ring-queue';
 
 /** A VringSetup without the memory (the worker maps its own), with the worker's own kick/call fds. */
 export type RemoteVringSetup = Omit<VringSetup, 'memory'>;

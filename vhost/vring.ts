@@ -4,7 +4,7 @@
  */
 import { native } from '../native';
 import type { VringAddr } from './message';
-import type { RingQueue } from './ring-queue';
+import type { RingQueue } from '../virtqueue/ring-queue';
 
 export class Vring {
   num = 0;

@@ -19,7 +19,7 @@ import type { CompletionSink, HwQueue } from '../block/hw-queue';
 import { BlkStatus } from '../block/operations';
 import type { Request } from '../block/request';
 import { BATCH_WORDS, MAX_SEGMENTS, native, NativeFdWatcher, NativeVirtqueue, SEGMENT_WORDS } from '../native';
-import type { QueueSnapshot, RingQueue } from '../vhost/ring-queue';
+import type { QueueSnapshot, RingQueue } from './ring-queue';
 import { BlkRequestParser, ParseOutcome, serialId } from './blk-request';
 import type { GuestMemoryMap } from './guest-memory';
 

@@ -7,7 +7,17 @@
  * bytes instead of unmapped memory. Release only once no virtqueue or request uses the table.
  */
 import { native, NativeGuestMemory } from '../native';
-import type { MemRegion } from '../vhost/message';
+
+/**
+ * One guest memory region (vhost-user SET_MEM_TABLE): guest-physical address, size in bytes,
+ * the front-end's virtual address of its start, and its byte offset into the region's fd.
+ */
+export interface MemRegion {
+  gpa: number;
+  size: number;
+  uaddr: number;
+  mmapOffset: number;
+}
 
 export class GuestMemoryMap {
   readonly table: NativeGuestMemory;

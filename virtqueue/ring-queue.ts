@@ -1,10 +1,8 @@
 /**
  * RingQueue: what the vhost-user device needs from the queue that serves one virtqueue, whether
- * it runs on this thread (VirtioBlkQueue) or on a worker thread (RemoteQueue). QueueThreads:
- * the worker threads of a disk whose `threads` is above 1, as the device sees them.
+ * it runs on this thread (VirtioBlkQueue) or on a worker thread (vhost/RemoteQueue).
  */
-import type { VringSetup } from '../virtqueue/blk-queue';
-import type { MemRegion } from './message';
+import type { VringSetup } from './blk-queue';
 
 /** A queue's counters and native ring state (management API `rnull ctl stats`). */
 export interface QueueSnapshot {
@@ -42,18 +40,4 @@ export interface RingQueue {
   /** GET_VRING_BASE: resolves with the next avail index once nothing is in flight. */
   stop(): Promise<number>;
   snapshot(): QueueSnapshot | Promise<QueueSnapshot>;
-}
-
-export interface QueueThreads {
-  /** The worker-thread queue serving ring `index`, or null when it runs on the main thread. */
-  remoteQueue(index: number): RingQueue | null;
-  /**
-   * SET_MEM_TABLE: every worker maps the table from its own duplicates of `fds` (the caller keeps
-   * and closes its fds). Call only while no worker ring runs.
-   */
-  mapMemory(regions: readonly MemRegion[], fds: readonly number[]): Promise<void>;
-  /** Every worker unmaps its guest memory (rings stopped first). */
-  releaseMemory(): Promise<void>;
-  /** `handler` hears of each worker thread lost (its rings' state with it). */
-  onLost(handler: (error: Error) => void): void;
 }

@@ -4,7 +4,7 @@
  * a bump allocator and accessors by guest-physical address.
  */
 import { native, NativeGuestMemory } from '../../native';
-import type { MemRegion } from '../../vhost/message';
+import type { MemRegion } from '../../virtqueue/guest-memory';
 
 export interface RamLayout {
   gpa: number;

@@ -8,7 +8,7 @@ import { ManagementServer } from '../../daemon/management/server';
 import { BadBlocksAction } from '../../daemon/management/schema';
 import { native } from '../../native';
 import { Req } from '../../vhost/protocol';
-import type { QueueSnapshot } from '../../vhost/ring-queue';
+import type { QueueSnapshot } from '../../virtqueue/ring-queue';
 import { startBackend, TestBackend, until } from '../helpers/backend';
 import { state, TestFrontend, u64 } from '../helpers/frontend';
 
