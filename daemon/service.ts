@@ -8,13 +8,15 @@ import type { Disk } from '../block/disk';
 import { TagSet } from '../block/tag-set';
 import type { DiskConfig } from '../config/disk-schema';
 import type { NullDriver } from '../drivers/null/null-driver';
+import type { ManagedDisk } from './management/managed-disk';
 import { ManagementServer } from './management/server';
 import { buildNullDisk } from './null-disk';
 import { QueueWorkers } from './queue-workers';
 import { VhostUserBlkDevice } from '../vhost/blk-device';
 import { VhostUserServer } from '../vhost/server';
 
-export interface ServedDisk {
+/** A disk this daemon serves; the management API sees it as a ManagedDisk. */
+export interface ServedDisk extends ManagedDisk {
   config: DiskConfig;
   disk: Disk;
   driver: NullDriver;

@@ -5,7 +5,7 @@
  * started. Kick and call eventfds are duplicated for the worker (it owns and closes its copies).
  */
 import { native } from '../native';
-import type { VringSetup } from '../virtqueue/blk-queue';
+import type { VringSetup } from '../virtqueue/ring-queue';
 import type { QueueSnapshot, RingQueue } from '../virtqueue/ring-queue';
 import type { ThreadChannel } from './thread-messages';
 

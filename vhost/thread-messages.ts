@@ -4,7 +4,7 @@
  * owns from then on and closes when done with it, so the main thread may close its own at will.
  * Every request carries an id; the worker answers each with a ThreadReply of the same id.
  */
-import type { VringSetup } from '../virtqueue/blk-queue';
+import type { VringSetup } from '../virtqueue/ring-queue';
 import type { MemRegion } from '../virtqueue/guest-memory';
 import type { QueueSnapshot } from '../virtqueue/ring-queue';
 

@@ -19,7 +19,8 @@ import type { CompletionSink, HwQueue } from '../block/hw-queue';
 import { BlkStatus } from '../block/operations';
 import type { Request } from '../block/request';
 import { BATCH_WORDS, MAX_SEGMENTS, native, NativeFdWatcher, NativeVirtqueue, SEGMENT_WORDS } from '../native';
-import type { QueueSnapshot, RingQueue } from './ring-queue';
+import type { QueueSnapshot, RingQueue, VringSetup } from './ring-queue';
+
 import { BlkRequestParser, ParseOutcome, serialId } from './blk-request';
 import type { GuestMemoryMap } from './guest-memory';
 
@@ -42,22 +43,6 @@ const CHAIN_ERRORS = [
   'next index outside the table',
   'bad indirect descriptor',
 ];
-
-export interface VringSetup {
-  memory: GuestMemoryMap;
-  /** Ring size in descriptors. */
-  size: number;
-  descAddr: number;
-  availAddr: number;
-  usedAddr: number;
-  lastAvailIdx: number;
-  eventIdx: boolean;
-  indirect: boolean;
-  kickFd: number;
-  callFd: number;
-  /** Busy-poll limit after a batch, in microseconds (0: none). */
-  pollUs: number;
-}
 
 export interface QueueStats {
   requests: number;

@@ -2,7 +2,25 @@
  * RingQueue: what the vhost-user device needs from the queue that serves one virtqueue, whether
  * it runs on this thread (VirtioBlkQueue) or on a worker thread (vhost/RemoteQueue).
  */
-import type { VringSetup } from './blk-queue';
+import type { GuestMemoryMap } from './guest-memory';
+
+/** What a queue needs to serve one split virtqueue: the mapped memory, the ring's guest-physical
+ * addresses (virtio 1.2 2.7), its size in descriptors, the negotiated ring features and fds. */
+export interface VringSetup {
+  memory: GuestMemoryMap;
+  /** Ring size in descriptors. */
+  size: number;
+  descAddr: number;
+  availAddr: number;
+  usedAddr: number;
+  lastAvailIdx: number;
+  eventIdx: boolean;
+  indirect: boolean;
+  kickFd: number;
+  callFd: number;
+  /** Busy-poll limit after a batch, in microseconds (0: none). */
+  pollUs: number;
+}
 
 /** A queue's counters and native ring state (management API `rnull ctl stats`). */
 export interface QueueSnapshot {

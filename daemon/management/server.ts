@@ -6,7 +6,7 @@
 import * as fs from 'fs';
 import * as net from 'net';
 import type { Logger } from 'pino';
-import type { ServedDisk } from '../service';
+import type { ManagedDisk } from './managed-disk';
 import { BadBlocksAction, readDelimited, RequestMsg, RequestType, ResponseMsg, ResponseType } from './schema';
 
 export class ManagementServer {
@@ -14,7 +14,7 @@ export class ManagementServer {
 
   constructor(
     readonly socketPath: string,
-    private readonly disks: readonly ServedDisk[],
+    private readonly disks: readonly ManagedDisk[],
     private readonly log: Logger,
   ) {
     this.server = net.createServer((c) => this.serve(c));
@@ -143,7 +143,7 @@ export class ManagementServer {
     }
   }
 
-  private disk(name: string): ServedDisk {
+  private disk(name: string): ManagedDisk {
     const d = this.disks.find((x) => x.config.name === name);
     if (d === undefined) throw new Error(`no disk named "${name}" (disks: ${this.disks.map((x) => x.config.name).join(', ')})`);
     return d;

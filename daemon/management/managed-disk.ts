@@ -1,0 +1,21 @@
+/**
+ * ManagedDisk: what the management server needs of a served disk (daemon/service.ts's ServedDisk
+ * is one): its configuration, geometry, connection state, the null driver's bad blocks and write
+ * cache, the worker threads to tell of bad-block changes, and its rings' counters.
+ */
+import type { Disk } from '../../block/disk';
+import type { DiskConfig } from '../../config/disk-schema';
+import type { BadBlocks } from '../../drivers/null/badblocks';
+import type { WriteCache } from '../../drivers/null/write-cache';
+import type { QueueSnapshot } from '../../virtqueue/ring-queue';
+
+export interface ManagedDisk {
+  readonly config: Pick<DiskConfig, 'name' | 'socket' | 'num_queues' | 'rotational' | 'shared_tags'>;
+  readonly disk: Pick<Disk, 'capacitySectors' | 'logicalBlockSize' | 'tagSet'>;
+  readonly server: { readonly isConnected: boolean };
+  readonly driver: { readonly badblocks: BadBlocks; readonly cache: WriteCache | null };
+  /** Worker threads serving some of its queues (threads > 1), or null. */
+  readonly workers: { setBadBlocks(ranges: [number, number][]): Promise<void> } | null;
+  /** One entry per virtqueue; each queue's counters (`rnull ctl stats`). */
+  readonly device: { readonly vrings: readonly { readonly queue: { snapshot(): QueueSnapshot | Promise<QueueSnapshot> } }[] };
+}
