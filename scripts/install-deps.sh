@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages rnull's guest (QEMU) tests need.
+# Installs the Debian packages rnull's guest (QEMU) tests and fuzz targets need.
 #
 #   qemu-system-x86    qemu-system-x86_64, boots the test guest (TCG); brings
 #                      qemu-storage-daemon (the reference back-end) through
@@ -8,6 +8,8 @@
 #   busybox-static     the guest's shell and userland
 #   linux-image-amd64  the guest kernel (/boot/vmlinuz-*) and its modules
 #   e2fsprogs          mkfs.ext4 inside the guest
+#   clang, libclang-rt-14-dev
+#                      libFuzzer with ASan/UBSan for the native fuzz targets (test/fuzz)
 #
 # Node.js 20.3 or newer with npm, python3, make and g++ must already be there
 # (they build the native addon and the benchmark client); this checks Node.
@@ -19,7 +21,7 @@ set -euo pipefail
 node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 3) ? 0 : 1)' ||
   { echo "install-deps: Node.js 20.3 or newer is needed (found $(node --version 2>/dev/null || echo none))" >&2; exit 1; }
 
-PACKAGES=(qemu-system-x86 fio busybox-static linux-image-amd64 e2fsprogs)
+PACKAGES=(qemu-system-x86 fio busybox-static linux-image-amd64 e2fsprogs clang libclang-rt-14-dev)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
