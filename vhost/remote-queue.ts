@@ -26,8 +26,15 @@ export class RemoteQueue implements RingQueue {
   /** @throws Error with the worker's reason when it cannot start the ring. */
   async start(setup: VringSetup, enabled: boolean): Promise<void> {
     const kickFd = native.dup(setup.kickFd);
-    const callFd = setup.callFd >= 0 ? native.dup(setup.callFd) : -1;
+    let callFd = -1;
+    try {
+      if (setup.callFd >= 0) callFd = native.dup(setup.callFd);
+    } catch (e) {
+      native.close(kickFd); // nothing was handed over yet
+      throw e;
+    }
     const { memory: _memory, ...rest } = setup;
+    // Running from here: a reply that never comes (worker lost) still needs stop() to clean up.
     this.running = true;
     this.startedOn = this.channel.incarnation;
     try {

@@ -107,7 +107,10 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
   /**
    * Starts the ring: configures the native virtqueue and watches the kick eventfd. Processing
    * begins once the ring is also enabled (setEnabled). Takes no ownership of kickFd/callFd.
-   * @throws RangeError when the ring does not lie in guest memory.
+   * All or nothing: when it throws, nothing is left started (no ring configured, no kick
+   * watched, the hardware queue not attached), so guest memory may be released at once.
+   * @throws RangeError when the ring does not lie in guest memory; SyscallError when the kick
+   * fd cannot be watched (whether or not the ring starts enabled).
    */
   start(setup: VringSetup, enabled: boolean): void {
     if (this.size !== setup.size) {
@@ -137,6 +140,31 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
       this.views,
       this.segments,
     );
+    let watcher: NativeFdWatcher | null = null;
+    let attached = false;
+    try {
+      this.configureRing(setup);
+      // Watched once now even for a disabled ring, so a kick fd the event loop refuses fails
+      // the start rather than a later SET_VRING_ENABLE.
+      watcher = new native.FdWatcher(setup.kickFd, this.onKick, true);
+      watcher.start();
+      if (!enabled) watcher.stop();
+      this.hctx.attach(this.disk.ops, this, this.disk.timeoutMs);
+      attached = true;
+    } catch (e) {
+      if (watcher !== null) watcher.stop();
+      if (attached) this.hctx.detach();
+      this.vq.stop(); // forgets the ring and its memory (a no-op if configure() failed first)
+      throw e;
+    }
+    this.running = true;
+    this.brokenLogged = false;
+    this.kickWatcher = watcher;
+    this.setEnabled(enabled);
+  }
+
+  /** start(): the native ring's configuration (may throw, nothing is watched yet). */
+  private configureRing(setup: VringSetup): void {
     this.vq.configure({
       memory: setup.memory.table,
       size: setup.size,
@@ -154,11 +182,6 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
     });
     this.vq.setCallFd(setup.callFd);
     this.vq.setPolling(setup.pollUs * 1000);
-    this.hctx.attach(this.disk.ops, this, this.disk.timeoutMs);
-    this.running = true;
-    this.brokenLogged = false;
-    this.kickWatcher = new native.FdWatcher(setup.kickFd, this.onKick, true);
-    this.setEnabled(enabled);
   }
 
   /** SET_VRING_ENABLE: a disabled ring is not processed (kicks wait until it is enabled). */
