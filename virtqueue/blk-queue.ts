@@ -32,6 +32,15 @@ import type { GuestMemoryMap } from './guest-memory';
  */
 const BATCH_BYTES = 65536;
 
+/**
+ * One drain() call stops taking batches once it has run this long (monotonic ns, measured
+ * from its first batch) and goes on at the next turn of the event loop, so a guest that
+ * re-offers every completed request at once cannot keep the thread (other rings, messages,
+ * timers, signals) waiting (the CVE-2019-3900 pattern). Notifications stay suppressed
+ * meanwhile: the native pop re-arms them only once it finds the ring empty.
+ */
+const DRAIN_BUDGET_NS = 1_000_000;
+
 /** Names of the chain errors native/virtqueue.h reports, by code. */
 const CHAIN_ERRORS = [
   'ok',
@@ -75,6 +84,8 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
   private inflight = 0;
   private draining = false;
   private publishScheduled = false;
+  /** drain() ran out of budget and goes on at the next turn (setImmediate). */
+  private resumeScheduled = false;
   private running = false;
   /** stop() is waiting for the in-flight requests. */
   private stopping = false;
@@ -84,6 +95,10 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
   private lastTimeoutLog = 0;
   private idleWaiters: Array<() => void> = [];
   private readonly drainLater = (): void => this.drain();
+  private readonly resumeLater = (): void => {
+    this.resumeScheduled = false;
+    this.drain();
+  };
   private readonly publishLater = (): void => {
     this.publishScheduled = false;
     this.publish();
@@ -229,13 +244,18 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
     }
   }
 
-  /** Drains the avail ring: batch after batch until it is empty. */
+  /**
+   * Drains the avail ring: batch after batch until it is empty, or until DRAIN_BUDGET_NS has
+   * passed since the first batch: then the completions so far are published and the drain goes
+   * on at the next turn of the event loop.
+   */
   drain(): void {
     if (!this.running || !this.enabled || this.draining || this.stopping) return;
     this.draining = true;
     const parser = this.parser as BlkRequestParser;
     const requests = this.hctx.requests;
     const batch = this.batch;
+    let firstNs = -1;
     try {
       const tags = this.hctx.tags;
       for (;;) {
@@ -258,6 +278,7 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
         this.stats.batches++;
         this.inflight += n;
         const now = this.info[0];
+        if (firstNs < 0) firstNs = now;
         let lastDispatched = false;
         for (let i = 0; i < n; i++) {
           const b = i * BATCH_WORDS;
@@ -294,6 +315,15 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
         }
         if (!lastDispatched) this.hctx.commit();
         if (this.hctx.hasDeferred) this.hctx.runDeferred();
+        if (now - firstNs >= DRAIN_BUDGET_NS) {
+          // Out of budget: hand over what ended, let the event loop turn, then go on.
+          this.publish();
+          if (!this.resumeScheduled) {
+            this.resumeScheduled = true;
+            setImmediate(this.resumeLater);
+          }
+          break;
+        }
       }
     } finally {
       this.draining = false;

@@ -6,12 +6,15 @@
 import * as fs from 'fs';
 import pino from 'pino';
 import { hctxOf } from '../../block/disk';
+import { BlkStatus, type Operations } from '../../block/operations';
+import type { Request } from '../../block/request';
 import { native } from '../../native';
 import { VirtioBlkQueue } from '../../virtqueue/blk-queue';
 import { GuestMemoryMap } from '../../virtqueue/guest-memory';
 import type { VringSetup } from '../../virtqueue/ring-queue';
 import { startBackend, TestBackend, until } from '../helpers/backend';
-import { blkHeader, DriverRing } from '../helpers/driver-ring';
+import { blkHeader, DESC_F_NEXT, DESC_F_WRITE, DriverRing } from '../helpers/driver-ring';
+import { TestFrontend } from '../helpers/frontend';
 import { GuestRam } from '../helpers/guest-ram';
 
 const silent = pino({ level: 'silent' });
@@ -109,5 +112,89 @@ describe('a ring start that fails half-way (kick fd epoll refuses: /dev/null) le
     expect(ram.bytes(st, 1)[0]).toBe(0);
     expect(await rq.stop()).toBe(1);
     await workers.releaseMemory();
+  });
+});
+
+describe('drain() has a budget (a guest that re-offers every completed request at once)', () => {
+  let be: TestBackend;
+  let fe: TestFrontend;
+  afterEach(async () => {
+    fe.close();
+    await be.close();
+  });
+
+  test('other rings, timers and immediates run while the storm lasts; every request still completes', async () => {
+    const STORM = 100_000;
+    const CHAINS = 85; // 3 descriptors each in a ring of 256
+    const STARTED = 8;
+    let reoffer: (() => void) | null = null;
+    let ended = 0;
+    // A driver that ends each request at once, while the "vCPU" re-offers another chain for
+    // every request it sees taken (what a guest spinning on the used ring does).
+    const ops: Operations = {
+      queueRq(rq: Request): BlkStatus {
+        rq.end(BlkStatus.Ok);
+        if (rq.hctx.index === 0) {
+          ended++;
+          if (reoffer !== null) reoffer();
+        }
+        return BlkStatus.Ok;
+      },
+    };
+    be = startBackend({ num_queues: 2 }, ops);
+    fe = new TestFrontend(be.socket);
+    await fe.setup({ queues: 2, queueSize: 256 });
+    const ring = fe.rings[0];
+    const ram = fe.ram;
+    const status: number[] = [];
+    for (let c = 0; c < CHAINS; c++) {
+      const h = ram.alloc(16);
+      ram.bytes(h, 16).set(blkHeader(0, 8 * c));
+      const data = ram.alloc(4096, 512);
+      const st = ram.alloc(1);
+      status.push(st);
+      ring.setDesc(3 * c, { addr: h, len: 16, flags: DESC_F_NEXT, next: 3 * c + 1 });
+      ring.setDesc(3 * c + 1, { addr: data, len: 4096, flags: DESC_F_NEXT | DESC_F_WRITE, next: 3 * c + 2 });
+      ring.setDesc(3 * c + 2, { addr: st, len: 1, flags: DESC_F_WRITE });
+    }
+    let offered = 0;
+    const offerNext = (): void => {
+      const c = offered++ % CHAINS;
+      ram.bytes(status[c], 1)[0] = 0xff;
+      ring.offer(3 * c);
+    };
+    reoffer = () => {
+      if (offered < STORM) offerNext();
+    };
+    for (let i = 0; i < STARTED; i++) offerNext();
+
+    // Event loop turns seen while the storm is on (some requests served, not all).
+    let turnsDuring = 0;
+    let timersDuring = 0;
+    let ticking = true;
+    const tick = (): void => {
+      if (ended > 0 && ended < STORM) turnsDuring++;
+      if (ticking) setImmediate(tick);
+    };
+    setImmediate(tick);
+    const timer = setInterval(() => {
+      if (ended > 0 && ended < STORM) timersDuring++;
+    }, 1);
+    fe.kick(0);
+    await until(() => ended > 0, 'the storm to start');
+    // A request on the other ring of the same thread is served before the storm ends.
+    const other = await fe.blk(1, 0, 0, { readLen: 512 });
+    const endedWhenOtherDone = ended;
+    await until(() => ended === STORM, 'the storm to end', 60000);
+    ticking = false;
+    clearInterval(timer);
+    expect(other.status).toBe(0);
+    expect(endedWhenOtherDone).toBeLessThan(STORM);
+    expect(turnsDuring).toBeGreaterThan(5);
+    expect(timersDuring).toBeGreaterThan(0);
+    await fe.waitUsedIdx(0, STORM);
+    for (const st of status) expect(ram.bytes(st, 1)[0]).toBe(0);
+    const s = await be.device.vrings[0].queue.snapshot();
+    expect(s).toMatchObject({ requests: STORM, failedRequests: 0, badChains: 0, broken: false, inFlight: 0 });
   });
 });
