@@ -41,6 +41,9 @@ const BATCH_BYTES = 65536;
  */
 const DRAIN_BUDGET_NS = 1_000_000;
 
+/** Driver failures logged per second per queue at most (the rest are counted). */
+const FAILURE_LOGS_PER_SECOND = 10;
+
 /** Names of the chain errors native/virtqueue.h reports, by code. */
 const CHAIN_ERRORS = [
   'ok',
@@ -93,6 +96,10 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
   private brokenLogged = false;
   private lastNoiseLog = 0;
   private lastTimeoutLog = 0;
+  /** driverFailed() log limit: start of the current one-second window, lines logged in it, lines left out since the last one. */
+  private failureLogWindow = 0;
+  private failureLogs = 0;
+  private failureLogsSuppressed = 0;
   private idleWaiters: Array<() => void> = [];
   private readonly drainLater = (): void => this.drain();
   private readonly resumeLater = (): void => {
@@ -394,10 +401,24 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
 
   /**
    * A driver threw from queueRq: a bug, but one request's, not the daemon's. The request
-   * fails with IOERR (if the driver had not ended it) and the error is logged.
+   * fails with IOERR (if the driver had not ended it) and the error is logged: at most
+   * FAILURE_LOGS_PER_SECOND a second per queue, the next logged line giving the number left
+   * out (`suppressed`), so a guest repeating a failing request cannot flood the log.
    */
   private driverFailed(rq: Request, err: Error): void {
-    this.log.error({ queue: this.index, tag: rq.tag, err }, 'driver failed a request');
+    const now = Date.now();
+    if (now - this.failureLogWindow >= 1000) {
+      this.failureLogWindow = now;
+      this.failureLogs = 0;
+    }
+    if (this.failureLogs < FAILURE_LOGS_PER_SECOND) {
+      this.failureLogs++;
+      const suppressed = this.failureLogsSuppressed;
+      this.failureLogsSuppressed = 0;
+      this.log.error({ queue: this.index, tag: rq.tag, err, ...(suppressed > 0 ? { suppressed } : {}) }, 'driver failed a request');
+    } else {
+      this.failureLogsSuppressed++;
+    }
     this.hctx.abort(rq, BlkStatus.IoErr);
   }
 

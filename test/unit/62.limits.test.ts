@@ -119,3 +119,55 @@ describe('configuration', () => {
     expect(loadConfig(undefined, { irqmode: 2, completion_nsec: 5_000_000_000, io_timeout: 0 }).disks[0].io_timeout).toBe(0); // no timeout
   });
 });
+
+describe('disk size (defect 12)', () => {
+  let be: TestBackend;
+  let fe: TestFrontend;
+  afterEach(async () => {
+    fe?.close();
+    await be?.close();
+  });
+
+  test('size stays below 2^53 bytes (at most 8589934591 MiB): beyond, byte positions are not exact numbers', () => {
+    expect(() => loadConfig(undefined, { size: 8589934592 })).toThrow(/size: expected at most 8589934591 MiB \(the capacity must stay below 2\^53 bytes\): value was 8589934592/);
+    expect(() => loadConfig(undefined, { size: 2 ** 40 })).toThrow(ConfigError);
+    expect(loadConfig(undefined, { size: 8589934591 }).disks[0].size).toBe(8589934591);
+  });
+
+  test('the largest disk: its last sector is written and read back', async () => {
+    be = startBackend({ size: 8589934591, num_queues: 1 });
+    fe = new TestFrontend(be.socket);
+    await fe.setup();
+    const last = 8589934591 * 2048 - 1;
+    const data = Buffer.alloc(512, 0x5a);
+    expect((await fe.blk(0, 1, last, { data })).status).toBe(0);
+    expect((await fe.blk(0, 0, last, { readLen: 512 })).data!.equals(data)).toBe(true);
+    expect((await fe.blk(0, 0, last + 1, { readLen: 512 })).status).toBe(1); // past the end
+  });
+
+  test('driver failures are logged at most 10 a second per queue, with a count of the ones left out', async () => {
+    let thrown = 0;
+    be = startBackend({ num_queues: 1 }, {
+      queueRq() {
+        thrown++;
+        throw new Error('driver bug');
+      },
+    });
+    fe = new TestFrontend(be.socket);
+    await fe.setup({ queueSize: 256 });
+    for (let round = 0; round < 4; round++) {
+      fe.offerReads(50, { bytes: 512, sector: 0 });
+      await fe.waitUsedIdx(0, 50 * (round + 1));
+    }
+    expect(thrown).toBe(200);
+    const lines = () => be.logs.filter((l) => String(l.msg).startsWith('driver failed a request'));
+    expect(lines().length).toBeLessThanOrEqual(10);
+    expect(lines().length).toBeGreaterThan(0);
+    // A second later the next failure is logged again, saying how many were left out.
+    await new Promise((r) => setTimeout(r, 1100));
+    fe.offerReads(1, { bytes: 512 });
+    await fe.waitUsedIdx(0, 201);
+    const last = lines()[lines().length - 1];
+    expect(last.suppressed).toBe(200 - (lines().length - 1));
+  });
+});
