@@ -12,7 +12,11 @@ import { ConfigError, DiskOverrides, loadConfig } from '../config/load';
 import { parseRange } from '../drivers/null/badblocks';
 import { managementCall } from './management/client';
 import { BadBlocksAction, RequestMsg } from './management/schema';
+import { StdoutLog } from './logging';
 import { qemuCommandLine, Service } from './service';
+
+/** At exit, log lines still waiting for stdout get this long (ms), then are dropped. */
+const EXIT_FLUSH_MS = 1000;
 
 function int(name: string) {
   return (v: string): number => {
@@ -127,14 +131,25 @@ async function runDaemon(o: CliOptions): Promise<void> {
     }
     throw e;
   }
-  const log = pino({ level: config.log_level, base: { pid: process.pid } });
+  // Never blocks on stdout, never flushes without a bound at exit (daemon/logging.ts).
+  const out = new StdoutLog();
+  const log = pino({ level: config.log_level, base: { pid: process.pid } }, out);
+  const exit = (code: number): void => {
+    void out.flush(EXIT_FLUSH_MS).then(() => process.exit(code));
+  };
+  // A promise rejected with nobody to handle it is a bug in one operation, not a reason to stop
+  // every disk (Node would exit): logged, and the daemon goes on serving.
+  process.on('unhandledRejection', (reason: unknown) => {
+    log.error({ err: reason }, 'unhandled promise rejection (a bug): logged, still serving');
+  });
   let service: Service;
   try {
     service = new Service(config.disks, log, config.management_socket);
     await service.start();
   } catch (e) {
     log.fatal({ err: e }, `cannot start: ${(e as Error).message}`);
-    process.exit(1);
+    exit(1);
+    return;
   }
   for (const d of service.disks) {
     log.info(
@@ -151,11 +166,11 @@ async function runDaemon(o: CliOptions): Promise<void> {
     service.stop().then(
       () => {
         log.info('stopped');
-        process.exit(0);
+        exit(0);
       },
       (e: unknown) => {
         log.error({ err: e }, 'shutdown failed');
-        process.exit(1);
+        exit(1);
       },
     );
   };

@@ -2,7 +2,7 @@
  * A queue worker thread (daemon/queue-workers.ts starts it): builds the disk's null driver over
  * the shared page store, serves the hardware queues it was given with VirtioBlkQueues on its own
  * mapping of guest memory, and answers the main thread's ring operations (thread-messages.ts).
- * Logs go straight to fd 1, as the main thread's do.
+ * Logs go through the thread's process.stdout (forwarded to the main thread's), never blocking.
  */
 import pino from 'pino';
 import { parentPort, workerData } from 'worker_threads';
@@ -11,12 +11,18 @@ import { closeFd } from '../vhost/vring';
 import type { ThreadReply, ThreadRequest } from '../vhost/thread-messages';
 import { VirtioBlkQueue } from '../virtqueue/blk-queue';
 import { GuestMemoryMap } from '../virtqueue/guest-memory';
+import { StdoutLog } from './logging';
 import { buildNullDisk } from './null-disk';
 import type { QueueWorkerData } from './queue-workers';
 
 const data = workerData as QueueWorkerData;
-const log = pino({ level: data.logLevel, base: { pid: process.pid, thread: data.thread } }, pino.destination({ fd: 1, sync: true })).child({
+// process.stdout here is Node's asynchronous forwarding to the main thread's stdout: a slow
+// stdout reader never makes this thread (its rings) wait (daemon/logging.ts).
+const log = pino({ level: data.logLevel, base: { pid: process.pid, thread: data.thread } }, new StdoutLog()).child({
   disk: data.config.name,
+});
+process.on('unhandledRejection', (reason: unknown) => {
+  log.error({ err: reason }, 'unhandled promise rejection on a worker thread (a bug): logged, still serving');
 });
 const { disk, driver } = buildNullDisk(data.config, log, { storeId: data.storeId ?? undefined });
 
