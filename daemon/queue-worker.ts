@@ -7,7 +7,6 @@
 import pino from 'pino';
 import { parentPort, workerData } from 'worker_threads';
 import { hctxOf } from '../block/disk';
-import { closeFd } from '../vhost/vring';
 import type { ThreadReply, ThreadRequest } from '../vhost/thread-messages';
 import { VirtioBlkQueue } from '../virtqueue/blk-queue';
 import { GuestMemoryMap } from '../virtqueue/guest-memory';
@@ -26,14 +25,12 @@ process.on('unhandledRejection', (reason: unknown) => {
 });
 const { disk, driver } = buildNullDisk(data.config, log, { storeId: data.storeId ?? undefined });
 
+/** The queues of this thread. The fds they use are lent by the main thread, which closes them. */
 interface Served {
   queue: VirtioBlkQueue;
-  /** This thread's duplicates of the ring's eventfds (-1: none). */
-  kickFd: number;
-  callFd: number;
 }
 const served = new Map<number, Served>();
-for (const q of data.queues) served.set(q, { queue: new VirtioBlkQueue(q, hctxOf(disk, q), disk, log), kickFd: -1, callFd: -1 });
+for (const q of data.queues) served.set(q, { queue: new VirtioBlkQueue(q, hctxOf(disk, q), disk, log) });
 let memory: GuestMemoryMap | null = null;
 
 function queueOf(index: number): Served {
@@ -54,52 +51,27 @@ function releaseMemory(): void {
 async function handle(m: ThreadRequest): Promise<unknown> {
   switch (m.op) {
     case 'memory':
-      try {
-        releaseMemory();
-        memory = new GuestMemoryMap(m.regions, m.fds);
-      } finally {
-        for (const fd of m.fds) closeFd(fd);
-      }
+      // The fds are lent (thread-messages.ts): the main thread closes them after the reply.
+      releaseMemory();
+      memory = new GuestMemoryMap(m.regions, m.fds);
       return undefined;
     case 'release':
       releaseMemory();
       return undefined;
     case 'start': {
       const s = queueOf(m.queue);
-      closeFd(s.kickFd);
-      closeFd(s.callFd);
-      s.kickFd = m.setup.kickFd;
-      s.callFd = m.setup.callFd;
-      try {
-        if (memory === null) throw new Error(`ring ${m.queue} started before its thread mapped guest memory`);
-        s.queue.start({ ...m.setup, memory }, m.enabled);
-      } catch (e) {
-        closeFd(s.kickFd);
-        closeFd(s.callFd);
-        s.kickFd = s.callFd = -1;
-        throw e;
-      }
+      if (memory === null) throw new Error(`ring ${m.queue} started before its thread mapped guest memory`);
+      s.queue.start({ ...m.setup, memory }, m.enabled); // all or nothing
       return undefined;
     }
     case 'enable':
       queueOf(m.queue).queue.setEnabled(m.enabled);
       return undefined;
-    case 'call': {
-      const s = queueOf(m.queue);
-      s.queue.setCallFd(m.fd);
-      closeFd(s.callFd);
-      s.callFd = m.fd;
+    case 'call':
+      queueOf(m.queue).queue.setCallFd(m.fd);
       return undefined;
-    }
-    case 'stop': {
-      const s = queueOf(m.queue);
-      const base = await s.queue.stop();
-      closeFd(s.kickFd);
-      closeFd(s.callFd);
-      s.kickFd = -1;
-      s.callFd = -1;
-      return base;
-    }
+    case 'stop':
+      return queueOf(m.queue).queue.stop();
     case 'snapshot':
       return queueOf(m.queue).queue.snapshot(data.thread);
     case 'badblocks':
