@@ -13,7 +13,7 @@
  * - Nothing registers an exit-time flush (pino's own destinations do, and retry EPIPE every
  *   100 ms forever): flush() waits for what is pending, at most `timeoutMs`.
  */
-import type { DestinationStream } from 'pino';
+import type { DestinationStream, Logger } from 'pino';
 
 /** Bytes of log lines allowed to wait for a slow stdout reader before lines are dropped. */
 export const DEFAULT_MAX_PENDING_BYTES = 1 << 20;
@@ -75,4 +75,15 @@ export class StdoutLog implements DestinationStream {
       this.stream.once('drain', done);
     });
   }
+}
+
+/**
+ * A promise rejected with nobody to handle it is a bug in one operation, not a reason to stop
+ * every disk (Node's default is to exit): from now on such a rejection is logged at error and
+ * the thread goes on serving. Call once per thread (main, and each queue worker).
+ */
+export function logUnhandledRejections(log: Logger): void {
+  process.on('unhandledRejection', (reason: unknown) => {
+    log.error({ err: reason }, 'unhandled promise rejection (a bug): logged, still serving');
+  });
 }

@@ -12,7 +12,7 @@ import { ConfigError, DiskOverrides, loadConfig } from '../config/load';
 import { parseRange } from '../drivers/null/badblocks';
 import { managementCall } from './management/client';
 import { BadBlocksAction, RequestMsg } from './management/schema';
-import { StdoutLog } from './logging';
+import { logUnhandledRejections, StdoutLog } from './logging';
 import { qemuCommandLine, Service } from './service';
 
 /** At exit, log lines still waiting for stdout get this long (ms), then are dropped. */
@@ -137,11 +137,7 @@ async function runDaemon(o: CliOptions): Promise<void> {
   const exit = (code: number): void => {
     void out.flush(EXIT_FLUSH_MS).then(() => process.exit(code));
   };
-  // A promise rejected with nobody to handle it is a bug in one operation, not a reason to stop
-  // every disk (Node would exit): logged, and the daemon goes on serving.
-  process.on('unhandledRejection', (reason: unknown) => {
-    log.error({ err: reason }, 'unhandled promise rejection (a bug): logged, still serving');
-  });
+  logUnhandledRejections(log);
   let service: Service;
   try {
     service = new Service(config.disks, log, config.management_socket);

@@ -10,7 +10,7 @@ import { hctxOf } from '../block/disk';
 import type { ThreadReply, ThreadRequest } from '../vhost/thread-messages';
 import { VirtioBlkQueue } from '../virtqueue/blk-queue';
 import { GuestMemoryMap } from '../virtqueue/guest-memory';
-import { StdoutLog } from './logging';
+import { logUnhandledRejections, StdoutLog } from './logging';
 import { buildNullDisk } from './null-disk';
 import type { QueueWorkerData } from './queue-workers';
 
@@ -20,9 +20,7 @@ const data = workerData as QueueWorkerData;
 const log = pino({ level: data.logLevel, base: { pid: process.pid, thread: data.thread } }, new StdoutLog()).child({
   disk: data.config.name,
 });
-process.on('unhandledRejection', (reason: unknown) => {
-  log.error({ err: reason }, 'unhandled promise rejection on a worker thread (a bug): logged, still serving');
-});
+logUnhandledRejections(log);
 const { disk, driver } = buildNullDisk(data.config, log, { storeId: data.storeId ?? undefined });
 
 /** The queues of this thread. The fds they use are lent by the main thread, which closes them. */

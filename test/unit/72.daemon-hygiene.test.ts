@@ -3,7 +3,7 @@
  * management client does not hold up SIGTERM (defect 9), and an unhandled rejection is logged
  * without taking the daemon down.
  */
-import { ChildProcess, spawn } from 'child_process';
+import { ChildProcess, spawn, spawnSync } from 'child_process';
 import { EventEmitter } from 'events';
 import * as fs from 'fs';
 import * as net from 'net';
@@ -173,5 +173,29 @@ describe('StdoutLog', () => {
     const t0 = Date.now();
     await log.flush(100);
     expect(Date.now() - t0).toBeLessThan(2000);
+  });
+});
+
+describe('unhandled rejections', () => {
+  /** Runs `body` in a fresh node (main thread, or a worker thread) with the built dist/. */
+  function run(body: string, inWorker: boolean): { status: number | null; stdout: string } {
+    const dist = path.join(__dirname, '..', '..', 'dist', 'daemon', 'logging.js');
+    const code = `
+      const pino = require('pino');
+      const { logUnhandledRejections, StdoutLog } = require(${JSON.stringify(dist)});
+      const log = pino({ base: null }, new StdoutLog());
+      logUnhandledRejections(log);
+      ${body}`;
+    const script = inWorker ? `const { Worker } = require('worker_threads'); new Worker(${JSON.stringify(code)}, { eval: true }).on('exit', (c) => process.exit(c));` : code;
+    const r = spawnSync(process.execPath, ['-e', script], { cwd: path.join(__dirname, '..', '..'), encoding: 'utf8', timeout: 10000 });
+    return { status: r.status, stdout: r.stdout };
+  }
+
+  test.each([false, true])('are logged and the thread goes on (worker thread: %s)', (inWorker) => {
+    const r = run(`Promise.reject(new Error('forgotten')); setTimeout(() => { log.info('still here'); setTimeout(() => process.exit(0), 50); }, 50);`, inWorker);
+    expect(r.status).toBe(0);
+    const lines = r.stdout.split('\n').filter((l) => l !== '').map((l) => JSON.parse(l));
+    expect(lines[0]).toMatchObject({ level: 50, err: { message: 'forgotten' }, msg: 'unhandled promise rejection (a bug): logged, still serving' });
+    expect(lines[1]).toMatchObject({ msg: 'still here' });
   });
 });
