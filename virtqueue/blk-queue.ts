@@ -132,9 +132,10 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
    * All or nothing: when it throws, nothing is left started (no ring configured, no kick
    * watched, the hardware queue not attached), so guest memory may be released at once.
    * @throws RangeError when the ring does not lie in guest memory; SyscallError when the kick
-   * fd cannot be watched (whether or not the ring starts enabled).
+   * fd cannot be watched (whether or not the ring starts enabled); Error if it runs already.
    */
   start(setup: VringSetup, enabled: boolean): void {
+    if (this.running) throw new Error(`ring ${this.index} is already running: stop it first`);
     if (this.size !== setup.size) {
       this.size = setup.size;
       this.segments = new Uint32Array(setup.size * MAX_SEGMENTS * SEGMENT_WORDS);
