@@ -138,11 +138,37 @@ async function runDaemon(o: CliOptions): Promise<void> {
     void out.flush(EXIT_FLUSH_MS).then(() => process.exit(code));
   };
   logUnhandledRejections(log);
-  let service: Service;
+  // Signals are handled from before the first socket exists: one arriving during start-up stops
+  // the daemon once start-up is done (the default action would leave sockets behind).
+  let service: Service | null = null;
+  let starting: Promise<void> = Promise.resolve();
+  let stopping = false;
+  const stop = (signal: string): void => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal }, 'shutting down');
+    starting
+      .then(() => service?.stop())
+      .then(
+        () => {
+          log.info('stopped');
+          exit(0);
+        },
+        (e: unknown) => {
+          log.error({ err: e }, 'shutdown failed');
+          exit(1);
+        },
+      );
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
   try {
-    service = new Service(config.disks, log, config.management_socket);
-    await service.start();
+    const s = new Service(config.disks, log, config.management_socket);
+    starting = s.start();
+    await starting;
+    service = s;
   } catch (e) {
+    starting = Promise.resolve(); // Service.start() closed what it had opened
     log.fatal({ err: e }, `cannot start: ${(e as Error).message}`);
     exit(1);
     return;
@@ -154,24 +180,6 @@ async function runDaemon(o: CliOptions): Promise<void> {
     );
   }
   log.info({ qemu: qemuCommandLine(config.disks) }, `attach with: ${qemuCommandLine(config.disks)}`);
-  let stopping = false;
-  const stop = (signal: string): void => {
-    if (stopping) return;
-    stopping = true;
-    log.info({ signal }, 'shutting down');
-    service.stop().then(
-      () => {
-        log.info('stopped');
-        exit(0);
-      },
-      (e: unknown) => {
-        log.error({ err: e }, 'shutdown failed');
-        exit(1);
-      },
-    );
-  };
-  process.on('SIGTERM', () => stop('SIGTERM'));
-  process.on('SIGINT', () => stop('SIGINT'));
 }
 
 if (require.main === module) {
