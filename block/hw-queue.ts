@@ -56,12 +56,13 @@ export class HwQueue {
 
   /**
    * Connects the queue to its driver and its completion sink (a virtqueue starting), runs the
-   * driver's initHctx, and starts the timeout watchdog when `timeoutMs` > 0.
+   * driver's initHctx, and starts the timeout watchdog when `timeoutMs` > 0. When initHctx
+   * throws, the queue stays detached.
    */
   attach(ops: Operations, sink: CompletionSink, timeoutMs = 0): void {
+    if (ops.initHctx !== undefined) ops.initHctx(this); // may throw: nothing is attached then
     this.ops = ops;
     this.sink = sink;
-    if (ops.initHctx !== undefined) ops.initHctx(this);
     this.timeoutNs = timeoutMs * 1e6;
     if (timeoutMs > 0) {
       // Check a few times per timeout; a request fails between 1x and 1.25x the timeout.

@@ -10,7 +10,8 @@
  * it. If the request was ended meanwhile (a timeout), reclaim fails and the late completion is
  * dropped and reported once (onStale). cancel() (teardown) aborts every pending request.
  *
- * Invariants: count <= capacity (the queue depth: a request is in at most one entry);
+ * Invariants: count <= capacity (the queue depth: a live request is in at most one entry, and
+ * entries of ended requests are dropped first when the FIFO is full);
  * deadlines[head..head+count) are non-decreasing; the timerfd is armed at deadlines[head]
  * whenever count > 0.
  */
@@ -49,13 +50,48 @@ export class RequestTimer {
     return this.count;
   }
 
-  /** Takes `rq`'s handle; onExpire(rq) runs at `deadlineNs` (monotonic ns) or soon after. */
+  /**
+   * Takes `rq`'s handle; onExpire(rq) runs at `deadlineNs` (monotonic ns) or soon after.
+   * Entries of requests ended meanwhile (timed out, then possibly resubmitted on the same tag)
+   * still hold their place until their deadline; when they fill the FIFO they are dropped
+   * first (each reported to onStale), so live requests always have room.
+   * @throws RangeError when the FIFO is full of live entries (a request scheduled twice).
+   */
   schedule(rq: Request, deadlineNs: number): void {
     const cap = this.deadlines.length;
+    if (this.count === cap) {
+      this.dropStale();
+      if (this.count === cap) throw new RangeError(`request timer of hardware queue ${this.hctx.index} is full (${cap} live entries): tag ${rq.tag} not scheduled`);
+    }
     const i = (this.head + this.count) % cap;
     this.deadlines[i] = deadlineNs;
     this.refs[i] = rq.leak();
     if (this.count++ === 0) this.timer.arm(deadlineNs);
+  }
+
+  /**
+   * Removes the entries whose request has ended meanwhile (stale handles), keeping the others
+   * in deadline order from the same head. O(capacity); only when the FIFO is full.
+   */
+  private dropStale(): void {
+    const cap = this.deadlines.length;
+    let kept = 0;
+    for (let k = 0; k < this.count; k++) {
+      const from = (this.head + k) % cap;
+      const ref = this.refs[from];
+      if (this.hctx.reclaim(ref) === null) {
+        this.stale++;
+        this.onStale(ref % (1 << TAG_BITS));
+        continue;
+      }
+      const to = (this.head + kept) % cap;
+      this.refs[to] = ref;
+      this.deadlines[to] = this.deadlines[from];
+      kept++;
+    }
+    this.count = kept;
+    if (kept > 0) this.timer.arm(this.deadlines[this.head]);
+    else this.timer.disarm();
   }
 
   private expire(): void {

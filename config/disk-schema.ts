@@ -43,8 +43,8 @@ export const diskSchema = {
     default: './rnull.sock',
   },
   size: {
-    doc: 'Capacity in MiB (null_blk "size").',
-    format: 'positive-int',
+    doc: 'Capacity in MiB (null_blk "size"), 1 to 8589934591 (below 2^53 bytes: byte positions stay exact numbers).',
+    format: 'disk-size',
     default: 1024,
   },
   blocksize: {
@@ -149,6 +149,9 @@ export const diskSchema = {
   },
 };
 
+/** Largest `size` in MiB: the capacity stays below 2^53 bytes (exact byte positions, PageStore's limit). */
+export const MAX_SIZE_MIB = 2 ** 33 - 1;
+
 let formatsAdded = false;
 
 /** Registers the custom formats the schemas use (idempotent). */
@@ -159,6 +162,14 @@ export function addFormats(): void {
     name: 'positive-int',
     validate(v: unknown) {
       if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0) throw new Error('expected a positive whole number');
+    },
+    coerce: (v: unknown) => (typeof v === 'string' && /^\d+$/.test(v) ? Number(v) : v),
+  });
+  convict.addFormat({
+    name: 'disk-size',
+    validate(v: unknown) {
+      if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0) throw new Error('expected a positive whole number');
+      if (v > MAX_SIZE_MIB) throw new Error(`expected at most ${MAX_SIZE_MIB} MiB (the capacity must stay below 2^53 bytes)`);
     },
     coerce: (v: unknown) => (typeof v === 'string' && /^\d+$/.test(v) ? Number(v) : v),
   });

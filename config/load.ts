@@ -6,6 +6,7 @@
 import convict from 'convict';
 import * as fs from 'fs';
 import * as path from 'path';
+import { DEFAULT_COMPLETION_NSEC } from '../drivers/null/null-driver';
 import { addFormats, DiskConfig, diskSchema } from './disk-schema';
 
 export class ConfigError extends Error {
@@ -131,6 +132,11 @@ function loadDisk(raw: unknown, overrides: DiskOverrides, where: string): DiskCo
   }
   if (d.completion_nsec !== null && d.irqmode !== 2) {
     throw new ConfigError(`${where}: completion_nsec: applies to irqmode 2 (timer) only, but irqmode is ${d.irqmode}`);
+  }
+  if (d.irqmode === 2 && d.io_timeout > 0 && (d.completion_nsec ?? DEFAULT_COMPLETION_NSEC) >= d.io_timeout * 1e6) {
+    throw new ConfigError(
+      `${where}: completion_nsec: ${d.completion_nsec ?? DEFAULT_COMPLETION_NSEC} ns is not below io_timeout ${d.io_timeout} ms: every request would time out before it completes`,
+    );
   }
   checkThreads(d, where);
   if (d.name === '') d.name = path.basename(d.socket).replace(/\.[^.]*$/, '');

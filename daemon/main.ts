@@ -12,7 +12,11 @@ import { ConfigError, DiskOverrides, loadConfig } from '../config/load';
 import { parseRange } from '../drivers/null/badblocks';
 import { managementCall } from './management/client';
 import { BadBlocksAction, RequestMsg } from './management/schema';
+import { logUnhandledRejections, StdoutLog } from './logging';
 import { qemuCommandLine, Service } from './service';
+
+/** At exit, log lines still waiting for stdout get this long (ms), then are dropped. */
+const EXIT_FLUSH_MS = 1000;
 
 function int(name: string) {
   return (v: string): number => {
@@ -127,14 +131,47 @@ async function runDaemon(o: CliOptions): Promise<void> {
     }
     throw e;
   }
-  const log = pino({ level: config.log_level, base: { pid: process.pid } });
-  let service: Service;
+  // Never blocks on stdout, never flushes without a bound at exit (daemon/logging.ts).
+  const out = new StdoutLog();
+  const log = pino({ level: config.log_level, base: { pid: process.pid } }, out);
+  const exit = (code: number): void => {
+    void out.flush(EXIT_FLUSH_MS).then(() => process.exit(code));
+  };
+  logUnhandledRejections(log);
+  // Signals are handled from before the first socket exists: one arriving during start-up stops
+  // the daemon once start-up is done (the default action would leave sockets behind).
+  let service: Service | null = null;
+  let starting: Promise<void> = Promise.resolve();
+  let stopping = false;
+  const stop = (signal: string): void => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal }, 'shutting down');
+    starting
+      .then(() => service?.stop())
+      .then(
+        () => {
+          log.info('stopped');
+          exit(0);
+        },
+        (e: unknown) => {
+          log.error({ err: e }, 'shutdown failed');
+          exit(1);
+        },
+      );
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
   try {
-    service = new Service(config.disks, log, config.management_socket);
-    await service.start();
+    const s = new Service(config.disks, log, config.management_socket);
+    starting = s.start();
+    await starting;
+    service = s;
   } catch (e) {
+    starting = Promise.resolve(); // Service.start() closed what it had opened
     log.fatal({ err: e }, `cannot start: ${(e as Error).message}`);
-    process.exit(1);
+    exit(1);
+    return;
   }
   for (const d of service.disks) {
     log.info(
@@ -143,24 +180,6 @@ async function runDaemon(o: CliOptions): Promise<void> {
     );
   }
   log.info({ qemu: qemuCommandLine(config.disks) }, `attach with: ${qemuCommandLine(config.disks)}`);
-  let stopping = false;
-  const stop = (signal: string): void => {
-    if (stopping) return;
-    stopping = true;
-    log.info({ signal }, 'shutting down');
-    service.stop().then(
-      () => {
-        log.info('stopped');
-        process.exit(0);
-      },
-      (e: unknown) => {
-        log.error({ err: e }, 'shutdown failed');
-        process.exit(1);
-      },
-    );
-  };
-  process.on('SIGTERM', () => stop('SIGTERM'));
-  process.on('SIGINT', () => stop('SIGINT'));
 }
 
 if (require.main === module) {

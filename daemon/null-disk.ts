@@ -33,6 +33,8 @@ export function buildNullDisk(config: DiskConfig, log: Logger, options: NullDisk
     storeId: config.memory_backed ? options.storeId : undefined,
     badblocks,
     mbps: config.mbps,
+    // Throttling alone never makes a request time out (nor do the reservations of timed-out ones).
+    throttleMaxAheadNs: config.io_timeout > 0 ? (config.io_timeout * 1e6) / 2 : undefined,
     cacheBytes: config.cache_size * 1048576,
     irqmode: config.irqmode as IrqMode,
     completionNsec: config.completion_nsec ?? undefined,

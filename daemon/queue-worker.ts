@@ -2,32 +2,33 @@
  * A queue worker thread (daemon/queue-workers.ts starts it): builds the disk's null driver over
  * the shared page store, serves the hardware queues it was given with VirtioBlkQueues on its own
  * mapping of guest memory, and answers the main thread's ring operations (thread-messages.ts).
- * Logs go straight to fd 1, as the main thread's do.
+ * Logs go through the thread's process.stdout (forwarded to the main thread's), never blocking.
  */
 import pino from 'pino';
 import { parentPort, workerData } from 'worker_threads';
 import { hctxOf } from '../block/disk';
-import { closeFd } from '../vhost/vring';
 import type { ThreadReply, ThreadRequest } from '../vhost/thread-messages';
 import { VirtioBlkQueue } from '../virtqueue/blk-queue';
 import { GuestMemoryMap } from '../virtqueue/guest-memory';
+import { logUnhandledRejections, StdoutLog } from './logging';
 import { buildNullDisk } from './null-disk';
 import type { QueueWorkerData } from './queue-workers';
 
 const data = workerData as QueueWorkerData;
-const log = pino({ level: data.logLevel, base: { pid: process.pid, thread: data.thread } }, pino.destination({ fd: 1, sync: true })).child({
+// process.stdout here is Node's asynchronous forwarding to the main thread's stdout: a slow
+// stdout reader never makes this thread (its rings) wait (daemon/logging.ts).
+const log = pino({ level: data.logLevel, base: { pid: process.pid, thread: data.thread } }, new StdoutLog()).child({
   disk: data.config.name,
 });
+logUnhandledRejections(log);
 const { disk, driver } = buildNullDisk(data.config, log, { storeId: data.storeId ?? undefined });
 
+/** The queues of this thread. The fds they use are lent by the main thread, which closes them. */
 interface Served {
   queue: VirtioBlkQueue;
-  /** This thread's duplicates of the ring's eventfds (-1: none). */
-  kickFd: number;
-  callFd: number;
 }
 const served = new Map<number, Served>();
-for (const q of data.queues) served.set(q, { queue: new VirtioBlkQueue(q, hctxOf(disk, q), disk, log), kickFd: -1, callFd: -1 });
+for (const q of data.queues) served.set(q, { queue: new VirtioBlkQueue(q, hctxOf(disk, q), disk, log) });
 let memory: GuestMemoryMap | null = null;
 
 function queueOf(index: number): Served {
@@ -48,52 +49,27 @@ function releaseMemory(): void {
 async function handle(m: ThreadRequest): Promise<unknown> {
   switch (m.op) {
     case 'memory':
-      try {
-        releaseMemory();
-        memory = new GuestMemoryMap(m.regions, m.fds);
-      } finally {
-        for (const fd of m.fds) closeFd(fd);
-      }
+      // The fds are lent (thread-messages.ts): the main thread closes them after the reply.
+      releaseMemory();
+      memory = new GuestMemoryMap(m.regions, m.fds);
       return undefined;
     case 'release':
       releaseMemory();
       return undefined;
     case 'start': {
       const s = queueOf(m.queue);
-      closeFd(s.kickFd);
-      closeFd(s.callFd);
-      s.kickFd = m.setup.kickFd;
-      s.callFd = m.setup.callFd;
-      try {
-        if (memory === null) throw new Error(`ring ${m.queue} started before its thread mapped guest memory`);
-        s.queue.start({ ...m.setup, memory }, m.enabled);
-      } catch (e) {
-        closeFd(s.kickFd);
-        closeFd(s.callFd);
-        s.kickFd = s.callFd = -1;
-        throw e;
-      }
+      if (memory === null) throw new Error(`ring ${m.queue} started before its thread mapped guest memory`);
+      s.queue.start({ ...m.setup, memory }, m.enabled); // all or nothing
       return undefined;
     }
     case 'enable':
       queueOf(m.queue).queue.setEnabled(m.enabled);
       return undefined;
-    case 'call': {
-      const s = queueOf(m.queue);
-      s.queue.setCallFd(m.fd);
-      closeFd(s.callFd);
-      s.callFd = m.fd;
+    case 'call':
+      queueOf(m.queue).queue.setCallFd(m.fd);
       return undefined;
-    }
-    case 'stop': {
-      const s = queueOf(m.queue);
-      const base = await s.queue.stop();
-      closeFd(s.kickFd);
-      closeFd(s.callFd);
-      s.kickFd = -1;
-      s.callFd = -1;
-      return base;
-    }
+    case 'stop':
+      return queueOf(m.queue).queue.stop();
     case 'snapshot':
       return queueOf(m.queue).queue.snapshot(data.thread);
     case 'badblocks':

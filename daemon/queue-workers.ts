@@ -6,7 +6,8 @@
  *
  * A worker that fails is logged and started again (up to MAX_RESTARTS times); the calls it had
  * pending reject, so the ring operation that needed it fails and the front-end is disconnected
- * with that reason; the next front-end finds a fresh worker.
+ * with that reason; the next front-end finds a fresh worker. The fds lent to the lost thread
+ * are closed once it has exited.
  */
 import * as fs from 'fs';
 import * as path from 'path';
@@ -53,6 +54,18 @@ function fdsOf(r: ThreadRequest): number[] {
   }
 }
 
+/** Duplicates of `fds`, all or none: when one dup fails, those made are closed. */
+function dupAll(fds: readonly number[]): number[] {
+  const out: number[] = [];
+  try {
+    for (const fd of fds) out.push(native.dup(fd));
+  } catch (e) {
+    for (const fd of out) closeFd(fd);
+    throw e;
+  }
+  return out;
+}
+
 /** A worker lost more often than this is not started again (a bug that strikes at once). */
 const MAX_RESTARTS = 5;
 
@@ -60,6 +73,8 @@ class WorkerChannel implements ThreadChannel {
   private worker: Worker;
   private nextId = 1;
   private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
+  /** fds lent to a worker thread (thread-messages.ts), and to which one. */
+  private readonly lentTo = new Map<number, Worker>();
   private stopped: Error | null = null;
   private restarts = 0;
   incarnation = 0;
@@ -75,6 +90,14 @@ class WorkerChannel implements ThreadChannel {
 
   private spawn(): Worker {
     const w = new Worker(workerScript(), { workerData: this.data, stdout: false, stderr: false });
+    // Once the thread is gone, nothing uses what it was lent: close it (thread-messages.ts).
+    w.on('exit', () => {
+      for (const [fd, to] of this.lentTo) {
+        if (to !== w) continue;
+        this.lentTo.delete(fd);
+        closeFd(fd);
+      }
+    });
     w.on('message', (r: ThreadReply) => {
       const p = this.pending.get(r.id);
       if (p === undefined) return;
@@ -87,17 +110,28 @@ class WorkerChannel implements ThreadChannel {
     return w;
   }
 
-  /** Sends `request`; the fds it carries belong to the worker from now on (closed here if it is gone). */
+  /**
+   * Sends `request`, lending the worker the fds it carries: closed by giveBack(), or when this
+   * worker thread exits (at once if there is no worker any more).
+   */
   call<R extends ThreadRequest>(request: R): Promise<ThreadResults[R['op']]> {
     if (this.stopped !== null) {
       for (const fd of fdsOf(request)) closeFd(fd);
       return Promise.reject(this.stopped);
     }
+    for (const fd of fdsOf(request)) if (fd >= 0) this.lentTo.set(fd, this.worker);
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
       this.worker.postMessage({ id, ...request });
     });
+  }
+
+  giveBack(fds: readonly number[]): void {
+    for (const fd of fds) {
+      if (!this.lentTo.delete(fd)) continue; // -1, or closed when its worker exited
+      closeFd(fd);
+    }
   }
 
   async terminate(): Promise<void> {
@@ -151,8 +185,18 @@ export class QueueWorkers implements QueueThreads {
     return t === 0 ? null : new RemoteQueue(index, this.channels[t - 1]);
   }
 
+  /** @throws (rejects) SyscallError when an fd cannot be duplicated; the worker's error otherwise. */
   async mapMemory(regions: readonly MemRegion[], fds: readonly number[]): Promise<void> {
-    await Promise.all(this.channels.map((c) => c.call({ op: 'memory', regions: [...regions], fds: fds.map((fd) => native.dup(fd)) })));
+    await Promise.all(
+      this.channels.map(async (c) => {
+        const dups = dupAll(fds);
+        try {
+          await c.call({ op: 'memory', regions: [...regions], fds: dups });
+        } finally {
+          c.giveBack(dups); // mapped (or refused): the worker needs them no more
+        }
+      }),
+    );
   }
 
   async releaseMemory(): Promise<void> {

@@ -93,10 +93,15 @@ export class Service {
     }
   }
 
+  /**
+   * Stops the disks first (front-ends disconnected, rings stopped, sockets removed), then the
+   * management socket (its clients disconnected, idle or not), then the worker threads.
+   */
   async stop(): Promise<void> {
-    if (this.management !== null) await this.management.close();
-    this.management = null;
     await Promise.all(this.disks.map((d) => d.server.close()));
+    const management = this.management;
+    this.management = null;
+    if (management !== null) await management.close();
     await Promise.all(this.disks.map((d) => d.workers?.close()));
   }
 }

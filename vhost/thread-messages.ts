@@ -1,7 +1,10 @@
 /**
  * The messages between the main thread and a queue worker thread (worker_threads postMessage,
- * structured clone). fds are process-wide numbers: each one sent is a duplicate that the worker
- * owns from then on and closes when done with it, so the main thread may close its own at will.
+ * structured clone). fds are process-wide numbers: each one sent is a duplicate, lent to the
+ * worker and still owned by the main thread, which closes it once the worker is done with it
+ * (ThreadChannel.giveBack after the reply that ends its use) or once the worker thread has
+ * exited. The worker never closes an fd it was sent, so no fd is closed twice or left open,
+ * whenever a worker dies.
  * Every request carries an id; the worker answers each with a ThreadReply of the same id.
  */
 import type { VringSetup } from '../virtqueue/ring-queue';
@@ -40,6 +43,14 @@ export interface ThreadChannel {
   readonly thread: number;
   /** Bumped each time the worker is replaced after being lost: a ring started before is gone. */
   readonly incarnation: number;
-  /** Rejects with the worker's error message, or when the worker is gone. */
+  /**
+   * Sends `request`, lending the worker the fds it carries (see above). Rejects with the
+   * worker's error message, or when the worker is gone.
+   */
   call<R extends ThreadRequest>(request: R): Promise<ThreadResults[R['op']]>;
+  /**
+   * The worker is done with these lent fds: they are closed now (those of a worker that has
+   * exited meanwhile were closed then; -1 is ignored).
+   */
+  giveBack(fds: readonly number[]): void;
 }

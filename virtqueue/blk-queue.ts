@@ -32,6 +32,18 @@ import type { GuestMemoryMap } from './guest-memory';
  */
 const BATCH_BYTES = 65536;
 
+/**
+ * One drain() call stops taking batches once it has run this long (monotonic ns, measured
+ * from its first batch) and goes on at the next turn of the event loop, so a guest that
+ * re-offers every completed request at once cannot keep the thread (other rings, messages,
+ * timers, signals) waiting (the CVE-2019-3900 pattern). Notifications stay suppressed
+ * meanwhile: the native pop re-arms them only once it finds the ring empty.
+ */
+const DRAIN_BUDGET_NS = 1_000_000;
+
+/** Driver failures logged per second per queue at most (the rest are counted). */
+const FAILURE_LOGS_PER_SECOND = 10;
+
 /** Names of the chain errors native/virtqueue.h reports, by code. */
 const CHAIN_ERRORS = [
   'ok',
@@ -75,6 +87,8 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
   private inflight = 0;
   private draining = false;
   private publishScheduled = false;
+  /** drain() ran out of budget and goes on at the next turn (setImmediate). */
+  private resumeScheduled = false;
   private running = false;
   /** stop() is waiting for the in-flight requests. */
   private stopping = false;
@@ -82,8 +96,16 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
   private brokenLogged = false;
   private lastNoiseLog = 0;
   private lastTimeoutLog = 0;
+  /** driverFailed() log limit: start of the current one-second window, lines logged in it, lines left out since the last one. */
+  private failureLogWindow = 0;
+  private failureLogs = 0;
+  private failureLogsSuppressed = 0;
   private idleWaiters: Array<() => void> = [];
   private readonly drainLater = (): void => this.drain();
+  private readonly resumeLater = (): void => {
+    this.resumeScheduled = false;
+    this.drain();
+  };
   private readonly publishLater = (): void => {
     this.publishScheduled = false;
     this.publish();
@@ -107,9 +129,13 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
   /**
    * Starts the ring: configures the native virtqueue and watches the kick eventfd. Processing
    * begins once the ring is also enabled (setEnabled). Takes no ownership of kickFd/callFd.
-   * @throws RangeError when the ring does not lie in guest memory.
+   * All or nothing: when it throws, nothing is left started (no ring configured, no kick
+   * watched, the hardware queue not attached), so guest memory may be released at once.
+   * @throws RangeError when the ring does not lie in guest memory; SyscallError when the kick
+   * fd cannot be watched (whether or not the ring starts enabled); Error if it runs already.
    */
   start(setup: VringSetup, enabled: boolean): void {
+    if (this.running) throw new Error(`ring ${this.index} is already running: stop it first`);
     if (this.size !== setup.size) {
       this.size = setup.size;
       this.segments = new Uint32Array(setup.size * MAX_SEGMENTS * SEGMENT_WORDS);
@@ -137,6 +163,31 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
       this.views,
       this.segments,
     );
+    let watcher: NativeFdWatcher | null = null;
+    let attached = false;
+    try {
+      this.configureRing(setup);
+      // Watched once now even for a disabled ring, so a kick fd the event loop refuses fails
+      // the start rather than a later SET_VRING_ENABLE.
+      watcher = new native.FdWatcher(setup.kickFd, this.onKick, true);
+      watcher.start();
+      if (!enabled) watcher.stop();
+      this.hctx.attach(this.disk.ops, this, this.disk.timeoutMs);
+      attached = true;
+    } catch (e) {
+      if (watcher !== null) watcher.stop();
+      if (attached) this.hctx.detach();
+      this.vq.stop(); // forgets the ring and its memory (a no-op if configure() failed first)
+      throw e;
+    }
+    this.running = true;
+    this.brokenLogged = false;
+    this.kickWatcher = watcher;
+    this.setEnabled(enabled);
+  }
+
+  /** start(): the native ring's configuration (may throw, nothing is watched yet). */
+  private configureRing(setup: VringSetup): void {
     this.vq.configure({
       memory: setup.memory.table,
       size: setup.size,
@@ -154,11 +205,6 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
     });
     this.vq.setCallFd(setup.callFd);
     this.vq.setPolling(setup.pollUs * 1000);
-    this.hctx.attach(this.disk.ops, this, this.disk.timeoutMs);
-    this.running = true;
-    this.brokenLogged = false;
-    this.kickWatcher = new native.FdWatcher(setup.kickFd, this.onKick, true);
-    this.setEnabled(enabled);
   }
 
   /** SET_VRING_ENABLE: a disabled ring is not processed (kicks wait until it is enabled). */
@@ -206,13 +252,18 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
     }
   }
 
-  /** Drains the avail ring: batch after batch until it is empty. */
+  /**
+   * Drains the avail ring: batch after batch until it is empty, or until DRAIN_BUDGET_NS has
+   * passed since the first batch: then the completions so far are published and the drain goes
+   * on at the next turn of the event loop.
+   */
   drain(): void {
     if (!this.running || !this.enabled || this.draining || this.stopping) return;
     this.draining = true;
     const parser = this.parser as BlkRequestParser;
     const requests = this.hctx.requests;
     const batch = this.batch;
+    let firstNs = -1;
     try {
       const tags = this.hctx.tags;
       for (;;) {
@@ -235,6 +286,7 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
         this.stats.batches++;
         this.inflight += n;
         const now = this.info[0];
+        if (firstNs < 0) firstNs = now;
         let lastDispatched = false;
         for (let i = 0; i < n; i++) {
           const b = i * BATCH_WORDS;
@@ -271,6 +323,15 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
         }
         if (!lastDispatched) this.hctx.commit();
         if (this.hctx.hasDeferred) this.hctx.runDeferred();
+        if (now - firstNs >= DRAIN_BUDGET_NS) {
+          // Out of budget: hand over what ended, let the event loop turn, then go on.
+          this.publish();
+          if (!this.resumeScheduled) {
+            this.resumeScheduled = true;
+            setImmediate(this.resumeLater);
+          }
+          break;
+        }
       }
     } finally {
       this.draining = false;
@@ -341,10 +402,24 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
 
   /**
    * A driver threw from queueRq: a bug, but one request's, not the daemon's. The request
-   * fails with IOERR (if the driver had not ended it) and the error is logged.
+   * fails with IOERR (if the driver had not ended it) and the error is logged: at most
+   * FAILURE_LOGS_PER_SECOND a second per queue, the next logged line giving the number left
+   * out (`suppressed`), so a guest repeating a failing request cannot flood the log.
    */
   private driverFailed(rq: Request, err: Error): void {
-    this.log.error({ queue: this.index, tag: rq.tag, err }, 'driver failed a request');
+    const now = Date.now();
+    if (now - this.failureLogWindow >= 1000) {
+      this.failureLogWindow = now;
+      this.failureLogs = 0;
+    }
+    if (this.failureLogs < FAILURE_LOGS_PER_SECOND) {
+      this.failureLogs++;
+      const suppressed = this.failureLogsSuppressed;
+      this.failureLogsSuppressed = 0;
+      this.log.error({ queue: this.index, tag: rq.tag, err, ...(suppressed > 0 ? { suppressed } : {}) }, 'driver failed a request');
+    } else {
+      this.failureLogsSuppressed++;
+    }
     this.hctx.abort(rq, BlkStatus.IoErr);
   }
 

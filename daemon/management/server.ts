@@ -1,80 +1,146 @@
 /**
  * ManagementServer: the daemon's control socket. Answers ListDisks, BadBlocks (list, add,
  * remove at run time) and GetStats; a malformed message gets an error Response and the
- * connection is closed. Unix stream socket, created with mode 0600.
+ * connection is closed. Unix stream socket, mode 0600 from the moment it can be reached.
+ *
+ * A client idle for `idleTimeoutMs` is disconnected, and close() disconnects every client, so
+ * no client can hold up shutdown. A client that does not read its answers is disconnected once
+ * MAX_UNREAD_BYTES of them wait.
  */
 import * as fs from 'fs';
 import * as net from 'net';
+import * as path from 'path';
 import type { Logger } from 'pino';
+import { native } from '../../native';
+import { SyscallError } from '../../native/errors';
 import type { ManagedDisk } from './managed-disk';
 import { BadBlocksAction, readDelimited, RequestMsg, RequestType, ResponseMsg, ResponseType } from './schema';
 
+export interface ManagementServerOptions {
+  /** A client that sends nothing for this many milliseconds is disconnected (default 60000). */
+  idleTimeoutMs?: number;
+}
+
+/** Answers a client has not read yet, in bytes, beyond which it is disconnected. */
+const MAX_UNREAD_BYTES = 4 << 20;
+const ECONNREFUSED = 111;
+
 export class ManagementServer {
   private readonly server: net.Server;
+  private readonly clients = new Set<net.Socket>();
+  private readonly idleTimeoutMs: number;
+  /** The socket file we created (its inode), removed again by close() if still ours. */
+  private createdIno: number | null = null;
 
   constructor(
     readonly socketPath: string,
     private readonly disks: readonly ManagedDisk[],
     private readonly log: Logger,
+    options: ManagementServerOptions = {},
   ) {
+    this.idleTimeoutMs = options.idleTimeoutMs ?? 60000;
     this.server = net.createServer((c) => this.serve(c));
   }
 
-  listen(): Promise<void> {
-    try {
-      if (fs.lstatSync(this.socketPath).isSocket()) fs.unlinkSync(this.socketPath);
-    } catch {
-      // nothing there
-    }
-    return new Promise((resolve, reject) => {
+  /**
+   * Listens on socketPath. The socket is bound under a temporary name with umask 0177 (mode
+   * 0600 from the start), chmod'ed to 0600 and renamed into place, so the path is never
+   * reachable with a looser mode. A stale socket file (nobody listening) is replaced.
+   * @throws (rejects) Error when the path is a live socket (another daemon's) or not a socket.
+   */
+  async listen(): Promise<void> {
+    removeStaleSocket(this.socketPath);
+    const tmp = path.join(path.dirname(this.socketPath), `.${path.basename(this.socketPath)}.${process.pid}.tmp`);
+    fs.rmSync(tmp, { force: true });
+    await new Promise<void>((resolve, reject) => {
       this.server.once('error', reject);
-      this.server.listen(this.socketPath, () => {
-        fs.chmodSync(this.socketPath, 0o600);
-        this.log.info({ socket: this.socketPath }, 'management socket listening');
-        resolve();
-      });
+      // net binds a unix socket synchronously inside listen(): the umask covers the bind only.
+      const umask = process.umask(0o177);
+      try {
+        this.server.listen(tmp, () => {
+          this.server.off('error', reject);
+          resolve();
+        });
+      } finally {
+        process.umask(umask);
+      }
     });
+    try {
+      fs.chmodSync(tmp, 0o600);
+      fs.renameSync(tmp, this.socketPath);
+      this.createdIno = fs.lstatSync(this.socketPath).ino;
+    } catch (e) {
+      await new Promise<void>((resolve) => this.server.close(() => resolve()));
+      fs.rmSync(tmp, { force: true });
+      throw e;
+    }
+    this.log.info({ socket: this.socketPath }, 'management socket listening');
   }
 
-  close(): Promise<void> {
-    return new Promise((resolve) => this.server.close(() => resolve()));
+  /** Stops listening, disconnects every client (idle or not) and removes the socket file. */
+  async close(): Promise<void> {
+    if (!this.server.listening) return;
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    for (const c of this.clients) c.destroy();
+    this.clients.clear();
+    await closed;
+    try {
+      if (this.createdIno !== null && fs.lstatSync(this.socketPath).ino === this.createdIno) fs.unlinkSync(this.socketPath);
+    } catch {
+      // already gone
+    }
+    this.createdIno = null;
   }
 
   private serve(conn: net.Socket): void {
-    let pending = Buffer.alloc(0);
+    this.clients.add(conn);
+    conn.on('close', () => this.clients.delete(conn));
+    conn.setTimeout(this.idleTimeoutMs, () => {
+      this.log.debug('management client idle: disconnected');
+      conn.destroy();
+    });
+    const frames = new FrameBuffer();
     let replies = Promise.resolve();
+    let failed = false;
     conn.on('data', (chunk: Buffer) => {
-      pending = Buffer.concat([pending, chunk]);
-      let parsed;
+      if (failed) return;
+      let messages: Buffer[];
       try {
-        parsed = readDelimited(pending);
+        messages = frames.push(chunk);
       } catch (e) {
+        failed = true;
         this.reply(conn, { ok: false, error: (e as Error).message });
         conn.end();
         return;
       }
-      pending = Buffer.from(parsed.rest);
-      for (const m of parsed.messages) {
+      for (const m of messages) {
         let req: RequestMsg;
         try {
           req = RequestType.toObject(RequestType.decode(m), { longs: Number, oneofs: true }) as RequestMsg;
         } catch (e) {
           const error = `malformed request: ${(e as Error).message}`;
+          failed = true;
           replies = replies.then(() => {
             this.reply(conn, { ok: false, error });
             conn.end();
           });
-          return;
+          break;
         }
         // Answered in order, each once its (possibly asynchronous) handling is done.
         replies = replies.then(async () => this.reply(conn, await this.handle(req)));
       }
+      frames.consumed();
     });
     conn.on('error', () => conn.destroy());
   }
 
   private reply(conn: net.Socket, r: Partial<ResponseMsg>): void {
+    if (conn.destroyed) return;
     conn.write(Buffer.from(ResponseType.encodeDelimited(ResponseType.fromObject(r)).finish()));
+    if (conn.writableLength > MAX_UNREAD_BYTES) {
+      this.log.warn({ unreadBytes: conn.writableLength }, 'management client does not read its answers: disconnected');
+      conn.destroy();
+    }
   }
 
   /** One request; errors are answered, never thrown. */
@@ -148,4 +214,69 @@ export class ManagementServer {
     if (d === undefined) throw new Error(`no disk named "${name}" (disks: ${this.disks.map((x) => x.config.name).join(', ')})`);
     return d;
   }
+}
+
+/**
+ * The bytes of one connection not yet parsed into frames, in one buffer grown geometrically:
+ * each byte is copied a bounded number of times however it is split into chunks (the old
+ * concatenation on every chunk was quadratic). The 1 MiB frame cap (readDelimited) bounds it.
+ */
+export class FrameBuffer {
+  private buf = Buffer.alloc(0);
+  private len = 0;
+  private used = 0;
+
+  /**
+   * Appends `chunk`; returns the complete frames now buffered (views into the buffer, valid
+   * until consumed() is called). @throws Error for a corrupt or over-long length prefix.
+   */
+  push(chunk: Buffer): Buffer[] {
+    if (this.len + chunk.length > this.buf.length) {
+      const grown = Buffer.allocUnsafe(Math.max(2 * this.buf.length, this.len + chunk.length, 4096));
+      this.buf.copy(grown, 0, 0, this.len);
+      this.buf = grown;
+    }
+    chunk.copy(this.buf, this.len);
+    this.len += chunk.length;
+    const { messages, rest } = readDelimited(this.buf.subarray(0, this.len));
+    this.used = this.len - rest.length;
+    return messages;
+  }
+
+  /** The frames push() returned are handled: their bytes are dropped (the rest moves up). */
+  consumed(): void {
+    if (this.used === 0) return;
+    this.buf.copy(this.buf, 0, this.used, this.len);
+    this.len -= this.used;
+    this.used = 0;
+  }
+
+  /** Bytes buffered. */
+  get length(): number {
+    return this.len;
+  }
+}
+
+/**
+ * Removes a stale socket file at `p` (nobody listening: connecting is refused).
+ * @throws Error when `p` is a live socket (another process serves it) or not a socket.
+ */
+function removeStaleSocket(p: string): void {
+  let st: fs.Stats;
+  try {
+    st = fs.lstatSync(p);
+  } catch {
+    return; // nothing there
+  }
+  if (!st.isSocket()) throw new Error(`management socket ${p} exists and is not a socket; refusing to replace it`);
+  try {
+    native.close(native.connectUnix(p));
+  } catch (e) {
+    if (e instanceof SyscallError && e.errno === ECONNREFUSED) {
+      fs.unlinkSync(p);
+      return;
+    }
+    throw e;
+  }
+  throw new Error(`management socket ${p} is in use by another process`);
 }

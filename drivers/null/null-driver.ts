@@ -45,6 +45,11 @@ export interface NullDriverOptions {
   cacheBytes?: number;
   /** Bandwidth limit in MiB/s (null_blk mbps); 0 or absent: none. */
   mbps?: number;
+  /**
+   * With mbps: a request waits at most this long (ns) for bandwidth (Throttle maxAheadNs);
+   * absent: no limit. buildNullDisk passes half of io_timeout.
+   */
+  throttleMaxAheadNs?: number;
   /** Sector ranges that fail with IOERR (null_blk badblocks); `once` clears a range when hit. */
   badblocks?: BadBlocks;
   /** Told about each late completion dropped (a request that timed out before its timer). */
@@ -108,7 +113,7 @@ export class NullDriver implements Operations {
       default:
         throw new RangeError(`irqmode must be 0 (none), 1 (softirq) or 2 (timer), got ${String(this.irqmode)}`);
     }
-    this.throttle = options.mbps !== undefined && options.mbps > 0 ? new Throttle(options.mbps) : null;
+    this.throttle = options.mbps !== undefined && options.mbps > 0 ? new Throttle(options.mbps, undefined, options.throttleMaxAheadNs) : null;
     const throttle = this.throttle;
     if (throttle === null) {
       this.finish = finish;
