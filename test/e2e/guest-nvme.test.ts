@@ -116,6 +116,18 @@ describe('VFIO NVMe driver foundation in a TCG guest', () => {
     expect(count(report, `${k}_done`)).toBe(1);
   });
 
+  test('the native layer refuses bad accesses; the kernel refuses a DMA mapping in the MSI window', () => {
+    for (const k of ['nvme0', 'nvme1']) {
+      expect(count(report, `${k}_bar0_size`)).toBeGreaterThanOrEqual(0x2000);
+      expect(value(report, `${k}_oob_read`)).toBe('RangeError');
+      expect(value(report, `${k}_unaligned_read`)).toBe('RangeError');
+      expect(value(report, `${k}_odd_dma_size`)).toBe('RangeError');
+      expect(value(report, `${k}_config_oob`)).toBe('RangeError');
+      expect(value(report, `${k}_msi_window_map`)).toMatch(/^SyscallError:VFIO_IOMMU_MAP_DMA:\d+$/);
+      expect(count(report, `${k}_freed_buffer_bytes`)).toBe(0); // detached: JS cannot touch freed memory
+    }
+  });
+
   test('Identify matches what QEMU was given', () => {
     for (const c of controllers) {
       const k = c.id;

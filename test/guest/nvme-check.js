@@ -44,6 +44,16 @@ function prps(region, bytes) {
   return { prp1: region.iova, prp2: bytes > 4096 ? region.iova + 4096 : 0 };
 }
 
+/** How a call was refused: "SyscallError:<call>:<errno>", "<ErrorName>", or "accepted". */
+function refusal(f) {
+  try {
+    f();
+    return 'accepted';
+  } catch (err) {
+    return err.name === 'SyscallError' ? `SyscallError:${err.syscall}:${err.errno}` : err.name;
+  }
+}
+
 async function io(queue, op, nsid, slba, blocks, region, bytes, what) {
   const { prp1, prp2 } = prps(region, bytes);
   const t = performance.now();
@@ -82,6 +92,17 @@ async function checkController(plan, log) {
   val(`${k}_nn`, id.nn);
   val(`${k}_granted_queues`, ctrl.grantedIoQueues);
   val(`${k}_admin_interrupts`, ctrl.admin.interrupts);
+  // The native layer's checks against the real device: refused before or by the kernel.
+  const barSize = dev.mapBar(0);
+  val(`${k}_bar0_size`, barSize);
+  val(`${k}_oob_read`, refusal(() => dev.read32(0, barSize)));
+  val(`${k}_unaligned_read`, refusal(() => dev.read32(0, 2)));
+  val(`${k}_odd_dma_size`, refusal(() => dev.dmaAlloc(100)));
+  val(`${k}_config_oob`, refusal(() => dev.configRead(dev.info().configSize, 4)));
+  const probe = dev.dmaAlloc(4096);
+  val(`${k}_msi_window_map`, refusal(() => dev.dmaMap(probe.id, 0xfee00000)));
+  dev.dmaFree(probe.id);
+  val(`${k}_freed_buffer_bytes`, probe.buffer.byteLength);
   const active = await ctrl.activeNamespaces();
   val(`${k}_active_ns`, active.join(','));
 
