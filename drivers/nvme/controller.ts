@@ -301,10 +301,18 @@ export class NvmeController {
   static async open(opts: NvmeControllerOptions): Promise<NvmeController> {
     const t0 = performance.now();
     const dev = openVfioDevice(opts.bdf, opts.sysfs);
+    return NvmeController.attach(dev, opts, performance.now() - t0);
+  }
+
+  /**
+   * Brings up the controller behind an already open device, which the controller owns from
+   * now on (closed on failure too). `open` is this after openVfioDevice; tests pass a fake.
+   */
+  static async attach(dev: NativeVfioDevice, opts: NvmeControllerOptions, openMs = 0): Promise<NvmeController> {
     let c: NvmeController | undefined;
     try {
       c = new NvmeController(dev, opts.bdf, opts);
-      c.timings.vfioOpen = performance.now() - t0;
+      c.timings.vfioOpen = openMs;
       await c.bringUp(opts);
       return c;
     } catch (err) {

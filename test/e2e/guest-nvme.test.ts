@@ -61,6 +61,8 @@ describe('VFIO NVMe driver foundation in a TCG guest', () => {
       controllers: controllers.map((c) => ({
         bdf: bdfOf(c),
         key: c.id,
+        // The second controller is first brought up and dropped without a shutdown.
+        reopen: c.id === 'nvme1',
         namespaces: c.namespaces.map((ns) => ({ nsid: ns.nsid, writes: writes.get(`${c.id}/${ns.nsid}`) })),
       })),
     };
