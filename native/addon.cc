@@ -12,6 +12,7 @@
 #include "socket.h"
 #include "timer.h"
 #include "virtqueue.h"
+#include "vfio.h"
 
 namespace rnull {
 
@@ -37,6 +38,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   Virtqueue::Init(env, exports);
   Timer::Init(env, exports);
   PageStore::Init(env, exports);
+  VfioDevice::Init(env, exports);
   return exports;
 }
 

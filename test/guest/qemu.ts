@@ -33,7 +33,8 @@ export interface VhostUserBlkDisk {
 
 export interface GuestRunOptions {
   image: GuestImage;
-  disk: VhostUserBlkDisk;
+  /** The vhost-user-blk disk; omitted for guests that get their devices from extraArgs only. */
+  disk?: VhostUserBlkDisk;
   /** Shell script (busybox sh) run as root in the guest. */
   script: string;
   /** Directory for this boot's files (script, logs); created if missing. */
@@ -69,6 +70,13 @@ export interface GuestRunOptions {
    * run is aborted with its error.
    */
   watch?: (output: string) => 'kill' | undefined;
+  /**
+   * An emulated Intel IOMMU with interrupt remapping (`-device intel-iommu,intremap=on,caching-mode=on`),
+   * placed before every PCI device; the guest also needs `intel_iommu=on` (kernelArgs). Default: none.
+   */
+  iommu?: boolean;
+  /** More QEMU arguments, appended after the disks (e.g. NVMe controllers, 9p shares). */
+  extraArgs?: string[];
 }
 
 /** What a guest run produced. */
@@ -193,12 +201,18 @@ function qemuArgs(opts: GuestRunOptions, files: { script: string; console: strin
     '-fw_cfg', `name=${FW_CFG_SCRIPT_NAME},file=${files.script}`,
     '-serial', `file:${files.console}`,
     '-serial', `file:${files.output}`,
-    '-chardev', `socket,id=vub0,path=${opts.disk.socketPath}`,
-    '-device', `vhost-user-blk-pci,chardev=vub0,num-queues=${opts.disk.numQueues}`,
+    ...(opts.iommu === true ? ['-device', 'intel-iommu,intremap=on,caching-mode=on'] : []),
+    ...(opts.disk === undefined
+      ? []
+      : [
+          '-chardev', `socket,id=vub0,path=${opts.disk.socketPath}`,
+          '-device', `vhost-user-blk-pci,chardev=vub0,num-queues=${opts.disk.numQueues}`,
+        ]),
     ...(opts.extraDisks ?? []).flatMap((disk, i) => [
       '-chardev', `socket,id=vub${i + 1},path=${disk.socketPath}`,
       '-device', `vhost-user-blk-pci,chardev=vub${i + 1},num-queues=${disk.numQueues}`,
     ]),
+    ...(opts.extraArgs ?? []),
     '-no-reboot',
     '-display', 'none',
     '-nodefaults',

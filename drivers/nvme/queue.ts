@@ -1,0 +1,220 @@
+/**
+ * One NVMe submission/completion queue pair in DMA memory (NVM Express Base 1.4, 4.1 "Submission
+ * Queue & Completion Queue Definition", 7.2.x doorbells): SQEs written at the tail, the tail
+ * doorbell rung once per batch (`commit`), completions found by the phase tag and the CQ head
+ * doorbell rung once per completion batch.
+ *
+ * Command identifiers carry a generation: CID = generation << 12 | tag, with a 4-bit generation
+ * bumped each time a tag is handed out. A completion whose tag is not in flight, or whose
+ * generation is not the tag's current one, is dropped (counted and logged): a late completion
+ * after an abort, a timeout or a reset can never end the request that reused the tag.
+ *
+ * At most `entries - 1` commands are in flight (tags), so neither ring can overflow: the
+ * controller never has more unconsumed SQEs or unreaped CQEs than commands outstanding.
+ */
+import { CQE_SIZE, SQE_SIZE, readCqe, writeSqe, type CommandFields, type Completion } from './command';
+
+export const TAG_BITS = 12;
+export const MAX_TAGS = 1 << TAG_BITS;
+const GEN_MASK = 0xf;
+
+/** Writes the queue's doorbells (BAR0 MMIO in the driver, a recorder in tests). */
+export interface Doorbells {
+  /** New SQ tail (0..entries-1). */
+  sqTail(value: number): void;
+  /** New CQ head (0..entries-1). */
+  cqHead(value: number): void;
+}
+
+export interface QueuePairOptions {
+  /** Queue id (0: admin). */
+  qid: number;
+  /** Slots in each ring (2..4097: tags = entries - 1 must fit in 12 bits). */
+  entries: number;
+  /** SQ ring memory, at least entries x 64 bytes. */
+  sq: Uint8Array;
+  /** CQ ring memory, at least entries x 16 bytes; must start zeroed (phase 0 everywhere). */
+  cq: Uint8Array;
+  doorbells: Doorbells;
+  /** Most CQEs handled by one poll() (default min(entries, 256)). */
+  maxBatch?: number;
+  /** Told about every dropped completion. */
+  onStale?: (qid: number, c: Completion, reason: string) => void;
+}
+
+export interface QueueStats {
+  submitted: number;
+  completed: number;
+  /** Completions dropped: tag not in flight, or generation mismatch. */
+  stale: number;
+  /** SQ tail doorbell writes. */
+  sqDoorbells: number;
+  /** CQ head doorbell writes. */
+  cqDoorbells: number;
+}
+
+export class QueuePair<T> {
+  readonly qid: number;
+  readonly entries: number;
+  /** Commands that can be in flight at once. */
+  readonly capacity: number;
+  readonly stats: QueueStats = { submitted: 0, completed: 0, stale: 0, sqDoorbells: 0, cqDoorbells: 0 };
+
+  private readonly sqView: DataView;
+  private readonly cqView: DataView;
+  private readonly doorbells: Doorbells;
+  private readonly maxBatch: number;
+  private readonly onStale: (qid: number, c: Completion, reason: string) => void;
+
+  private sqTail = 0;
+  /** The tail the controller was last told. */
+  private sqTailRung = 0;
+  /** Last SQ head the controller reported. */
+  private sqHeadSeen = 0;
+  private cqHead = 0;
+  private phase = 1;
+
+  private readonly gen: Uint8Array;
+  private readonly ctx: (T | undefined)[];
+  private readonly busy: Uint8Array;
+  private readonly freeTags: number[];
+
+  constructor(o: QueuePairOptions) {
+    if (!Number.isInteger(o.entries) || o.entries < 2 || o.entries > MAX_TAGS + 1) {
+      throw new RangeError(`queue size ${o.entries} not in 2..${MAX_TAGS + 1}`);
+    }
+    if (o.sq.byteLength < o.entries * SQE_SIZE) throw new RangeError(`SQ memory ${o.sq.byteLength} bytes < ${o.entries} x ${SQE_SIZE}`);
+    if (o.cq.byteLength < o.entries * CQE_SIZE) throw new RangeError(`CQ memory ${o.cq.byteLength} bytes < ${o.entries} x ${CQE_SIZE}`);
+    this.qid = o.qid;
+    this.entries = o.entries;
+    this.capacity = o.entries - 1;
+    this.sqView = new DataView(o.sq.buffer, o.sq.byteOffset, o.entries * SQE_SIZE);
+    this.cqView = new DataView(o.cq.buffer, o.cq.byteOffset, o.entries * CQE_SIZE);
+    this.doorbells = o.doorbells;
+    this.maxBatch = Math.max(1, Math.min(o.maxBatch ?? 256, o.entries));
+    this.onStale = o.onStale ?? (() => undefined);
+    this.gen = new Uint8Array(this.capacity);
+    this.ctx = new Array<T | undefined>(this.capacity).fill(undefined);
+    this.busy = new Uint8Array(this.capacity);
+    // Pop from the end: tag 0 first.
+    this.freeTags = Array.from({ length: this.capacity }, (_, i) => this.capacity - 1 - i);
+  }
+
+  /** Commands submitted and not yet completed (or abandoned). */
+  get inFlight(): number {
+    return this.capacity - this.freeTags.length;
+  }
+
+  /** The SQ head the controller last reported (entries it has consumed up to). */
+  get sqHead(): number {
+    return this.sqHeadSeen;
+  }
+
+  /**
+   * Writes the command into the next SQ slot with a fresh command id and remembers `ctx` for
+   * its completion. The controller is not told until commit(). Returns the command id, or -1
+   * when every tag is in flight. RangeError for a bad field (no tag is used then).
+   */
+  submit(fields: CommandFields, ctx: T): number {
+    const tag = this.freeTags.pop();
+    if (tag === undefined) return -1;
+    const g = (this.gen[tag]! + 1) & GEN_MASK;
+    const cid = (g << TAG_BITS) | tag;
+    try {
+      writeSqe(this.sqView, this.sqTail * SQE_SIZE, cid, fields);
+    } catch (err) {
+      this.freeTags.push(tag);
+      throw err;
+    }
+    this.gen[tag] = g;
+    this.ctx[tag] = ctx;
+    this.busy[tag] = 1;
+    this.sqTail = (this.sqTail + 1) % this.entries;
+    this.stats.submitted++;
+    return cid;
+  }
+
+  /** Rings the SQ tail doorbell if commands were added since the last commit. Returns whether it rang. */
+  commit(): boolean {
+    if (this.sqTail === this.sqTailRung) return false;
+    this.doorbells.sqTail(this.sqTail);
+    this.sqTailRung = this.sqTail;
+    this.stats.sqDoorbells++;
+    return true;
+  }
+
+  /**
+   * Handles up to `max` (default maxBatch) new completions: each live one is passed to
+   * `complete` with its context and its tag is freed first (so `complete` may submit again);
+   * stale ones are dropped. Rings the CQ head doorbell once if any entry was consumed.
+   * Returns how many entries were consumed (live + stale).
+   */
+  poll(complete: (ctx: T, c: Completion) => void, max = this.maxBatch): number {
+    let n = 0;
+    const limit = Math.min(max, this.maxBatch);
+    const done: [T, Completion][] = [];
+    while (n < limit) {
+      const at = this.cqHead * CQE_SIZE;
+      // The phase tag is read first; the rest of the entry after it (x86 keeps loads in order).
+      const dw3 = this.cqView.getUint32(at + 12, true);
+      if (((dw3 >>> 16) & 1) !== this.phase) break;
+      const c = readCqe(this.cqView, at);
+      n++;
+      this.cqHead++;
+      if (this.cqHead === this.entries) {
+        this.cqHead = 0;
+        this.phase ^= 1;
+      }
+      if (c.sqHead < this.entries) this.sqHeadSeen = c.sqHead;
+      const tag = c.cid & (MAX_TAGS - 1);
+      const g = c.cid >>> TAG_BITS;
+      let reason: string | null = null;
+      if (tag >= this.capacity) reason = `tag ${tag} out of range`;
+      else if (this.busy[tag] === 0) reason = `tag ${tag} not in flight`;
+      else if (this.gen[tag] !== g) reason = `generation ${g} of tag ${tag}, expected ${this.gen[tag]}`;
+      if (reason !== null) {
+        this.stats.stale++;
+        this.onStale(this.qid, c, reason);
+        continue;
+      }
+      const ctx = this.ctx[tag] as T;
+      this.release(tag);
+      this.stats.completed++;
+      done.push([ctx, c]);
+    }
+    if (n > 0) {
+      this.doorbells.cqHead(this.cqHead);
+      this.stats.cqDoorbells++;
+    }
+    for (const [ctx, c] of done) complete(ctx, c);
+    return n;
+  }
+
+  /**
+   * Gives up on command `cid` (timed out, or its queue is being torn down): frees its tag and
+   * returns its context; a completion that still arrives for it is dropped as stale. Returns
+   * undefined if `cid` is not the tag's current in-flight command.
+   */
+  abandon(cid: number): T | undefined {
+    const tag = cid & (MAX_TAGS - 1);
+    if (tag >= this.capacity || this.busy[tag] === 0 || this.gen[tag] !== cid >>> TAG_BITS) return undefined;
+    const ctx = this.ctx[tag] as T;
+    this.release(tag);
+    return ctx;
+  }
+
+  /** Contexts of every command in flight, in tag order (for a reset, later). */
+  outstanding(): { cid: number; ctx: T }[] {
+    const out: { cid: number; ctx: T }[] = [];
+    for (let tag = 0; tag < this.capacity; tag++) {
+      if (this.busy[tag] === 1) out.push({ cid: (this.gen[tag]! << TAG_BITS) | tag, ctx: this.ctx[tag] as T });
+    }
+    return out;
+  }
+
+  private release(tag: number): void {
+    this.busy[tag] = 0;
+    this.ctx[tag] = undefined;
+    this.freeTags.push(tag);
+  }
+}
