@@ -102,6 +102,9 @@ export interface NativeFdWatcher {
   stop(): void;
 }
 
+/** The kinds of fd a front-end may send (native/fd_ops.h). */
+export type FdKind = 'eventfd' | 'memfd' | 'regular' | 'hugetlbfs' | 'other';
+
 export interface ReceivedMessage {
   /** Bytes of the message in the buffer (header + payload); 0 at end of stream. */
   length: number;
@@ -116,7 +119,13 @@ interface NativeAddon {
   eventfd(): number;
   eventfdRead(fd: number): number;
   eventfdWrite(fd: number): void;
-  memfdCreate(name: string, size: number): number;
+  /**
+   * A close-on-exec memfd of `size` bytes, sealed against shrinking and growing (F_SEAL_SHRINK |
+   * F_SEAL_GROW | F_SEAL_SEAL, as QEMU's memory-backend-memfd) unless `seal` is false.
+   */
+  memfdCreate(name: string, size: number, seal?: boolean): number;
+  /** What fd refers to (native/fd_ops.h ClassifyFd); SyscallError (EBADF) for a closed fd. */
+  fdKind(fd: number): FdKind;
   /** memmove(dst + dstOffset, src + srcOffset, length); RangeError outside either array. */
   copyBytes(dst: Uint8Array, dstOffset: number, src: Uint8Array, srcOffset: number, length: number): void;
   listenUnix(path: string): number;

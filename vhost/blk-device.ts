@@ -13,7 +13,7 @@
  */
 import type { Logger } from 'pino';
 import { Disk, hctxOf } from '../block/disk';
-import { MAX_QUEUE_SIZE } from '../native';
+import { MAX_QUEUE_SIZE, native } from '../native';
 import { VirtioBlkQueue } from '../virtqueue/blk-queue';
 import { GuestMemoryMap } from '../virtqueue/guest-memory';
 import { blkConfigSpace, blkFeatures, OFF_WRITEBACK } from './blk-config';
@@ -310,6 +310,7 @@ export class VhostUserBlkDevice {
     const f = readVringFile(msg);
     const r = this.ring(f.index, 'SET_VRING_KICK');
     if (f.noFd) throw new VhostUserError('SET_VRING_KICK without an fd: polling mode is not supported');
+    requireEventfd(msg, 'SET_VRING_KICK');
     // A running ring moves to the new kick fd: stopped first (its watcher holds the old one).
     if (r.queue.isRunning) r.base = await r.queue.stop();
     r.setKickFd(msg.fds[0]);
@@ -321,6 +322,7 @@ export class VhostUserBlkDevice {
   private async setVringCall(msg: Message): Promise<HandlerResult> {
     const f = readVringFile(msg);
     const r = this.ring(f.index, 'SET_VRING_CALL');
+    if (!f.noFd) requireEventfd(msg, 'SET_VRING_CALL');
     const fd = f.noFd ? -1 : msg.fds[0];
     msg.fds.length = 0;
     await r.setCallFd(fd);
@@ -330,6 +332,7 @@ export class VhostUserBlkDevice {
   private setVringErr(msg: Message): HandlerResult {
     const f = readVringFile(msg);
     const r = this.ring(f.index, 'SET_VRING_ERR');
+    if (!f.noFd) requireEventfd(msg, 'SET_VRING_ERR');
     r.setErrFd(f.noFd ? -1 : msg.fds[0]);
     msg.fds.length = 0;
     return undefined;
@@ -387,6 +390,17 @@ export class VhostUserBlkDevice {
     }
     if (failure !== null) throw failure;
   }
+}
+
+/**
+ * Kick, call and err fds must be eventfds (vhost-user.rst, "SET_VRING_KICK"): the rings read
+ * and write them as 8-byte counters, and a pipe, FIFO, socket or file could block or spin the
+ * thread. Throws VhostUserError naming the message and the fd's kind (the connection then
+ * closes the message's fds and disconnects).
+ */
+function requireEventfd(msg: Message, name: string): void {
+  const kind = native.fdKind(msg.fds[0]);
+  if (kind !== 'eventfd') throw new VhostUserError(`${name}: expected an eventfd, got an fd of kind ${kind}`);
 }
 
 function u64(v: bigint): Buffer {
