@@ -111,6 +111,27 @@ export interface ReceivedMessage {
   fds: number[];
 }
 
+/**
+ * One connection's vhost-user message assembly: reads never wait and never go past the end of
+ * the message being assembled; fds must ride on a message's first byte (at most 8 per message).
+ */
+export interface NativeMessageReader {
+  /**
+   * Reads what the socket has. A complete message is copied into buf (header + payload; buf
+   * must hold 12 + maxPayload bytes) and returned with its fds, which the caller then owns;
+   * null when none is complete yet; `{ length: 0, fds: [] }` at end of stream. Throws Error
+   * for a malformed stream (payload over maxPayload, fds in the middle of a message, too many
+   * fds), SyscallError if recvmsg fails; every fd held is closed first.
+   */
+  receive(fd: number, buf: Buffer): ReceivedMessage | null;
+  /** Bytes of a message not complete yet (0 between messages). */
+  readonly buffered: number;
+  /** The request code of the message not complete yet, once its first 4 bytes are in; else -1. */
+  readonly pendingRequest: number;
+  /** Drops a partial message and closes its fds; the reader cannot be used after. */
+  close(): void;
+}
+
 interface NativeAddon {
   initialize(errorClass: typeof SyscallError): void;
   close(fd: number): void;
@@ -131,8 +152,15 @@ interface NativeAddon {
   listenUnix(path: string): number;
   connectUnix(path: string): number;
   acceptUnix(fd: number): number;
-  recvMessage(fd: number, buf: Buffer): ReceivedMessage | null;
-  sendMessage(fd: number, buf: Buffer, length: number, fds?: number[]): void;
+  /** Assembles one connection's messages without waiting (native/socket.cc, vhost_framing.h). */
+  MessageReader: new (maxPayload: number) => NativeMessageReader;
+  /**
+   * Sends buf[0..length) with one non-blocking sendmsg, the fds (SCM_RIGHTS, at most 8) riding
+   * on its first byte. Never waits: returns the bytes sent, which is less than `length` (0 when
+   * nothing was sent) when the peer's socket buffer is full. SyscallError for other failures
+   * (EPIPE once the peer hung up).
+   */
+  sendMessage(fd: number, buf: Buffer, length: number, fds?: number[]): number;
   FdWatcher: new (fd: number, callback: (status: number) => void, drainEventfd: boolean) => NativeFdWatcher;
   GuestMemory: new (regions: MemoryRegionSpec[]) => NativeGuestMemory;
   Virtqueue: new () => NativeVirtqueue;
