@@ -149,7 +149,11 @@ interface NativeAddon {
   fdKind(fd: number): FdKind;
   /** memmove(dst + dstOffset, src + srcOffset, length); RangeError outside either array. */
   copyBytes(dst: Uint8Array, dstOffset: number, src: Uint8Array, srcOffset: number, length: number): void;
-  listenUnix(path: string): number;
+  /**
+   * A listening non-blocking unix socket at path; with `mode` (permission bits) and `gid` (>= 0),
+   * the socket file gets them before it listens.
+   */
+  listenUnix(path: string, mode?: number, gid?: number): number;
   connectUnix(path: string): number;
   acceptUnix(fd: number): number;
   /** Assembles one connection's messages without waiting (native/socket.cc, vhost_framing.h). */

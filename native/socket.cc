@@ -5,6 +5,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -35,11 +36,21 @@ bool UnixAddress(const Napi::CallbackInfo& info, struct sockaddr_un* addr) {
   return true;
 }
 
-// listenUnix(path): a non-blocking listening SOCK_STREAM unix socket bound at path.
+// listenUnix(path, mode?, gid?): a non-blocking listening SOCK_STREAM unix socket bound at path.
+// With mode (permission bits) and/or gid (>= 0), the socket file gets them after bind and before
+// listen, so no peer can connect while it has the umask's mode. SyscallError from any step (the
+// file is removed again if chmod/chown fail).
 Napi::Value ListenUnix(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   struct sockaddr_un addr;
   if (!UnixAddress(info, &addr)) return Napi::Value();
+  int64_t mode = -1, gid = -1;
+  if (info.Length() > 1 && !info[1].IsUndefined() && !ArgInt(info, 1, "mode", &mode)) return Napi::Value();
+  if (info.Length() > 2 && !info[2].IsUndefined() && !ArgInt(info, 2, "gid", &gid)) return Napi::Value();
+  if (mode > 0777 || gid > 0xfffffffeLL) {
+    ThrowRangeError(env, "mode must be permission bits (0 to 0777) and gid a group id");
+    return Napi::Value();
+  }
   int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) {
     ThrowSyscallError(env, "socket", errno);
@@ -49,6 +60,16 @@ Napi::Value ListenUnix(const Napi::CallbackInfo& info) {
     int e = errno;
     ::close(fd);
     ThrowSyscallError(env, "bind", e);
+    return Napi::Value();
+  }
+  const char* step = nullptr;
+  if (gid >= 0 && ::chown(addr.sun_path, static_cast<uid_t>(-1), static_cast<gid_t>(gid)) < 0) step = "chown";
+  else if (mode >= 0 && ::chmod(addr.sun_path, static_cast<mode_t>(mode)) < 0) step = "chmod";
+  if (step != nullptr) {
+    int e = errno;
+    ::unlink(addr.sun_path);
+    ::close(fd);
+    ThrowSyscallError(env, step, e);
     return Napi::Value();
   }
   if (::listen(fd, 8) < 0) {
