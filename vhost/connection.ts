@@ -37,6 +37,8 @@ export class VhostUserConnection {
   private readonly inBuf = Buffer.alloc(HEADER_SIZE + MAX_PAYLOAD);
   private readonly outBuf = Buffer.alloc(HEADER_SIZE + MAX_PAYLOAD);
   private busy = false;
+  /** The handler being run (busy), which close() lets settle before resetting the device. */
+  private pending: Promise<void> | null = null;
   private closing: Promise<void> | null = null;
   /** Armed at the first byte of a message, cleared when it is complete. */
   private deadline: NodeJS.Timeout | null = null;
@@ -76,7 +78,7 @@ export class VhostUserConnection {
       return;
     }
     if (msg === null) return;
-    void this.handle(msg);
+    this.pending = this.handle(msg);
   }
 
   /**
@@ -147,6 +149,7 @@ export class VhostUserConnection {
       return;
     } finally {
       this.busy = false;
+      this.pending = null;
     }
     if (this.closing === null) this.watcher.start(); // fires at once if more is pending
   }
@@ -190,6 +193,10 @@ export class VhostUserConnection {
 
         if (level === 'error') this.log.error({ err: cause }, `vhost-user connection closed: ${reason}`);
         else this.log.info(`vhost-user connection closed: ${reason}`);
+        // A handler still pending stops at its next step (the device checks), then the reset
+        // undoes whatever it had done: nothing is mapped or started after the close.
+        this.device.detach();
+        if (this.pending !== null) await this.pending;
         try {
           await this.device.reset();
         } catch (e) {

@@ -86,11 +86,17 @@ export function readVringAddr(msg: Message): VringAddr {
   };
 }
 
+/**
+ * SET_VRING_KICK/CALL/ERR: a u64 whose bits 0-7 are the ring index and bit 8 the invalid-fd
+ * flag; every other bit is reserved and refused (vhost-user.rst "SET_VRING_KICK"). One fd rides
+ * along unless the flag is set.
+ */
 export function readVringFile(msg: Message): VringFile {
-  const v = Number(readU64(msg) & 0xffffn);
-  if ((v & ~(VRING_IDX_MASK | VRING_NOFD_MASK)) !== 0) {
-    throw new MessageError(`${requestName(msg.request)}: unknown bits in 0x${v.toString(16)}`);
+  const raw = readU64(msg);
+  if ((raw & ~BigInt(VRING_IDX_MASK | VRING_NOFD_MASK)) !== 0n) {
+    throw new MessageError(`${requestName(msg.request)}: reserved bits set in 0x${raw.toString(16)} (only bits 0-8 are defined)`);
   }
+  const v = Number(raw);
   const noFd = (v & VRING_NOFD_MASK) !== 0;
   const expectedFds = noFd ? 0 : 1;
   if (msg.fds.length !== expectedFds) {
