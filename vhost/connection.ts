@@ -15,13 +15,12 @@
  */
 import type { Logger } from 'pino';
 import { native, NativeFdWatcher, NativeMessageReader } from '../native';
-import { MessageError, type Message, writeHeader } from './message';
+import { MessageError, type Message, readHeader, writeHeader } from './message';
 import { VhostUserBlkDevice, VhostUserError, type HandlerResult } from './blk-device';
 import {
   FLAG_NEED_REPLY,
   FLAG_REPLY,
   FLAG_VERSION,
-  FLAG_VERSION_MASK,
   HEADER_SIZE,
   MAX_PAYLOAD,
   requestName,
@@ -99,12 +98,14 @@ export class VhostUserConnection {
       void this.close('front-end disconnected');
       return null;
     }
-    const request = this.inBuf.readUInt32LE(0);
-    const flags = this.inBuf.readUInt32LE(4);
-    const msg: Message = { request, flags, payload: Buffer.from(this.inBuf.subarray(HEADER_SIZE, r.length)), fds: r.fds };
-    if ((flags & FLAG_VERSION_MASK) !== FLAG_VERSION) {
+    const msg: Message = { request: 0, flags: 0, payload: Buffer.from(this.inBuf.subarray(HEADER_SIZE, r.length)), fds: r.fds };
+    try {
+      const h = readHeader(this.inBuf.subarray(0, r.length));
+      msg.request = h.request;
+      msg.flags = h.flags;
+    } catch (e) {
       this.closeFds(msg);
-      throw new MessageError(`${requestName(request)}: header version ${flags & FLAG_VERSION_MASK}, expected ${FLAG_VERSION}`);
+      throw e;
     }
     return msg;
   }

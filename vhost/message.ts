@@ -4,7 +4,7 @@
  * disconnects (vhost-user.rst gives no way to reject a malformed message otherwise).
  */
 import type { MemRegion } from '../virtqueue/guest-memory';
-import { HEADER_SIZE, MAX_MEM_REGIONS, VRING_IDX_MASK, VRING_NOFD_MASK, requestName } from './protocol';
+import { FLAG_VERSION, FLAG_VERSION_MASK, HEADER_SIZE, MAX_MEM_REGIONS, VRING_IDX_MASK, VRING_NOFD_MASK, requestName } from './protocol';
 
 export class MessageError extends Error {
   constructor(message: string) {
@@ -136,6 +136,27 @@ export function readConfigAccess(msg: Message): ConfigAccess {
     throw new MessageError(`${requestName(msg.request)}: size field ${size} does not match the ${p.length - 12} bytes sent`);
   }
   return { offset, size, flags: p.readUInt32LE(8), data: p.subarray(12) };
+}
+
+export interface Header {
+  request: number;
+  flags: number;
+  /** Payload size in bytes. */
+  size: number;
+}
+
+/**
+ * The header at buf[0..12) (vhost-user.rst "Message format": u32 request, u32 flags, u32 size).
+ * @throws MessageError when buf is shorter than a header or the version (flags bits 0-1) is not 1
+ */
+export function readHeader(buf: Buffer): Header {
+  if (buf.length < HEADER_SIZE) throw new MessageError(`message of ${buf.length} bytes is shorter than its ${HEADER_SIZE}-byte header`);
+  const request = buf.readUInt32LE(0);
+  const flags = buf.readUInt32LE(4);
+  if ((flags & FLAG_VERSION_MASK) !== FLAG_VERSION) {
+    throw new MessageError(`${requestName(request)}: header version ${flags & FLAG_VERSION_MASK}, expected ${FLAG_VERSION}`);
+  }
+  return { request, flags, size: buf.readUInt32LE(8) };
 }
 
 /** Writes a header into buf[0..12). */
