@@ -29,7 +29,7 @@ const char* FdKindName(FdKind kind) {
 }
 
 int ClassifyFd(int fd, FdInfo* out) {
-  *out = FdInfo{FdKind::kOther, 0, 0, static_cast<uint64_t>(::sysconf(_SC_PAGESIZE))};
+  *out = FdInfo{FdKind::kOther, 0, false, 0, static_cast<uint64_t>(::sysconf(_SC_PAGESIZE))};
   struct stat st;
   if (::fstat(fd, &st) < 0) return errno;
   out->size = st.st_size;
@@ -43,16 +43,19 @@ int ClassifyFd(int fd, FdInfo* out) {
   }
   struct statfs sfs;
   if (::fstatfs(fd, &sfs) < 0) return errno;
+  int seals = ::fcntl(fd, F_GET_SEALS);
+  // Plain tmpfs files answer F_GET_SEALS too (F_SEAL_SEAL): the name tells a memfd apart.
+  if (seals >= 0 && strncmp(link, "/memfd:", 7) == 0) {
+    out->memfd = true;
+    out->seals = seals;
+  }
   if (static_cast<unsigned long>(sfs.f_type) == HUGETLBFS_MAGIC) {
     out->kind = FdKind::kHugetlbfs;
     out->pageSize = static_cast<uint64_t>(sfs.f_bsize);
     return 0;
   }
-  int seals = ::fcntl(fd, F_GET_SEALS);
-  // Plain tmpfs files answer F_GET_SEALS too (F_SEAL_SEAL): the name tells a memfd apart.
-  if (seals >= 0 && strncmp(link, "/memfd:", 7) == 0) {
+  if (out->memfd) {
     out->kind = FdKind::kMemfd;
-    out->seals = seals;
     return 0;
   }
   out->kind = FdKind::kRegular;

@@ -17,6 +17,7 @@ enum class FdKind { kEventfd, kMemfd, kRegular, kHugetlbfs, kOther };
 struct FdInfo {
   FdKind kind;
   int64_t size;         // st_size in bytes (regular, memfd and hugetlbfs files)
+  bool memfd;           // created by memfd_create (kind kMemfd, or kHugetlbfs with MFD_HUGETLB)
   int seals;            // F_GET_SEALS of a memfd (F_SEAL_* bits), else 0
   uint64_t pageSize;    // mmap offset granularity: the huge page size on hugetlbfs, else the page size
 };

@@ -63,8 +63,9 @@ GuestMemory::GuestMemory(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Gues
       }
     }
     // The fd must not be able to shrink under the mapping (a shrunk file SIGBUSes the process on
-    // the next access): memfds need F_SEAL_SHRINK; regular and hugetlbfs files are accepted
-    // (their owner could still truncate them: README, "Guest memory"); anything else is refused.
+    // the next access): memfds (on tmpfs or hugetlbfs) need F_SEAL_SHRINK; regular and hugetlbfs
+    // files are accepted (their owner could still truncate them: README, "Attach a guest");
+    // anything else is refused.
     FdInfo fi;
     int ce = ClassifyFd(static_cast<int>(fd), &fi);
     if (ce != 0) {
@@ -73,7 +74,7 @@ GuestMemory::GuestMemory(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Gues
       return;
     }
     std::string where = "region " + std::to_string(i) + ": ";
-    if (fi.kind == FdKind::kMemfd && (fi.seals & F_SEAL_SHRINK) == 0) {
+    if (fi.memfd && (fi.seals & F_SEAL_SHRINK) == 0) {  // hugetlbfs memfds too (QEMU seals them alike)
       UnmapAll();
       ThrowRangeError(env, (where + "memfd without F_SEAL_SHRINK (it could be shrunk under the mapping)").c_str());
       return;

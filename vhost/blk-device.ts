@@ -266,12 +266,12 @@ export class VhostUserBlkDevice {
       // swap, restart where they stopped. Worker threads map the table themselves.
       const running = this.vrings.filter((r) => r.queue.isRunning);
       for (const r of running) r.base = await r.queue.stop();
-      this.checkEpoch(epoch, 'SET_MEM_TABLE');
+      this.checkEpoch(epoch, 'new table');
       await this.releaseMemory();
-      this.checkEpoch(epoch, 'SET_MEM_TABLE');
+      this.checkEpoch(epoch, 'new table');
       this.memory = map;
       if (this.threads !== null) await this.threads.mapMemory(regions, fds);
-      this.checkEpoch(epoch, 'SET_MEM_TABLE'); // reset() unmaps what was mapped meanwhile
+      this.checkEpoch(epoch, 'new table'); // reset() unmaps what was mapped meanwhile
       this.log.info({ regions: regions.length, bytes: map.size }, 'guest memory mapped');
       for (const r of running) await this.startRing(r, epoch);
     } catch (e) {
