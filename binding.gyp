@@ -7,6 +7,7 @@
         "native/errors.cc",
         "native/fd_ops.cc",
         "native/socket.cc",
+        "native/vhost_framing.cc",
         "native/fd_watcher.cc",
         "native/guest_memory.cc",
         "native/vfio.cc",

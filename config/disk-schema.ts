@@ -4,10 +4,13 @@
  */
 import convict from 'convict';
 import { parseRange } from '../drivers/null/badblocks';
+import { checkSocketGroup, parseSocketMode } from '../vhost/socket-options';
 
 export interface DiskConfig {
   name: string;
   socket: string;
+  socket_mode: string | number;
+  socket_group: string | number;
   size: number;
   blocksize: number;
   memory_backed: boolean;
@@ -41,6 +44,16 @@ export const diskSchema = {
     doc: 'Path of the vhost-user unix socket that QEMU connects to (rnull is the server).',
     format: String,
     default: './rnull.sock',
+  },
+  socket_mode: {
+    doc: 'Permission bits of the vhost-user socket, an octal string such as "0660" or a number; set before it listens. Default 0600: only the daemon\'s user (QEMU running as that user) may connect.',
+    format: 'socket-mode',
+    default: '0600' as string | number,
+  },
+  socket_group: {
+    doc: 'Group of the vhost-user socket (a name or a gid), for a QEMU running as another user with socket_mode 0660; empty keeps the daemon\'s group.',
+    format: 'socket-group',
+    default: '' as string | number,
   },
   size: {
     doc: 'Capacity in MiB (null_blk "size"), 1 to 8589934591 (below 2^53 bytes: byte positions stay exact numbers).',
@@ -211,6 +224,18 @@ export function addFormats(): void {
     name: 'poll-us',
     validate(v: unknown) {
       if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 1000) throw new Error('expected a whole number of microseconds from 0 to 1000');
+    },
+  });
+  convict.addFormat({
+    name: 'socket-mode',
+    validate(v: unknown) {
+      parseSocketMode(v);
+    },
+  });
+  convict.addFormat({
+    name: 'socket-group',
+    validate(v: unknown) {
+      checkSocketGroup(v);
     },
   });
   convict.addFormat({

@@ -37,6 +37,8 @@ function buildCli(run: (o: CliOptions) => Promise<void>): Command {
     .description('vhost-user-blk back-end serving null_blk-style disks to QEMU guests')
     .option('-c, --config <file>', 'per-VM configuration file (JSON)')
     .option('--socket <path>', 'vhost-user socket path (default ./rnull.sock)')
+    .option('--socket-mode <octal>', 'permission bits of the vhost-user socket (default 0600)')
+    .option('--socket-group <group>', 'group of the vhost-user socket, name or gid (default: the daemon\'s)')
     .option('--size <MiB>', 'capacity in MiB (default 1024)', int('--size'))
     .addOption(new Option('--blocksize <bytes>', 'logical block size (default 512)').choices(['512', '1024', '2048', '4096']).argParser(Number))
     .option('--memory-backed <bool>', 'keep written data (default true)', bool)

@@ -36,7 +36,7 @@ export function createDisk(config: DiskConfig, log: Logger, sharedTagSet?: TagSe
   const { disk, driver } = buildNullDisk(config, dlog, { tagSet: sharedTagSet });
   const workers = config.threads > 1 ? new QueueWorkers(config, driver.storeId, dlog) : null;
   const device = new VhostUserBlkDevice(disk, config.num_queues, dlog, config.poll_us, workers);
-  const server = new VhostUserServer(config.socket, device, dlog);
+  const server = new VhostUserServer(config.socket, device, dlog, { mode: config.socket_mode, group: config.socket_group });
   return { config, disk, driver, device, server, workers };
 }
 

@@ -4,13 +4,64 @@
 #include <fcntl.h>
 #include <stdint.h>
 #include <sys/eventfd.h>
-#include <sys/mman.h>
+#include <linux/magic.h>
+#include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
+
+#include <string>
 
 #include "errors.h"
 
 namespace rnull {
+
+const char* FdKindName(FdKind kind) {
+  switch (kind) {
+    case FdKind::kEventfd: return "eventfd";
+    case FdKind::kMemfd: return "memfd";
+    case FdKind::kRegular: return "regular";
+    case FdKind::kHugetlbfs: return "hugetlbfs";
+    default: return "other";
+  }
+}
+
+int ClassifyFd(int fd, FdInfo* out) {
+  *out = FdInfo{FdKind::kOther, 0, false, 0, static_cast<uint64_t>(::sysconf(_SC_PAGESIZE))};
+  struct stat st;
+  if (::fstat(fd, &st) < 0) return errno;
+  out->size = st.st_size;
+  char path[64], link[256];
+  snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+  ssize_t n = ::readlink(path, link, sizeof link - 1);
+  link[n > 0 ? n : 0] = '\0';
+  if (!S_ISREG(st.st_mode)) {
+    if (strcmp(link, "anon_inode:[eventfd]") == 0) out->kind = FdKind::kEventfd;
+    return 0;
+  }
+  struct statfs sfs;
+  if (::fstatfs(fd, &sfs) < 0) return errno;
+  int seals = ::fcntl(fd, F_GET_SEALS);
+  // Plain tmpfs files answer F_GET_SEALS too (F_SEAL_SEAL): the name tells a memfd apart.
+  if (seals >= 0 && strncmp(link, "/memfd:", 7) == 0) {
+    out->memfd = true;
+    out->seals = seals;
+  }
+  if (static_cast<unsigned long>(sfs.f_type) == HUGETLBFS_MAGIC) {
+    out->kind = FdKind::kHugetlbfs;
+    out->pageSize = static_cast<uint64_t>(sfs.f_bsize);
+    return 0;
+  }
+  if (out->memfd) {
+    out->kind = FdKind::kMemfd;
+    return 0;
+  }
+  out->kind = FdKind::kRegular;
+  return 0;
+}
+
 namespace {
 
 // close(fd): undefined. EBADF throws; EINTR is treated as closed (Linux semantics).
@@ -68,7 +119,23 @@ Napi::Value EventFdWrite(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// memfdCreate(name, sizeBytes): a close-on-exec memfd of that size (guest RAM for test front-ends).
+// fdKind(fd): 'eventfd' | 'memfd' | 'regular' | 'hugetlbfs' | 'other' (see ClassifyFd).
+// SyscallError when fstat fails (EBADF: not an open fd).
+Napi::Value FdKindJs(const Napi::CallbackInfo& info) {
+  int64_t fd;
+  if (!ArgInt(info, 0, "fd", &fd)) return Napi::Value();
+  FdInfo fi;
+  int e = ClassifyFd(static_cast<int>(fd), &fi);
+  if (e != 0) {
+    ThrowSyscallError(info.Env(), "fstat", e);
+    return Napi::Value();
+  }
+  return Napi::String::New(info.Env(), FdKindName(fi.kind));
+}
+
+// memfdCreate(name, sizeBytes, seal = true): a close-on-exec memfd of that size (guest RAM for
+// test front-ends and tools). Sealed as QEMU's memory-backend-memfd seals (F_SEAL_SHRINK |
+// F_SEAL_GROW | F_SEAL_SEAL), unless seal is false (an unsealed one, to test refusals).
 Napi::Value MemfdCreate(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1 || !info[0].IsString()) {
@@ -78,7 +145,8 @@ Napi::Value MemfdCreate(const Napi::CallbackInfo& info) {
   int64_t size;
   if (!ArgInt(info, 1, "size", &size)) return Napi::Value();
   std::string name = info[0].As<Napi::String>().Utf8Value();
-  int fd = ::memfd_create(name.c_str(), MFD_CLOEXEC);
+  bool seal = !(info.Length() > 2 && info[2].IsBoolean() && !info[2].As<Napi::Boolean>().Value());
+  int fd = ::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (fd < 0) {
     ThrowSyscallError(env, "memfd_create", errno);
     return Napi::Value();
@@ -87,6 +155,12 @@ Napi::Value MemfdCreate(const Napi::CallbackInfo& info) {
     int e = errno;
     ::close(fd);
     ThrowSyscallError(env, "ftruncate", e);
+    return Napi::Value();
+  }
+  if (seal && ::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+    int e = errno;
+    ::close(fd);
+    ThrowSyscallError(env, "fcntl(F_ADD_SEALS)", e);
     return Napi::Value();
   }
   return Napi::Number::New(env, fd);
@@ -112,6 +186,7 @@ void InitFdOps(Napi::Env env, Napi::Object exports) {
   exports.Set("eventfd", Napi::Function::New(env, EventFd, "eventfd"));
   exports.Set("eventfdRead", Napi::Function::New(env, EventFdRead, "eventfdRead"));
   exports.Set("eventfdWrite", Napi::Function::New(env, EventFdWrite, "eventfdWrite"));
+  exports.Set("fdKind", Napi::Function::New(env, FdKindJs, "fdKind"));
   exports.Set("memfdCreate", Napi::Function::New(env, MemfdCreate, "memfdCreate"));
   exports.Set("copyBytes", Napi::Function::New(env, CopyBytes, "copyBytes"));
 }

@@ -3,11 +3,13 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 
 #include <string>
 
 #include "errors.h"
+#include "fd_ops.h"
 
 namespace rnull {
 
@@ -19,8 +21,11 @@ void GuestMemory::Init(Napi::Env env, Napi::Object exports, Napi::FunctionRefere
 }
 
 // new GuestMemory([{ gpa, size, uaddr, mmapOffset, fd }, ...]): maps every region (MAP_SHARED,
-// read/write). Numbers are bytes. The fds stay owned by the caller (they may be closed after).
-// Throws RangeError for an empty, overflowing or overlapping region, SyscallError if mmap fails.
+// read/write), each from its mmap offset rounded down to the page (vhost-user.rst "Memory
+// regions": mmap_offset is where the region starts in the fd). Numbers are bytes. The fds stay
+// owned by the caller (they may be closed after). Throws RangeError for an empty, overflowing or
+// overlapping region, a region beyond its fd's size, an unsealed memfd (no F_SEAL_SHRINK) or an
+// fd that is not a memfd, regular file or hugetlbfs file; SyscallError if fstat or mmap fails.
 GuestMemory::GuestMemory(const Napi::CallbackInfo& info) : Napi::ObjectWrap<GuestMemory>(info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1 || !info[0].IsArray()) {
@@ -57,30 +62,48 @@ GuestMemory::GuestMemory(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Gues
         return;
       }
     }
-    // A mapping past the end of its file would map fine and SIGBUS on first touch: refuse it.
-    struct stat st;
-    if (::fstat(static_cast<int>(fd), &st) < 0) {
-      int e = errno;
+    // The fd must not be able to shrink under the mapping (a shrunk file SIGBUSes the process on
+    // the next access): memfds (on tmpfs or hugetlbfs) need F_SEAL_SHRINK; regular and hugetlbfs
+    // files are accepted (their owner could still truncate them: README, "Attach a guest");
+    // anything else is refused.
+    FdInfo fi;
+    int ce = ClassifyFd(static_cast<int>(fd), &fi);
+    if (ce != 0) {
       UnmapAll();
-      ThrowSyscallError(env, "fstat", e);
+      ThrowSyscallError(env, "fstat", ce);
       return;
     }
-    if (S_ISREG(st.st_mode) && off + r.size > static_cast<uint64_t>(st.st_size)) {
+    std::string where = "region " + std::to_string(i) + ": ";
+    if (fi.memfd && (fi.seals & F_SEAL_SHRINK) == 0) {  // hugetlbfs memfds too (QEMU seals them alike)
+      UnmapAll();
+      ThrowRangeError(env, (where + "memfd without F_SEAL_SHRINK (it could be shrunk under the mapping)").c_str());
+      return;
+    }
+    if (fi.kind != FdKind::kMemfd && fi.kind != FdKind::kRegular && fi.kind != FdKind::kHugetlbfs) {
+      UnmapAll();
+      ThrowRangeError(env, (where + "an fd of kind " + FdKindName(fi.kind) + " cannot back guest memory").c_str());
+      return;
+    }
+    // A mapping past the end of its file would map fine and SIGBUS on first touch: refuse it.
+    if (off + r.size > static_cast<uint64_t>(fi.size)) {
       UnmapAll();
       ThrowRangeError(env, ("memory region ends at byte " + std::to_string(off + r.size) + " of an fd that has only " +
-                            std::to_string(st.st_size)).c_str());
+                            std::to_string(fi.size) + " (region " + std::to_string(i) + ")").c_str());
       return;
     }
-    // Map from file offset 0 so that a mmap offset that is not page-aligned still works.
-    r.mapLength = static_cast<size_t>(off + r.size);
-    r.mapBase = ::mmap(nullptr, r.mapLength, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, static_cast<int>(fd), 0);
+    // mmap takes a page-aligned file offset (the huge page size on hugetlbfs): map from the
+    // offset rounded down, and point the region at its first byte inside that mapping.
+    uint64_t delta = off & (fi.pageSize - 1);
+    r.mapLength = static_cast<size_t>(delta + r.size);
+    r.mapBase = ::mmap(nullptr, r.mapLength, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, static_cast<int>(fd),
+                       static_cast<off_t>(off - delta));
     if (r.mapBase == MAP_FAILED) {
       int e = errno;
       UnmapAll();
       ThrowSyscallError(env, "mmap", e);
       return;
     }
-    r.host = static_cast<uint8_t*>(r.mapBase) + off;
+    r.host = static_cast<uint8_t*>(r.mapBase) + delta;
     r.firstChunk = nextChunk;
     nextChunk += static_cast<uint32_t>((r.size + kChunkBytes - 1) >> kChunkShift);
     regions_.push_back(r);

@@ -25,7 +25,7 @@ struct GuestRegion {
   uint64_t size;       // bytes
   uint64_t uaddr;      // the front-end's virtual address of the start (ring addresses use these)
   uint8_t* host;       // our mapping of gpa
-  void* mapBase;       // what mmap returned (host - mmap offset)
+  void* mapBase;       // what mmap returned: host minus the mmap offset's distance to its page start
   size_t mapLength;
   uint32_t firstChunk; // chunk index of the region's first byte
 };

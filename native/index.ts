@@ -102,10 +102,34 @@ export interface NativeFdWatcher {
   stop(): void;
 }
 
+/** The kinds of fd a front-end may send (native/fd_ops.h). */
+export type FdKind = 'eventfd' | 'memfd' | 'regular' | 'hugetlbfs' | 'other';
+
 export interface ReceivedMessage {
   /** Bytes of the message in the buffer (header + payload); 0 at end of stream. */
   length: number;
   fds: number[];
+}
+
+/**
+ * One connection's vhost-user message assembly: reads never wait and never go past the end of
+ * the message being assembled; fds must ride on a message's first byte (at most 8 per message).
+ */
+export interface NativeMessageReader {
+  /**
+   * Reads what the socket has. A complete message is copied into buf (header + payload; buf
+   * must hold 12 + maxPayload bytes) and returned with its fds, which the caller then owns;
+   * null when none is complete yet; `{ length: 0, fds: [] }` at end of stream. Throws Error
+   * for a malformed stream (payload over maxPayload, fds in the middle of a message, too many
+   * fds), SyscallError if recvmsg fails; every fd held is closed first.
+   */
+  receive(fd: number, buf: Buffer): ReceivedMessage | null;
+  /** Bytes of a message not complete yet (0 between messages). */
+  readonly buffered: number;
+  /** The request code of the message not complete yet, once its first 4 bytes are in; else -1. */
+  readonly pendingRequest: number;
+  /** Drops a partial message and closes its fds; the reader cannot be used after. */
+  close(): void;
 }
 
 interface NativeAddon {
@@ -116,14 +140,31 @@ interface NativeAddon {
   eventfd(): number;
   eventfdRead(fd: number): number;
   eventfdWrite(fd: number): void;
-  memfdCreate(name: string, size: number): number;
+  /**
+   * A close-on-exec memfd of `size` bytes, sealed against shrinking and growing (F_SEAL_SHRINK |
+   * F_SEAL_GROW | F_SEAL_SEAL, as QEMU's memory-backend-memfd) unless `seal` is false.
+   */
+  memfdCreate(name: string, size: number, seal?: boolean): number;
+  /** What fd refers to (native/fd_ops.h ClassifyFd); SyscallError (EBADF) for a closed fd. */
+  fdKind(fd: number): FdKind;
   /** memmove(dst + dstOffset, src + srcOffset, length); RangeError outside either array. */
   copyBytes(dst: Uint8Array, dstOffset: number, src: Uint8Array, srcOffset: number, length: number): void;
-  listenUnix(path: string): number;
+  /**
+   * A listening non-blocking unix socket at path; with `mode` (permission bits) and `gid` (>= 0),
+   * the socket file gets them before it listens.
+   */
+  listenUnix(path: string, mode?: number, gid?: number): number;
   connectUnix(path: string): number;
   acceptUnix(fd: number): number;
-  recvMessage(fd: number, buf: Buffer): ReceivedMessage | null;
-  sendMessage(fd: number, buf: Buffer, length: number, fds?: number[]): void;
+  /** Assembles one connection's messages without waiting (native/socket.cc, vhost_framing.h). */
+  MessageReader: new (maxPayload: number) => NativeMessageReader;
+  /**
+   * Sends buf[0..length) with one non-blocking sendmsg, the fds (SCM_RIGHTS, at most 8) riding
+   * on its first byte. Never waits: returns the bytes sent, which is less than `length` (0 when
+   * nothing was sent) when the peer's socket buffer is full. SyscallError for other failures
+   * (EPIPE once the peer hung up).
+   */
+  sendMessage(fd: number, buf: Buffer, length: number, fds?: number[]): number;
   FdWatcher: new (fd: number, callback: (status: number) => void, drainEventfd: boolean) => NativeFdWatcher;
   GuestMemory: new (regions: MemoryRegionSpec[]) => NativeGuestMemory;
   Virtqueue: new () => NativeVirtqueue;

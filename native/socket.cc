@@ -2,30 +2,22 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <poll.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "errors.h"
+#include "vhost_framing.h"
 
 namespace rnull {
 namespace {
-
-// vhost-user message header: request (u32), flags (u32), size (u32); vhost-user.rst "Message format".
-constexpr size_t kHeaderSize = 12;
-// At most this many fds ride on one message (SET_MEM_TABLE carries one per region, 8 at most).
-constexpr size_t kMaxFds = 16;
-// A peer that sent a header must deliver its payload within this time, or it is dropped.
-constexpr int kPayloadTimeoutMs = 2000;
-
-void CloseAll(const int* fds, size_t n) {
-  for (size_t i = 0; i < n; i++) ::close(fds[i]);
-}
 
 // Fills `addr` from the path argument; false after throwing for a bad or over-long path.
 bool UnixAddress(const Napi::CallbackInfo& info, struct sockaddr_un* addr) {
@@ -44,11 +36,21 @@ bool UnixAddress(const Napi::CallbackInfo& info, struct sockaddr_un* addr) {
   return true;
 }
 
-// listenUnix(path): a non-blocking listening SOCK_STREAM unix socket bound at path.
+// listenUnix(path, mode?, gid?): a non-blocking listening SOCK_STREAM unix socket bound at path.
+// With mode (permission bits) and/or gid (>= 0), the socket file gets them after bind and before
+// listen, so no peer can connect while it has the umask's mode. SyscallError from any step (the
+// file is removed again if chmod/chown fail).
 Napi::Value ListenUnix(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   struct sockaddr_un addr;
   if (!UnixAddress(info, &addr)) return Napi::Value();
+  int64_t mode = -1, gid = -1;
+  if (info.Length() > 1 && !info[1].IsUndefined() && !ArgInt(info, 1, "mode", &mode)) return Napi::Value();
+  if (info.Length() > 2 && !info[2].IsUndefined() && !ArgInt(info, 2, "gid", &gid)) return Napi::Value();
+  if (mode > 0777 || gid > 0xfffffffeLL) {
+    ThrowRangeError(env, "mode must be permission bits (0 to 0777) and gid a group id");
+    return Napi::Value();
+  }
   int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) {
     ThrowSyscallError(env, "socket", errno);
@@ -58,6 +60,16 @@ Napi::Value ListenUnix(const Napi::CallbackInfo& info) {
     int e = errno;
     ::close(fd);
     ThrowSyscallError(env, "bind", e);
+    return Napi::Value();
+  }
+  const char* step = nullptr;
+  if (gid >= 0 && ::chown(addr.sun_path, static_cast<uid_t>(-1), static_cast<gid_t>(gid)) < 0) step = "chown";
+  else if (mode >= 0 && ::chmod(addr.sun_path, static_cast<mode_t>(mode)) < 0) step = "chmod";
+  if (step != nullptr) {
+    int e = errno;
+    ::unlink(addr.sun_path);
+    ::close(fd);
+    ThrowSyscallError(env, step, e);
     return Napi::Value();
   }
   if (::listen(fd, 8) < 0) {
@@ -108,114 +120,9 @@ Napi::Value AcceptUnix(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), fd);
 }
 
-// Reads exactly len bytes (the rest of a message) from a non-blocking socket, waiting at most
-// kPayloadTimeoutMs for each part. Returns 0, or an errno value (ETIMEDOUT, ECONNRESET on EOF).
-int ReadFull(int fd, uint8_t* p, size_t len) {
-  while (len > 0) {
-    ssize_t n = ::recv(fd, p, len, 0);
-    if (n > 0) {
-      p += n;
-      len -= static_cast<size_t>(n);
-      continue;
-    }
-    if (n == 0) return ECONNRESET;
-    if (errno == EINTR) continue;
-    if (errno != EAGAIN && errno != EWOULDBLOCK) return errno;
-    struct pollfd pfd = {fd, POLLIN, 0};
-    int r = ::poll(&pfd, 1, kPayloadTimeoutMs);
-    if (r == 0) return ETIMEDOUT;
-    if (r < 0 && errno != EINTR) return errno;
-  }
-  return 0;
-}
-
-// recvMessage(fd, buf): reads one whole vhost-user message (header + payload) into buf.
-// Returns { length, fds } with length = 12 + payload size, null when nothing is pending,
-// or { length: 0, fds: [] } at end of stream. A payload larger than buf, truncated fd
-// control data, or a peer stalling mid-message throws (received fds are closed first).
-Napi::Value RecvMessage(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  int64_t fd64;
-  if (!ArgInt(info, 0, "fd", &fd64)) return Napi::Value();
-  if (info.Length() < 2 || !info[1].IsBuffer()) {
-    ThrowTypeError(env, "expected a Buffer for buf");
-    return Napi::Value();
-  }
-  int fd = static_cast<int>(fd64);
-  Napi::Buffer<uint8_t> buf = info[1].As<Napi::Buffer<uint8_t>>();
-  if (buf.Length() < kHeaderSize) {
-    ThrowRangeError(env, "buffer smaller than a message header");
-    return Napi::Value();
-  }
-  uint8_t* data = buf.Data();
-
-  struct iovec iov = {data, kHeaderSize};
-  alignas(struct cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxFds)];
-  struct msghdr msg;
-  memset(&msg, 0, sizeof msg);
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = control;
-  msg.msg_controllen = sizeof control;
-  ssize_t n;
-  do {
-    n = ::recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
-  } while (n < 0 && errno == EINTR);
-  if (n < 0) {
-    if (errno == EAGAIN || errno == EWOULDBLOCK) return env.Null();
-    ThrowSyscallError(env, "recvmsg", errno);
-    return Napi::Value();
-  }
-
-  int fds[kMaxFds];
-  size_t nfds = 0;
-  for (struct cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-    size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-    const unsigned char* src = CMSG_DATA(c);
-    for (size_t i = 0; i < count && nfds < kMaxFds; i++) memcpy(&fds[nfds++], src + i * sizeof(int), sizeof(int));
-  }
-  if (msg.msg_flags & MSG_CTRUNC) {
-    CloseAll(fds, nfds);
-    ThrowError(env, "vhost-user message carried more fds than allowed (control data truncated)");
-    return Napi::Value();
-  }
-
-  Napi::Object result = Napi::Object::New(env);
-  if (n == 0) {
-    CloseAll(fds, nfds);
-    result.Set("length", Napi::Number::New(env, 0));
-    result.Set("fds", Napi::Array::New(env, 0));
-    return result;
-  }
-  int err = 0;
-  if (static_cast<size_t>(n) < kHeaderSize) err = ReadFull(fd, data + n, kHeaderSize - static_cast<size_t>(n));
-  uint32_t size = 0;
-  if (err == 0) {
-    memcpy(&size, data + 8, sizeof size);  // little-endian host (x86-64, aarch64)
-    if (size > buf.Length() - kHeaderSize) {
-      CloseAll(fds, nfds);
-      std::string m = "vhost-user message payload of " + std::to_string(size) + " bytes exceeds the limit of " +
-                      std::to_string(buf.Length() - kHeaderSize);
-      ThrowRangeError(env, m.c_str());
-      return Napi::Value();
-    }
-    err = ReadFull(fd, data + kHeaderSize, size);
-  }
-  if (err != 0) {
-    CloseAll(fds, nfds);
-    ThrowSyscallError(env, "recv", err);
-    return Napi::Value();
-  }
-  Napi::Array arr = Napi::Array::New(env, nfds);
-  for (size_t i = 0; i < nfds; i++) arr.Set(static_cast<uint32_t>(i), Napi::Number::New(env, fds[i]));
-  result.Set("length", Napi::Number::New(env, static_cast<double>(kHeaderSize + size)));
-  result.Set("fds", arr);
-  return result;
-}
-
-// sendMessage(fd, buf, length, fds?): writes buf[0..length) whole, the fds (SCM_RIGHTS) riding
-// on the first byte. Waits for socket space (the peer is expected to read its replies).
+// sendMessage(fd, buf, length, fds?): one non-blocking sendmsg of buf[0..length), the fds
+// (SCM_RIGHTS) riding on its first byte. Never waits: returns the bytes sent, fewer than length
+// (0: none) when the peer's socket buffer is full. SyscallError for other failures (EPIPE).
 Napi::Value SendMessage(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int64_t fd64, len64;
@@ -230,56 +137,124 @@ Napi::Value SendMessage(const Napi::CallbackInfo& info) {
     ThrowRangeError(env, "length outside the buffer");
     return Napi::Value();
   }
-  int fds[kMaxFds];
-  size_t nfds = 0;
+  std::vector<int> fds;
   if (info.Length() > 3 && info[3].IsArray()) {
     Napi::Array a = info[3].As<Napi::Array>();
-    if (a.Length() > kMaxFds) {
+    if (a.Length() > kMaxSendFds) {
       ThrowRangeError(env, "too many fds for one message");
       return Napi::Value();
     }
-    for (uint32_t i = 0; i < a.Length(); i++) fds[nfds++] = a.Get(i).As<Napi::Number>().Int32Value();
-  }
-  int fd = static_cast<int>(fd64);
-  const uint8_t* p = buf.Data();
-  size_t left = static_cast<size_t>(len64);
-  bool first = true;
-  while (left > 0 || first) {
-    struct iovec iov = {const_cast<uint8_t*>(p), left};
-    alignas(struct cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxFds)];
-    struct msghdr msg;
-    memset(&msg, 0, sizeof msg);
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    if (first && nfds > 0) {
-      msg.msg_control = control;
-      msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
-      struct cmsghdr* c = CMSG_FIRSTHDR(&msg);
-      c->cmsg_level = SOL_SOCKET;
-      c->cmsg_type = SCM_RIGHTS;
-      c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
-      memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
-    }
-    ssize_t n = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) {
-        struct pollfd pfd = {fd, POLLOUT, 0};
-        if (::poll(&pfd, 1, kPayloadTimeoutMs) == 0) {
-          ThrowSyscallError(env, "sendmsg", ETIMEDOUT);
-          return Napi::Value();
-        }
-        continue;
+    for (uint32_t i = 0; i < a.Length(); i++) {
+      Napi::Value v = a.Get(i);
+      if (!v.IsNumber()) {
+        ThrowTypeError(env, "expected numbers in fds");
+        return Napi::Value();
       }
-      ThrowSyscallError(env, "sendmsg", errno);
+      fds.push_back(v.As<Napi::Number>().Int32Value());
+    }
+  }
+  ssize_t n = SendMessageNow(static_cast<int>(fd64), buf.Data(), static_cast<size_t>(len64), fds.data(), fds.size());
+  if (n < 0) {
+    ThrowSyscallError(env, "sendmsg", errno);
+    return Napi::Value();
+  }
+  return Napi::Number::New(env, static_cast<double>(n));
+}
+
+// MessageReader: one connection's message assembly (vhost_framing.h) for JavaScript.
+class MessageReader : public Napi::ObjectWrap<MessageReader> {
+ public:
+  static void Init(Napi::Env env, Napi::Object exports) {
+    Napi::Function f = DefineClass(env, "MessageReader",
+                                   {InstanceMethod<&MessageReader::Receive>("receive"),
+                                    InstanceAccessor<&MessageReader::Buffered>("buffered"),
+                                    InstanceAccessor<&MessageReader::PendingRequest>("pendingRequest"),
+                                    InstanceMethod<&MessageReader::Close>("close")});
+    exports.Set("MessageReader", f);
+  }
+
+  // new MessageReader(maxPayload): payloads above maxPayload bytes (at most 1 MiB) are refused.
+  explicit MessageReader(const Napi::CallbackInfo& info) : Napi::ObjectWrap<MessageReader>(info) {
+    int64_t max;
+    if (!ArgInt(info, 0, "maxPayload", &max)) return;
+    if (max < 0 || max > (1 << 20)) {
+      ThrowRangeError(info.Env(), "maxPayload must be 0 to 1048576 bytes");
+      return;
+    }
+    assembler_.reset(new MessageAssembler(static_cast<size_t>(max)));
+  }
+
+ private:
+  // receive(fd, buf): reads what the socket has, without waiting. A complete message is copied
+  // to buf: { length (12 + payload size), fds } (the caller owns the fds); null when no message
+  // is complete yet (`buffered` bytes of one may be held); { length: 0, fds: [] } at end of
+  // stream. A malformed stream (payload over the limit, misplaced or too many fds) throws an
+  // Error naming the problem, after closing every fd held.
+  Napi::Value Receive(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    int64_t fd;
+    if (!ArgInt(info, 0, "fd", &fd)) return Napi::Value();
+    if (info.Length() < 2 || !info[1].IsBuffer()) {
+      ThrowTypeError(env, "expected a Buffer for buf");
       return Napi::Value();
     }
-    first = false;
-    p += n;
-    left -= static_cast<size_t>(n);
+    Napi::Buffer<uint8_t> buf = info[1].As<Napi::Buffer<uint8_t>>();
+    if (assembler_ == nullptr) {
+      ThrowError(env, "MessageReader is closed");
+      return Napi::Value();
+    }
+    std::string error;
+    RecvResult r = ReceiveMessage(static_cast<int>(fd), assembler_.get(), &error);
+    if (r == RecvResult::kAgain) return env.Null();
+    Napi::Object result = Napi::Object::New(env);
+    if (r == RecvResult::kEof) {
+      result.Set("length", Napi::Number::New(env, 0));
+      result.Set("fds", Napi::Array::New(env, 0));
+      return result;
+    }
+    if (r == RecvResult::kError) {
+      ThrowError(env, error.c_str());
+      return Napi::Value();
+    }
+    std::vector<int> fds;
+    size_t len = assembler_->length();
+    if (len > buf.Length()) {
+      assembler_->TakeFds(&fds);
+      for (int f : fds) ::close(f);
+      ThrowRangeError(env, "buffer smaller than the message");
+      return Napi::Value();
+    }
+    memcpy(buf.Data(), assembler_->message(), len);
+    assembler_->TakeFds(&fds);
+    Napi::Array arr = Napi::Array::New(env, fds.size());
+    for (size_t i = 0; i < fds.size(); i++) arr.Set(static_cast<uint32_t>(i), Napi::Number::New(env, fds[i]));
+    result.Set("length", Napi::Number::New(env, static_cast<double>(len)));
+    result.Set("fds", arr);
+    return result;
   }
-  return env.Undefined();
-}
+
+  // buffered: bytes of a message not complete yet (0 between messages).
+  Napi::Value Buffered(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), assembler_ == nullptr ? 0 : static_cast<double>(assembler_->buffered()));
+  }
+
+  // pendingRequest: the request code of the message not complete yet once its first 4 bytes
+  // are in (for the log line of a stalled message), else -1.
+  Napi::Value PendingRequest(const Napi::CallbackInfo& info) {
+    uint32_t req;
+    if (assembler_ == nullptr || assembler_->buffered() < sizeof req) return Napi::Number::New(info.Env(), -1);
+    memcpy(&req, assembler_->message(), sizeof req);
+    return Napi::Number::New(info.Env(), req);
+  }
+
+  // close(): drops a partial message and closes its fds; idempotent.
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    assembler_.reset();
+    return info.Env().Undefined();
+  }
+
+  std::unique_ptr<MessageAssembler> assembler_;
+};
 
 }  // namespace
 
@@ -287,7 +262,7 @@ void InitSocket(Napi::Env env, Napi::Object exports) {
   exports.Set("listenUnix", Napi::Function::New(env, ListenUnix, "listenUnix"));
   exports.Set("connectUnix", Napi::Function::New(env, ConnectUnix, "connectUnix"));
   exports.Set("acceptUnix", Napi::Function::New(env, AcceptUnix, "acceptUnix"));
-  exports.Set("recvMessage", Napi::Function::New(env, RecvMessage, "recvMessage"));
+  MessageReader::Init(env, exports);
   exports.Set("sendMessage", Napi::Function::New(env, SendMessage, "sendMessage"));
 }
 

@@ -13,7 +13,7 @@
  */
 import type { Logger } from 'pino';
 import { Disk, hctxOf } from '../block/disk';
-import { MAX_QUEUE_SIZE } from '../native';
+import { MAX_QUEUE_SIZE, native } from '../native';
 import { VirtioBlkQueue } from '../virtqueue/blk-queue';
 import { GuestMemoryMap } from '../virtqueue/guest-memory';
 import { blkConfigSpace, blkFeatures, OFF_WRITEBACK } from './blk-config';
@@ -66,6 +66,12 @@ export class VhostUserBlkDevice {
   private features = 0n;
   private protocolFeatures = 0n;
   private memory: GuestMemoryMap | null = null;
+  /**
+   * Bumped when the front-end goes away (detach) and by reset: a handler that awaited something
+   * checks it before acting, so a message still pending when its connection closed neither
+   * maps memory nor starts a ring afterwards.
+   */
+  private epoch = 0;
   readonly specs: ReadonlyMap<number, MessageSpec>;
   /**
    * Told when the device can no longer serve the front-end (a worker thread was lost with
@@ -123,9 +129,27 @@ export class VhostUserBlkDevice {
     threads?.onLost((e) => this.onFailure?.(e));
   }
 
+  /** True while a memory table is mapped (SET_MEM_TABLE until the next reset). */
+  get hasMemory(): boolean {
+    return this.memory !== null;
+  }
+
   /** True once REPLY_ACK was negotiated. */
   get replyAck(): boolean {
     return hasBit(this.protocolFeatures, ProtocolFeature.REPLY_ACK);
+  }
+
+  /**
+   * The front-end is gone: a handler still pending stops at its next step (throwing
+   * VhostUserError) instead of mapping memory or starting rings. Call reset() once it settled.
+   */
+  detach(): void {
+    this.epoch++;
+  }
+
+  /** Throws if the front-end went away (detach/reset) since `epoch` was read. */
+  private checkEpoch(epoch: number, what: string): void {
+    if (this.epoch !== epoch) throw new VhostUserError(`${what}: the connection closed while it was pending`);
   }
 
   /**
@@ -133,6 +157,7 @@ export class VhostUserBlkDevice {
    * closes eventfds, unmaps guest memory, forgets negotiated features.
    */
   async reset(): Promise<void> {
+    this.epoch++;
     // A ring on a lost worker thread fails to stop: everything else is still reset.
     try {
       await this.stopRings();
@@ -226,6 +251,7 @@ export class VhostUserBlkDevice {
   // --- memory ----------------------------------------------------------------------------
 
   private async setMemTable(msg: Message): Promise<HandlerResult> {
+    const epoch = this.epoch;
     const regions = readMemTable(msg);
     const fds = msg.fds.splice(0);
     let map: GuestMemoryMap;
@@ -240,11 +266,14 @@ export class VhostUserBlkDevice {
       // swap, restart where they stopped. Worker threads map the table themselves.
       const running = this.vrings.filter((r) => r.queue.isRunning);
       for (const r of running) r.base = await r.queue.stop();
+      this.checkEpoch(epoch, 'new table');
       await this.releaseMemory();
+      this.checkEpoch(epoch, 'new table');
       this.memory = map;
       if (this.threads !== null) await this.threads.mapMemory(regions, fds);
+      this.checkEpoch(epoch, 'new table'); // reset() unmaps what was mapped meanwhile
       this.log.info({ regions: regions.length, bytes: map.size }, 'guest memory mapped');
-      for (const r of running) await this.startRing(r);
+      for (const r of running) await this.startRing(r, epoch);
     } catch (e) {
       if (this.memory !== map) map.release(); // failed before the new table was taken
       throw new VhostUserError(`SET_MEM_TABLE: ${(e as Error).message}`);
@@ -296,9 +325,11 @@ export class VhostUserBlkDevice {
   }
 
   private async getVringBase(msg: Message): Promise<HandlerResult> {
+    const epoch = this.epoch;
     const { index } = readVringState(msg);
     const r = this.ring(index, 'GET_VRING_BASE');
     if (r.queue.isRunning) r.base = await r.queue.stop();
+    this.checkEpoch(epoch, 'GET_VRING_BASE');
     r.closeFds();
     const reply = Buffer.alloc(8);
     reply.writeUInt32LE(index, 0);
@@ -310,17 +341,21 @@ export class VhostUserBlkDevice {
     const f = readVringFile(msg);
     const r = this.ring(f.index, 'SET_VRING_KICK');
     if (f.noFd) throw new VhostUserError('SET_VRING_KICK without an fd: polling mode is not supported');
+    requireEventfd(msg, 'SET_VRING_KICK');
+    const epoch = this.epoch;
     // A running ring moves to the new kick fd: stopped first (its watcher holds the old one).
     if (r.queue.isRunning) r.base = await r.queue.stop();
+    this.checkEpoch(epoch, 'SET_VRING_KICK'); // the fd stays in msg: the connection closes it
     r.setKickFd(msg.fds[0]);
     msg.fds.length = 0;
-    await this.startRing(r);
+    await this.startRing(r, epoch);
     return undefined;
   }
 
   private async setVringCall(msg: Message): Promise<HandlerResult> {
     const f = readVringFile(msg);
     const r = this.ring(f.index, 'SET_VRING_CALL');
+    if (!f.noFd) requireEventfd(msg, 'SET_VRING_CALL');
     const fd = f.noFd ? -1 : msg.fds[0];
     msg.fds.length = 0;
     await r.setCallFd(fd);
@@ -330,6 +365,7 @@ export class VhostUserBlkDevice {
   private setVringErr(msg: Message): HandlerResult {
     const f = readVringFile(msg);
     const r = this.ring(f.index, 'SET_VRING_ERR');
+    if (!f.noFd) requireEventfd(msg, 'SET_VRING_ERR');
     r.setErrFd(f.noFd ? -1 : msg.fds[0]);
     msg.fds.length = 0;
     return undefined;
@@ -348,7 +384,9 @@ export class VhostUserBlkDevice {
     return hasBit(this.features, Feature.VHOST_USER_PROTOCOL_FEATURES) ? r.enabled : true;
   }
 
-  private async startRing(r: Vring): Promise<void> {
+  /** Starts ring r, unless the front-end went away since `epoch` (then throws VhostUserError). */
+  private async startRing(r: Vring, epoch: number): Promise<void> {
+    this.checkEpoch(epoch, `ring ${r.index} start`);
     if (this.memory === null) throw new VhostUserError(`ring ${r.index} started before SET_MEM_TABLE`);
     if (r.num === 0 || r.addr === null) throw new VhostUserError(`ring ${r.index} started before its size and addresses were set`);
     try {
@@ -387,6 +425,17 @@ export class VhostUserBlkDevice {
     }
     if (failure !== null) throw failure;
   }
+}
+
+/**
+ * Kick, call and err fds must be eventfds (vhost-user.rst, "SET_VRING_KICK"): the rings read
+ * and write them as 8-byte counters, and a pipe, FIFO, socket or file could block or spin the
+ * thread. Throws VhostUserError naming the message and the fd's kind (the connection then
+ * closes the message's fds and disconnects).
+ */
+function requireEventfd(msg: Message, name: string): void {
+  const kind = native.fdKind(msg.fds[0]);
+  if (kind !== 'eventfd') throw new VhostUserError(`${name}: expected an eventfd, got an fd of kind ${kind}`);
 }
 
 function u64(v: bigint): Buffer {

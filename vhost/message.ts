@@ -4,7 +4,7 @@
  * disconnects (vhost-user.rst gives no way to reject a malformed message otherwise).
  */
 import type { MemRegion } from '../virtqueue/guest-memory';
-import { HEADER_SIZE, MAX_MEM_REGIONS, VRING_IDX_MASK, VRING_NOFD_MASK, requestName } from './protocol';
+import { FLAG_VERSION, FLAG_VERSION_MASK, HEADER_SIZE, MAX_MEM_REGIONS, VRING_IDX_MASK, VRING_NOFD_MASK, requestName } from './protocol';
 
 export class MessageError extends Error {
   constructor(message: string) {
@@ -86,11 +86,17 @@ export function readVringAddr(msg: Message): VringAddr {
   };
 }
 
+/**
+ * SET_VRING_KICK/CALL/ERR: a u64 whose bits 0-7 are the ring index and bit 8 the invalid-fd
+ * flag; every other bit is reserved and refused (vhost-user.rst "SET_VRING_KICK"). One fd rides
+ * along unless the flag is set.
+ */
 export function readVringFile(msg: Message): VringFile {
-  const v = Number(readU64(msg) & 0xffffn);
-  if ((v & ~(VRING_IDX_MASK | VRING_NOFD_MASK)) !== 0) {
-    throw new MessageError(`${requestName(msg.request)}: unknown bits in 0x${v.toString(16)}`);
+  const raw = readU64(msg);
+  if ((raw & ~BigInt(VRING_IDX_MASK | VRING_NOFD_MASK)) !== 0n) {
+    throw new MessageError(`${requestName(msg.request)}: reserved bits set in 0x${raw.toString(16)} (only bits 0-8 are defined)`);
   }
+  const v = Number(raw);
   const noFd = (v & VRING_NOFD_MASK) !== 0;
   const expectedFds = noFd ? 0 : 1;
   if (msg.fds.length !== expectedFds) {
@@ -130,6 +136,27 @@ export function readConfigAccess(msg: Message): ConfigAccess {
     throw new MessageError(`${requestName(msg.request)}: size field ${size} does not match the ${p.length - 12} bytes sent`);
   }
   return { offset, size, flags: p.readUInt32LE(8), data: p.subarray(12) };
+}
+
+export interface Header {
+  request: number;
+  flags: number;
+  /** Payload size in bytes. */
+  size: number;
+}
+
+/**
+ * The header at buf[0..12) (vhost-user.rst "Message format": u32 request, u32 flags, u32 size).
+ * @throws MessageError when buf is shorter than a header or the version (flags bits 0-1) is not 1
+ */
+export function readHeader(buf: Buffer): Header {
+  if (buf.length < HEADER_SIZE) throw new MessageError(`message of ${buf.length} bytes is shorter than its ${HEADER_SIZE}-byte header`);
+  const request = buf.readUInt32LE(0);
+  const flags = buf.readUInt32LE(4);
+  if ((flags & FLAG_VERSION_MASK) !== FLAG_VERSION) {
+    throw new MessageError(`${requestName(request)}: header version ${flags & FLAG_VERSION_MASK}, expected ${FLAG_VERSION}`);
+  }
+  return { request, flags, size: buf.readUInt32LE(8) };
 }
 
 /** Writes a header into buf[0..12). */

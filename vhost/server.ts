@@ -9,6 +9,7 @@ import type { Logger } from 'pino';
 import { native, NativeFdWatcher, SyscallError } from '../native';
 import type { VhostUserBlkDevice } from './blk-device';
 import { VhostUserConnection } from './connection';
+import { DEFAULT_SOCKET_MODE, parseSocketMode, resolveSocketGroup } from './socket-options';
 
 const ECONNREFUSED = 111;
 
@@ -26,17 +27,27 @@ export class VhostUserServer {
     return this.connection !== null && !this.connection.isClosing;
   }
 
+  /**
+   * @param access the socket's permission bits (`socket_mode`: number or octal string; default
+   *   0600) and group (`socket_group`: name or gid; '' keeps the daemon's group)
+   */
   constructor(
     readonly socketPath: string,
     readonly device: VhostUserBlkDevice,
     private readonly log: Logger,
+    private readonly access: { mode?: number | string; group?: number | string } = {},
   ) {}
 
   /**
-   * Binds and listens. A stale socket file (nobody listening) is replaced.
-   * @throws Error if the path is a live socket or not a socket; SyscallError from bind/listen.
+   * Binds and listens. A stale socket file (nobody listening) is replaced. The socket gets its
+   * mode and group before it listens and before it is renamed into place, so it never exists at
+   * its path with the umask's mode.
+   * @throws Error if the path is a live socket or not a socket, or the group is unknown;
+   *   RangeError for a bad mode; SyscallError from bind/chown/chmod/listen.
    */
   listen(): void {
+    const mode = parseSocketMode(this.access.mode ?? DEFAULT_SOCKET_MODE);
+    const gid = resolveSocketGroup(this.access.group ?? '');
     removeStaleSocket(this.socketPath);
     // Bind and listen under a temporary name, then rename: once the path exists, connecting
     // works (a client never sees a bound socket that is not listening yet).
@@ -46,7 +57,7 @@ export class VhostUserServer {
     } catch {
       // none left over
     }
-    this.listenFd = native.listenUnix(tmp);
+    this.listenFd = native.listenUnix(tmp, mode, gid);
     try {
       fs.renameSync(tmp, this.socketPath);
     } catch (e) {
@@ -57,7 +68,7 @@ export class VhostUserServer {
     }
     this.watcher = new native.FdWatcher(this.listenFd, () => this.onAcceptable(), false);
     this.watcher.start();
-    this.log.info({ socket: this.socketPath }, 'listening');
+    this.log.info({ socket: this.socketPath, mode: `0${mode.toString(8)}`, gid: gid >= 0 ? gid : undefined }, 'listening');
   }
 
   private onAcceptable(): void {

@@ -4,7 +4,7 @@
  * eventfds, and issues virtio-blk requests through DriverRing. Fully asynchronous, so the
  * back-end may run in the same process.
  */
-import { native, NativeFdWatcher } from '../../native';
+import { native, NativeFdWatcher, NativeMessageReader } from '../../native';
 import { Req } from '../../vhost/protocol';
 import { blkHeader, DriverRing } from './driver-ring';
 import { GuestRam } from './guest-ram';
@@ -35,6 +35,7 @@ export class TestFrontend {
   features = 0n;
   private readonly watcher: NativeFdWatcher;
   private readonly buf = Buffer.alloc(HDR + 4096);
+  private readonly reader: NativeMessageReader = new native.MessageReader(4096);
   private waiting: Array<{ resolve: (r: Reply) => void; reject: (e: Error) => void }> = [];
   closed = false;
   private closedWaiters: Array<() => void> = [];
@@ -50,7 +51,7 @@ export class TestFrontend {
     for (;;) {
       let r;
       try {
-        r = native.recvMessage(this.fd, this.buf);
+        r = this.reader.receive(this.fd, this.buf);
       } catch (e) {
         this.markClosed(e as Error);
         return;
@@ -99,7 +100,16 @@ export class TestFrontend {
     m.writeUInt32LE(flags, 4);
     m.writeUInt32LE(sizeField, 8);
     payload.copy(m, HDR);
-    native.sendMessage(this.fd, m, m.length, fds);
+    this.sendBytes(m, fds);
+  }
+
+  /**
+   * Sends `bytes` as they are (any part of a message, or several), the fds riding on the first
+   * byte: for tests that cut messages at chosen points.
+   */
+  sendBytes(bytes: Buffer, fds: number[] = []): void {
+    const n = native.sendMessage(this.fd, bytes, bytes.length, fds);
+    if (n !== bytes.length) throw new Error(`test front-end: sent ${n} of ${bytes.length} bytes (the back-end does not read)`);
   }
 
   send(request: number, payload: Buffer = Buffer.alloc(0), fds: number[] = [], needReply = false): void {
@@ -276,6 +286,7 @@ export class TestFrontend {
 
   close(): void {
     this.watcher.stop();
+    this.reader.close();
     if (!this.fdClosed) native.close(this.fd);
     this.fdClosed = true;
     this.closed = true;
@@ -288,6 +299,15 @@ export class TestFrontend {
 export function u64(v: bigint): Buffer {
   const b = Buffer.alloc(8);
   b.writeBigUInt64LE(v);
+  return b;
+}
+
+/** A message header: request, flags, payload size (vhost-user.rst "Message format"). */
+export function header(request: number, size: number, flags = 0x1): Buffer {
+  const b = Buffer.alloc(HDR);
+  b.writeUInt32LE(request, 0);
+  b.writeUInt32LE(flags, 4);
+  b.writeUInt32LE(size, 8);
   return b;
 }
 
