@@ -9,6 +9,7 @@
         "native/socket.cc",
         "native/fd_watcher.cc",
         "native/guest_memory.cc",
+        "native/split_ring.cc",
         "native/virtqueue.cc",
         "native/timer.cc",
         "native/page_store.cc"
