@@ -166,7 +166,6 @@ export class BlkRequestParser {
       writable += segs[w + 3] & 1;
     }
     const count = (end - s) / SEGMENT_WORDS;
-    if (bytes > MAX_TRANSFER_BYTES) return this.fail(BlkStatus.IoErr, `data of ${bytes} bytes exceeds ${MAX_TRANSFER_BYTES} per request`);
     switch (type) {
       case BlkType.In:
       case BlkType.Out: {
@@ -175,6 +174,7 @@ export class BlkRequestParser {
           return this.fail(BlkStatus.IoErr, isRead ? 'read data buffer is device-readable' : 'write data buffer is device-writable');
         }
         if (!isRead && this.disk.readOnly) return this.fail(BlkStatus.IoErr, 'write to a read-only disk');
+        if (bytes > MAX_TRANSFER_BYTES) return this.fail(BlkStatus.IoErr, `data of ${bytes} bytes exceeds ${MAX_TRANSFER_BYTES} per request`);
         const lbs = this.disk.logicalBlockSize;
         if (bytes % lbs !== 0) return this.fail(BlkStatus.IoErr, `data length ${bytes} is not a multiple of the ${lbs}-byte block`);
         if (sectorHi > MAX_SECTOR_HI) return this.fail(BlkStatus.IoErr, 'sector beyond the disk');
