@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "errors.h"
@@ -122,6 +123,22 @@ void FdWatcher::OnEnvCleanup(void* arg) {
   if (self->active_) self->ClosePoll();
 }
 
+// One read that cannot block even if the peer, who shares the open file description, cleared
+// O_NONBLOCK again and drained the fd between our wake-up and this read: RWF_NOWAIT where the
+// kernel supports it for this fd (eventfd: Linux 5.x and later), else a plain read (the fd
+// was made O_NONBLOCK by start()).
+ssize_t FdWatcher::ReadNoWait(uint64_t* v) {
+#ifdef RWF_NOWAIT
+  if (!noNowait_) {
+    struct iovec io = {v, sizeof *v};
+    ssize_t n = ::preadv2(fd_, &io, 1, -1, RWF_NOWAIT);
+    if (n >= 0 || errno != EOPNOTSUPP) return n;
+    noNowait_ = true;
+  }
+#endif
+  return ::read(fd_, v, sizeof *v);
+}
+
 void FdWatcher::OnClose(uv_handle_t* handle) { delete reinterpret_cast<uv_poll_t*>(handle); }
 
 void FdWatcher::OnPoll(uv_poll_t* handle, int status, int events) {
@@ -134,7 +151,7 @@ void FdWatcher::OnPoll(uv_poll_t* handle, int status, int events) {
     uint64_t v;
     ssize_t n;
     do {
-      n = ::read(self->fd_, &v, sizeof v);
+      n = self->ReadNoWait(&v);
     } while (n < 0 && errno == EINTR);
     if (n == 0 || (events & UV_DISCONNECT) != 0) {
       status = UV_EOF;

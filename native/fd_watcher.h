@@ -31,10 +31,12 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
   static void OnEnvCleanup(void* arg);
   static void OnPoll(uv_poll_t* handle, int status, int events);
   static void OnClose(uv_handle_t* handle);
+  ssize_t ReadNoWait(uint64_t* v);
 
   int fd_;
   bool drainEventfd_;
   bool active_ = false;
+  bool noNowait_ = false;  // preadv2(RWF_NOWAIT) is not supported for this fd
   uv_poll_t* poll_ = nullptr;
   Napi::FunctionReference callback_;
   Napi::AsyncContext* asyncContext_ = nullptr;
