@@ -11,6 +11,7 @@
         "native/fd_watcher.cc",
         "native/guest_memory.cc",
         "native/vfio.cc",
+        "native/split_ring.cc",
         "native/virtqueue.cc",
         "native/timer.cc",
         "native/page_store.cc"

@@ -1,17 +1,44 @@
 #include "fd_watcher.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "errors.h"
 
 namespace rnull {
 
+int SetFdNonBlocking(int fd, bool on, bool* was) {
+  int fl = ::fcntl(fd, F_GETFL);
+  if (fl < 0) return errno;
+  if (was != nullptr) *was = (fl & O_NONBLOCK) != 0;
+  int want = on ? (fl | O_NONBLOCK) : (fl & ~O_NONBLOCK);
+  if (want != fl && ::fcntl(fd, F_SETFL, want) < 0) return errno;
+  return 0;
+}
+
+// setNonBlocking(fd, on): sets or clears O_NONBLOCK (other file status flags kept) and returns
+// whether it was set before. Note the flag belongs to the open file description, which a
+// passed fd shares with its sender. Throws SyscallError (EBADF...).
+static Napi::Value SetNonBlocking(const Napi::CallbackInfo& info) {
+  int64_t fd;
+  if (!ArgInt(info, 0, "fd", &fd)) return Napi::Value();
+  bool was = false;
+  int e = SetFdNonBlocking(static_cast<int>(fd), info.Length() > 1 && info[1].ToBoolean().Value(), &was);
+  if (e != 0) {
+    ThrowSyscallError(info.Env(), "fcntl", e);
+    return Napi::Value();
+  }
+  return Napi::Boolean::New(info.Env(), was);
+}
+
 void FdWatcher::Init(Napi::Env env, Napi::Object exports) {
   Napi::Function ctor = DefineClass(env, "FdWatcher",
                                     {InstanceMethod<&FdWatcher::Start>("start"), InstanceMethod<&FdWatcher::Stop>("stop")});
   exports.Set("FdWatcher", ctor);
+  exports.Set("setNonBlocking", Napi::Function::New(env, SetNonBlocking, "setNonBlocking"));
 }
 
 FdWatcher::FdWatcher(const Napi::CallbackInfo& info) : Napi::ObjectWrap<FdWatcher>(info) {
@@ -40,6 +67,13 @@ Napi::Value FdWatcher::Start(const Napi::CallbackInfo& info) {
   uv_loop_t* loop = nullptr;
   if (napi_get_uv_event_loop(env, &loop) != napi_ok) {
     ThrowError(env, "no event loop");
+    return Napi::Value();
+  }
+  // Nothing a peer does to this fd may block the thread: reads happen only when poll said so,
+  // but a spurious wake-up (or a peer draining the fd first) must then give EAGAIN.
+  int e = SetFdNonBlocking(fd_, true, nullptr);
+  if (e != 0) {
+    ThrowSyscallError(env, "fcntl", e);
     return Napi::Value();
   }
   poll_ = new uv_poll_t;
@@ -89,22 +123,51 @@ void FdWatcher::OnEnvCleanup(void* arg) {
   if (self->active_) self->ClosePoll();
 }
 
+// One read that cannot block even if the peer, who shares the open file description, cleared
+// O_NONBLOCK again and drained the fd between our wake-up and this read: RWF_NOWAIT where the
+// kernel supports it for this fd (eventfd: Linux 5.x and later), else a plain read (the fd
+// was made O_NONBLOCK by start()).
+ssize_t FdWatcher::ReadNoWait(uint64_t* v) {
+#ifdef RWF_NOWAIT
+  if (!noNowait_) {
+    struct iovec io = {v, sizeof *v};
+    ssize_t n = ::preadv2(fd_, &io, 1, -1, RWF_NOWAIT);
+    if (n >= 0 || errno != EOPNOTSUPP) return n;
+    noNowait_ = true;
+  }
+#endif
+  return ::read(fd_, v, sizeof *v);
+}
+
 void FdWatcher::OnClose(uv_handle_t* handle) { delete reinterpret_cast<uv_poll_t*>(handle); }
 
 void FdWatcher::OnPoll(uv_poll_t* handle, int status, int events) {
   FdWatcher* self = static_cast<FdWatcher*>(handle->data);
   if (!self->active_) return;
-  if (self->drainEventfd_) {
+  if (self->drainEventfd_ && status == 0) {
+    // An eventfd (or timerfd) is never at EOF and never hangs up: a read of 0 bytes, a read
+    // error, or UV_DISCONNECT means the peer gave us something else (a FIFO whose writer went
+    // away stays readable forever). Stop watching and report it instead of spinning.
     uint64_t v;
-    while (::read(self->fd_, &v, sizeof v) < 0 && errno == EINTR) {
+    ssize_t n;
+    do {
+      n = self->ReadNoWait(&v);
+    } while (n < 0 && errno == EINTR);
+    if (n == 0 || (events & UV_DISCONNECT) != 0) {
+      status = UV_EOF;
+    } else if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+      status = -errno;
     }
   }
   Napi::Env env = self->Env();
   Napi::HandleScope scope(env);
-  // Errors (a poll error, or UV_DISCONNECT) are reported as the callback's argument; the JS side
-  // decides (a connection closes, a kick fd is dropped).
-  Napi::Value arg = status < 0 ? Napi::Number::New(env, status) : Napi::Number::New(env, 0);
-  self->callback_.MakeCallback(self->Value(), {arg}, *self->asyncContext_);
+  Napi::Object obj = self->Value();  // held before StopPolling() lets the object go
+  // Errors (a poll error, hang-up or EOF of a drained fd, or UV_DISCONNECT) are reported as the
+  // callback's argument: a negative libuv error code. A drained fd is no longer watched by
+  // then (reported once); for the others the JS side decides (a connection closes).
+  if (status < 0 && self->drainEventfd_) self->StopPolling();
+  Napi::Value arg = Napi::Number::New(env, status < 0 ? status : 0);
+  self->callback_.MakeCallback(obj, {arg}, *self->asyncContext_);
 }
 
 }  // namespace rnull

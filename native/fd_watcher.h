@@ -8,6 +8,10 @@
 
 namespace rnull {
 
+// Sets (on) or clears O_NONBLOCK on fd, keeping its other file status flags; *was (if given)
+// tells whether it was set. Returns 0 or an errno.
+int SetFdNonBlocking(int fd, bool on, bool* was);
+
 class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
  public:
   static void Init(Napi::Env env, Napi::Object exports);
@@ -16,7 +20,10 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
 
  private:
   // new FdWatcher(fd, callback, drainEventfd): with drainEventfd the counter is read (reset)
-  // before callback() runs, so one callback answers any number of kicks.
+  // before callback() runs, so one callback answers any number of kicks. callback(status):
+  // 0, or a negative libuv error code (UV_EOF for a drained fd that hung up or read 0 bytes);
+  // a drained fd is no longer watched once its callback got a non-zero status.
+  // start() sets O_NONBLOCK on fd (other flags kept), so no read can block the thread.
   Napi::Value Start(const Napi::CallbackInfo& info);
   Napi::Value Stop(const Napi::CallbackInfo& info);
   void StopPolling();
@@ -24,10 +31,12 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
   static void OnEnvCleanup(void* arg);
   static void OnPoll(uv_poll_t* handle, int status, int events);
   static void OnClose(uv_handle_t* handle);
+  ssize_t ReadNoWait(uint64_t* v);
 
   int fd_;
   bool drainEventfd_;
   bool active_ = false;
+  bool noNowait_ = false;  // preadv2(RWF_NOWAIT) is not supported for this fd
   uv_poll_t* poll_ = nullptr;
   Napi::FunctionReference callback_;
   Napi::AsyncContext* asyncContext_ = nullptr;

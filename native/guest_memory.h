@@ -51,6 +51,8 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   // Translates the start of [gpa, gpa+len): the piece up to the end of its chunk or of the range.
   // Returns false if gpa is not in guest memory.
   bool Translate(uint64_t gpa, uint64_t len, ChunkRef* out) const;
+  // The mapped regions (empty once unmapped), for the ring walk's own table (split_ring.h).
+  const std::vector<GuestRegion>& regions() const { return regions_; }
 
  private:
   Napi::Value Chunks(const Napi::CallbackInfo& info);

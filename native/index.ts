@@ -42,6 +42,16 @@ export interface VirtqueueConfig {
   info?: Float64Array;
   /** A batch ends after the chain that brings its buffers to this many bytes (0: no limit). */
   batchBytes?: number;
+  /**
+   * Most guest descriptors in one chain (an indirect table's own descriptor not counted; 0: no
+   * limit). A longer chain is chain error 8 (soft: the status byte is still reported).
+   */
+  maxDescriptors?: number;
+  /**
+   * Most bytes in one chain, summed over its descriptors (0: no limit). A larger chain is
+   * chain error 9 (soft). Chains above 2^32 - 1 bytes are refused whatever this says (2.7.4).
+   */
+  maxBytes?: number;
 }
 
 export interface VirtqueueState {
@@ -166,6 +176,11 @@ interface NativeAddon {
    */
   sendMessage(fd: number, buf: Buffer, length: number, fds?: number[]): number;
   FdWatcher: new (fd: number, callback: (status: number) => void, drainEventfd: boolean) => NativeFdWatcher;
+  /**
+   * Sets (on) or clears O_NONBLOCK on fd (other flags kept); returns whether it was set.
+   * The flag is shared with every holder of the same open file description.
+   */
+  setNonBlocking(fd: number, on: boolean): boolean;
   GuestMemory: new (regions: MemoryRegionSpec[]) => NativeGuestMemory;
   Virtqueue: new () => NativeVirtqueue;
   Timer: new () => NativeTimer;

@@ -3,19 +3,22 @@
  * and the feature bits that describe it (5.2.3). Built once per disk; GET_CONFIG serves slices.
  */
 import type { Disk } from '../block/disk';
-import { MAX_DISCARD_SECTORS, MAX_DISCARD_SEG } from '../virtqueue/blk-request';
+import { MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_MAX, SIZE_MAX_BYTES } from '../virtqueue/blk-request';
 import { bit, Feature } from './protocol';
 
 /** Size of the config space served (the struct is 96 bytes with the zoned fields; rest reads 0). */
 export const CONFIG_SPACE_BYTES = 256;
 /**
- * seg_max: data segments per request. With header and status that is 128 descriptors, each of
- * which can split in two at a memory region edge: within native MAX_SEGMENTS (256).
+ * seg_max: data descriptors per request; size_max: bytes per data descriptor. Defined (and why
+ * these values) in virtqueue/blk-request.ts, where they are enforced. With header and status a
+ * request has at most 128 descriptors, each of which can split in two at a memory region edge:
+ * within native MAX_SEGMENTS (256).
  */
-export const SEG_MAX = 126;
+export { SEG_MAX, SIZE_MAX_BYTES };
 
 /** Field offsets in struct virtio_blk_config. */
 const OFF_CAPACITY = 0;
+const OFF_SIZE_MAX = 8;
 const OFF_SEG_MAX = 12;
 const OFF_BLK_SIZE = 20;
 const OFF_PHYSICAL_BLOCK_EXP = 24;
@@ -36,6 +39,7 @@ export function blkFeatures(disk: Disk): bigint {
     bit(Feature.VERSION_1) |
     bit(Feature.RING_EVENT_IDX) |
     bit(Feature.RING_INDIRECT_DESC) |
+    bit(Feature.BLK_SIZE_MAX) |
     bit(Feature.BLK_SEG_MAX) |
     bit(Feature.BLK_BLK_SIZE) |
     bit(Feature.BLK_TOPOLOGY) |
@@ -52,7 +56,8 @@ export function blkFeatures(disk: Disk): bigint {
 export function blkConfigSpace(disk: Disk, numQueues: number): Buffer {
   const c = Buffer.alloc(CONFIG_SPACE_BYTES);
   c.writeBigUInt64LE(BigInt(disk.capacitySectors), OFF_CAPACITY); // 512-byte sectors
-  c.writeUInt32LE(SEG_MAX, OFF_SEG_MAX);
+  c.writeUInt32LE(SIZE_MAX_BYTES, OFF_SIZE_MAX); // bytes per data descriptor
+  c.writeUInt32LE(SEG_MAX, OFF_SEG_MAX); // data descriptors per request
   c.writeUInt32LE(disk.logicalBlockSize, OFF_BLK_SIZE); // bytes
   c.writeUInt8(0, OFF_PHYSICAL_BLOCK_EXP); // physical block = logical block
   c.writeUInt16LE(1, OFF_MIN_IO_SIZE); // in logical blocks

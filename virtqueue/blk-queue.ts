@@ -21,7 +21,7 @@ import type { Request } from '../block/request';
 import { BATCH_WORDS, MAX_SEGMENTS, native, NativeFdWatcher, NativeVirtqueue, SEGMENT_WORDS } from '../native';
 import type { QueueSnapshot, RingQueue, VringSetup } from './ring-queue';
 
-import { BlkRequestParser, ParseOutcome, serialId } from './blk-request';
+import { BlkRequestParser, MAX_CHAIN_BYTES, MAX_CHAIN_DESCRIPTORS, ParseOutcome, serialId } from './blk-request';
 import type { GuestMemoryMap } from './guest-memory';
 
 /**
@@ -54,6 +54,8 @@ const CHAIN_ERRORS = [
   'descriptor loop',
   'next index outside the table',
   'bad indirect descriptor',
+  'more descriptors than seg_max allows',
+  'more bytes than a request may transfer',
 ];
 
 export interface QueueStats {
@@ -202,6 +204,8 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
       used: this.used,
       info: this.info,
       batchBytes: BATCH_BYTES,
+      maxDescriptors: MAX_CHAIN_DESCRIPTORS,
+      maxBytes: MAX_CHAIN_BYTES,
     });
     this.vq.setCallFd(setup.callFd);
     this.vq.setPolling(setup.pollUs * 1000);
@@ -389,12 +393,19 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
     }
   }
 
+  /**
+   * A chain native pop() refused. Soft errors (the chain's structure held: codes 1-4, 8, 9)
+   * report the status byte as the one segment when the last descriptor is device-writable:
+   * the request fails with IOERR there. Hard errors (5-7: loop, bad next index, bad indirect)
+   * report none: nothing is written and the head returns with used length 0 (a device MUST
+   * NOT write to a device-readable buffer, VIRTIO 1.2 section 2.7.4.1).
+   */
   private badChain(head: number, base: number, nseg: number, code: number): void {
     this.stats.badChains++;
     this.noise(head, CHAIN_ERRORS[code] ?? `chain error ${code}`);
-    if (nseg === 1) {
-      // The status byte could still be located: fail the request with IOERR.
-      this.finish(head, this.segments[base], this.segments[base + 1], BlkStatus.IoErr, 1);
+    const soft = code <= 4 || code === 8 || code === 9;
+    if (soft && nseg === 1 && (this.segments[base + 3] & 1) !== 0) {
+      this.finish(head, this.segments[base], this.segments[base + 1] + this.segments[base + 2] - 1, BlkStatus.IoErr, 1);
     } else {
       this.addUsed(head, 0);
     }

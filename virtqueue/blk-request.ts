@@ -29,6 +29,26 @@ export const MAX_DISCARD_SECTORS = 262144; // 128 MiB per request
 const DWZ_SEGMENT_BYTES = 16; // struct virtio_blk_discard_write_zeroes
 const DWZ_FLAG_UNMAP = 1;
 
+/**
+ * Request size limits, advertised in the config space (5.2.4) and enforced per chain (native
+ * pop() counts guest descriptors and bytes before any buffer is translated; parse() checks the
+ * data bytes again): SEG_MAX data descriptors (seg_max; with the header and status descriptors
+ * that is 128, QEMU's own virtio-blk/vhost-user-blk default), each at most SIZE_MAX_BYTES
+ * (size_max, VIRTIO_BLK_F_SIZE_MAX), so a request moves at most MAX_TRANSFER_BYTES =
+ * SEG_MAX * SIZE_MAX_BYTES = 31.5 MiB: a guest that honours both limits can never exceed it,
+ * a Linux guest's largest request by default (max_sectors_kb 1280 to 4096) is far below it, and
+ * it bounds the work one request can make a thread do (a zero-fill of 31.5 MiB is a few ms) and
+ * keeps every used length far below 2^32. 256 KiB keeps single-descriptor 128 KiB requests
+ * (the bench's largest) in one descriptor.
+ */
+export const SEG_MAX = 126;
+export const SIZE_MAX_BYTES = 256 * 1024;
+export const MAX_TRANSFER_BYTES = SEG_MAX * SIZE_MAX_BYTES;
+/** Per chain, as native pop() counts them: the data descriptors plus a header and a status one. */
+export const MAX_CHAIN_DESCRIPTORS = SEG_MAX + 2;
+/** Per chain: the data plus a 16-byte header and a status byte (any layout, 2.7.4.4). */
+export const MAX_CHAIN_BYTES = MAX_TRANSFER_BYTES + 16 + 1;
+
 /** Length of the GET_ID answer (VIRTIO_BLK_ID_BYTES). */
 export const BLK_ID_BYTES = 20;
 const HEADER_BYTES = 16;
@@ -154,6 +174,7 @@ export class BlkRequestParser {
           return this.fail(BlkStatus.IoErr, isRead ? 'read data buffer is device-readable' : 'write data buffer is device-writable');
         }
         if (!isRead && this.disk.readOnly) return this.fail(BlkStatus.IoErr, 'write to a read-only disk');
+        if (bytes > MAX_TRANSFER_BYTES) return this.fail(BlkStatus.IoErr, `data of ${bytes} bytes exceeds ${MAX_TRANSFER_BYTES} per request`);
         const lbs = this.disk.logicalBlockSize;
         if (bytes % lbs !== 0) return this.fail(BlkStatus.IoErr, `data length ${bytes} is not a multiple of the ${lbs}-byte block`);
         if (sectorHi > MAX_SECTOR_HI) return this.fail(BlkStatus.IoErr, 'sector beyond the disk');
