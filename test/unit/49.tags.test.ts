@@ -59,13 +59,14 @@ describe('Service: shared_tags, nr_devices, submit_queues', () => {
       await a.setup();
       await b.setup();
       expect(svc.disks[0].disk.tagSet).toBe(svc.disks[1].disk.tagSet);
+      const t0 = native.monotonicNs();
       a.offerReads(2);
       await until(() => svc.disks[0].disk.hwQueues[0].inFlight === 2, 'a holds both tags');
-      const t0 = native.monotonicNs();
       b.offerReads(1);
       await b.waitUsedIdx(0, 1, 3000);
-      // b's request had to wait for a's (100 ms timers) to free a tag, then took 100 ms itself.
-      expect((native.monotonicNs() - t0) / 1e6).toBeGreaterThan(150);
+      // b's request had to wait for a's (100 ms timers, never early) to free a tag, then took
+      // 100 ms itself: at least 200 ms after a's were offered, however late this thread looks.
+      expect((native.monotonicNs() - t0) / 1e6).toBeGreaterThan(195);
     } finally {
       a.close();
       b.close();
@@ -75,7 +76,8 @@ describe('Service: shared_tags, nr_devices, submit_queues', () => {
 
   test('without shared_tags the same two disks do not wait for each other', async () => {
     const cfgFile = path.join(dir, 'own.json');
-    fs.writeFileSync(cfgFile, JSON.stringify({ disks: [base({ socket: path.join(dir, 'c.sock') }), base({ socket: path.join(dir, 'd.sock') })] }));
+    // c's requests take 1 s: a wide window in which d's must already be in flight.
+    fs.writeFileSync(cfgFile, JSON.stringify({ disks: [base({ socket: path.join(dir, 'c.sock'), completion_nsec: 1_000_000_000 }), base({ socket: path.join(dir, 'd.sock') })] }));
     const svc = new Service(loadConfig(cfgFile, {}).disks, pino({ level: 'silent' }));
     await svc.start();
     const [a, b] = [new TestFrontend(path.join(dir, 'c.sock')), new TestFrontend(path.join(dir, 'd.sock'))];
@@ -84,10 +86,11 @@ describe('Service: shared_tags, nr_devices, submit_queues', () => {
       await b.setup();
       a.offerReads(2);
       await until(() => svc.disks[0].disk.hwQueues[0].inFlight === 2, 'a busy');
-      const t0 = native.monotonicNs();
       b.offerReads(1);
+      // b's request is in flight while a still holds both of its tags (a's end 1 s later).
+      await until(() => svc.disks[1].disk.hwQueues[0].inFlight === 1, 'b in flight');
+      expect(svc.disks[0].disk.hwQueues[0].inFlight).toBe(2);
       await b.waitUsedIdx(0, 1, 3000);
-      expect((native.monotonicNs() - t0) / 1e6).toBeLessThan(150);
     } finally {
       a.close();
       b.close();
