@@ -66,8 +66,10 @@ function runNative(o) {
       throw new Error(`fuzz target ${name} failed (exit ${r.status}) after ${runs} inputs`);
     }
     const seconds = (Date.now() - t0) / 1000;
-    process.stdout.write(`fuzz: ${name}: ${runs} inputs in ${seconds.toFixed(1)} s, no finding\n`);
-    results.push({ name, runs, seconds });
+    // A target may print what its inputs held at exit (chains walked, messages delivered).
+    const summary = out.split('\n').find((l) => /^\w+: \d+ (chains|messages)\b/.test(l)) || '';
+    process.stdout.write(`fuzz: ${name}: ${runs} inputs in ${seconds.toFixed(1)} s, no finding${summary ? ` (${summary.trim()})` : ''}\n`);
+    results.push({ name, runs, seconds, summary: summary.trim() });
   }
   return results;
 }
