@@ -234,6 +234,14 @@ function finish(p: Pending, c: Completion): void {
   else p.resolve(c);
 }
 
+/** A bare I/O queue pair (createIoQueuePair). */
+export interface IoQueuePair<T> {
+  qp: QueuePair<T>;
+  /** The MSI-X eventfd of its vector (interrupt mode), else undefined. */
+  eventfd: number | undefined;
+  ring: { sq: DmaRegion; cq: DmaRegion };
+}
+
 export interface NvmeControllerOptions {
   /** PCI address, e.g. 0000:00:04.0 (bound to vfio-pci). */
   bdf: string;
@@ -269,6 +277,7 @@ export class NvmeController {
   readonly regs: RegisterIo;
   private readonly eventfds: number[] = [];
   private readonly ioQueues = new Map<number, CommandQueue>();
+  private readonly rawQueues = new Map<number, IoQueuePair<unknown>>();
   private identifyBuf!: DmaRegion;
   private readonly log: LogFn;
   private readonly adminTimeoutMs: number;
@@ -417,8 +426,29 @@ export class NvmeController {
    * been wired at open (interrupts on, qid < vectors).
    */
   async createIoQueue(qid: number, entries: number, mode: CompletionMode): Promise<CommandQueue> {
-    if (!Number.isInteger(qid) || qid < 1 || qid > this.grantedIoQueues) throw new RangeError(`I/O queue id ${qid} not in 1..${this.grantedIoQueues}`);
     if (this.ioQueues.has(qid)) throw new Error(`I/O queue ${qid} exists already`);
+    const { sq, cq } = await this.createQueues(qid, entries, mode);
+    const q = new CommandQueue(this.queuePair(qid, entries, sq, cq), mode, { sq, cq }, mode === 'interrupt' ? this.eventfds[qid] : undefined, this.log);
+    this.ioQueues.set(qid, q);
+    return q;
+  }
+
+  /**
+   * createIoQueue for a driver's data path: the bare queue pair (contexts of type T, completions
+   * reaped by the caller), its MSI-X eventfd in interrupt mode, and its ring memory. Deleted by
+   * deleteIoQueue(qid) or shutdown.
+   */
+  async createIoQueuePair<T>(qid: number, entries: number, mode: CompletionMode): Promise<IoQueuePair<T>> {
+    if (this.ioQueues.has(qid) || this.rawQueues.has(qid)) throw new Error(`I/O queue ${qid} exists already`);
+    const { sq, cq } = await this.createQueues(qid, entries, mode);
+    const q: IoQueuePair<T> = { qp: this.queuePair<T>(qid, entries, sq, cq), eventfd: mode === 'interrupt' ? this.eventfds[qid] : undefined, ring: { sq, cq } };
+    this.rawQueues.set(qid, q as IoQueuePair<unknown>);
+    return q;
+  }
+
+  /** Create I/O CQ then SQ `qid`, in fresh DMA memory. */
+  private async createQueues(qid: number, entries: number, mode: CompletionMode): Promise<{ sq: DmaRegion; cq: DmaRegion }> {
+    if (!Number.isInteger(qid) || qid < 1 || qid > this.grantedIoQueues) throw new RangeError(`I/O queue id ${qid} not in 1..${this.grantedIoQueues}`);
     if (!Number.isInteger(entries) || entries < 2 || entries > Math.min(this.cap.maxQueueEntries, 4097)) {
       throw new RangeError(`I/O queue size ${entries} not in 2..${Math.min(this.cap.maxQueueEntries, 4097)}`);
     }
@@ -438,17 +468,16 @@ export class NvmeController {
       this.dma.free(cq);
       throw err;
     }
-    const q = new CommandQueue(this.queuePair(qid, entries, sq, cq), mode, { sq, cq }, mode === 'interrupt' ? this.eventfds[qid] : undefined, this.log);
-    this.ioQueues.set(qid, q);
-    return q;
+    return { sq, cq };
   }
 
   /** Deletes I/O queue pair `qid` (SQ first, then CQ) and frees its memory. */
   async deleteIoQueue(qid: number): Promise<void> {
-    const q = this.ioQueues.get(qid);
+    const q = this.ioQueues.get(qid) ?? this.rawQueues.get(qid);
     if (q === undefined) return;
     this.ioQueues.delete(qid);
-    q.close();
+    this.rawQueues.delete(qid);
+    if (q instanceof CommandQueue) q.close();
     try {
       await this.adminCommand(deleteIoSq(qid), `Delete I/O SQ ${qid}`);
       await this.adminCommand(deleteIoCq(qid), `Delete I/O CQ ${qid}`);
@@ -465,7 +494,7 @@ export class NvmeController {
    */
   async shutdown(): Promise<number> {
     try {
-      for (const qid of [...this.ioQueues.keys()]) {
+      for (const qid of [...this.ioQueues.keys(), ...this.rawQueues.keys()]) {
         await this.deleteIoQueue(qid).catch((err: Error) => this.log('warn', `${this.bdf}: ${err.message}`));
       }
       const t = performance.now();
@@ -492,6 +521,7 @@ export class NvmeController {
     this.closed = true;
     for (const q of this.ioQueues.values()) q.close();
     this.ioQueues.clear();
+    this.rawQueues.clear();
     this.admin?.close();
     try {
       this.dev.close();
@@ -501,11 +531,11 @@ export class NvmeController {
     }
   }
 
-  private queuePair(qid: number, entries: number, sq: DmaRegion, cq: DmaRegion): QueuePair<Pending> {
+  private queuePair<T = Pending>(qid: number, entries: number, sq: DmaRegion, cq: DmaRegion): QueuePair<T> {
     const stride = this.cap.doorbellStride;
     const sqDb = sqTailDoorbell(qid, stride);
     const cqDb = cqHeadDoorbell(qid, stride);
-    return new QueuePair<Pending>({
+    return new QueuePair<T>({
       qid,
       entries,
       sq: sq.bytes,

@@ -133,6 +133,10 @@ class FakeNvme implements NativeVfioDevice {
   dmaFree(id: number): void {
     this.blocks.delete(id);
   }
+  dmaMapGuest(): number {
+    throw new Error('not emulated');
+  }
+  dmaUnmapGuest(): void {}
   setMsix(fds: number[]): void {
     this.events.push(`setMsix(${fds.length})`);
     this.msix = fds;
