@@ -76,6 +76,7 @@ function buildCli(run: (o: CliOptions) => Promise<void>): Command {
   };
   ctl.command('disks').description('list the disks').action(() => call({ list_disks: {} }));
   ctl.command('drop-cache <disk>').description('lose the write cache\'s unflushed data, as a power failure would').action((disk: string) => call({ drop_cache: { disk } }));
+  ctl.command('reset <disk>').description('driver nvme: reset the disk\'s controller (requests in flight are resubmitted)').action((disk: string) => call({ reset_controller: { disk } }));
   ctl.command('stats <disk>').description('per-queue counters of a disk').action((disk: string) => call({ get_stats: { disk } }));
   ctl
     .command('badblocks <disk> [action] [range]')

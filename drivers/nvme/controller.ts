@@ -193,6 +193,15 @@ export class CommandQueue {
     }
   }
 
+  /** Fails every command in flight (their completions, if any come, are dropped as stale). */
+  failOutstanding(why: string): void {
+    for (const { cid, ctx } of this.qp.outstanding()) {
+      this.qp.abandon(cid);
+      clearTimeout(ctx.timer);
+      ctx.reject(new Error(`${ctx.what}: ${why}`));
+    }
+  }
+
   /** Stops the completion source and fails what is in flight. */
   close(): void {
     if (this.closed) return;
@@ -470,6 +479,41 @@ export class NvmeController {
     }
     return { sq, cq };
   }
+
+  /**
+   * Controller reset (1.4, 7.3.2 "Controller Level Reset"), for the timeout ladder and `rnull
+   * ctl`: CC.EN=0 and wait for RDY=0 (bounded by CAP.TO; from then on the controller does no
+   * more DMA for the old commands), then `whileDisabled()` (the caller requeues or fails what
+   * was outstanding), then the admin queue from empty at the same memory, CC.EN=1, Number of
+   * Queues, and every bare I/O queue pair (createIoQueuePair) created again at the same memory
+   * and vector. MSI-X stays on throughout (QEMU 7.2 needs it on at CC.EN). Throws if the
+   * controller does not come back (gone, fatal, a command failing); it is then unusable.
+   */
+  async reset(whileDisabled: () => void): Promise<void> {
+    this.admin.failOutstanding('controller reset');
+    const cc = this.regs.read32(Reg.CC);
+    this.regs.write32(Reg.CC, (cc & ~CC_EN) >>> 0);
+    await this.waitReady(false, 'reset: disable');
+    for (const q of this.rawQueues.values()) q.qp.resetRing(q.ring.cq.bytes);
+    whileDisabled();
+    this.admin.qp.resetRing(this.admin.ring.cq.bytes);
+    this.write64(Reg.ASQ, this.admin.ring.sq.iova);
+    this.write64(Reg.ACQ, this.admin.ring.cq.iova);
+    this.regs.write32(Reg.CC, (cc | CC_EN) >>> 0);
+    await this.waitReady(true, 'reset: enable');
+    const c = await this.adminCommand(setNumberOfQueues(this.grantedIoQueues, this.grantedIoQueues), 'Set Features Number of Queues');
+    const g = grantedQueues(c.dw0);
+    if (Math.min(g.sq, g.cq) < this.grantedIoQueues) throw new Error(`${this.bdf}: after reset the controller grants ${Math.min(g.sq, g.cq)} I/O queue pairs, fewer than before`);
+    for (const [qid, q] of this.rawQueues) {
+      await this.adminCommand(createIoCq(qid, q.qp.entries, q.ring.cq.iova, q.eventfd !== undefined ? qid : null), `Create I/O CQ ${qid}`);
+      await this.adminCommand(createIoSq(qid, q.qp.entries, q.ring.sq.iova, qid), `Create I/O SQ ${qid}`);
+    }
+    this.resets++;
+    this.log('info', `${this.bdf}: controller reset done`);
+  }
+
+  /** Controller resets done. */
+  resets = 0;
 
   /** Deletes I/O queue pair `qid` (SQ first, then CQ) and frees its memory. */
   async deleteIoQueue(qid: number): Promise<void> {

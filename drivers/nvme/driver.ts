@@ -13,9 +13,11 @@
  * queue pair completes by its MSI-X eventfd (default) or by a poll loop (setImmediate) while
  * commands are in flight.
  *
- * A request whose chain cannot be described by PRPs even when cut (a block straddling an
- * unaligned junction, or a data address that is not dword aligned) fails with IOERR and is
- * counted (`unaligned`); bounce buffers are not implemented yet.
+ * Where no cut helps (a block straddling an unaligned junction, or a data address that is not
+ * dword aligned) the next command goes through a bounce buffer (counted in `bounces`): one of
+ * BOUNCE_SLOTS per queue pair, each one transfer (MDTS) long, allocated at open; the guest data
+ * is copied in before a write and out after a read. A request finding no free slot waits like
+ * one finding no free command id.
  *
  * virtio-blk requests: IN/OUT -> Read/Write, FLUSH -> Flush (answered at once without a
  * volatile write cache), DISCARD -> Dataset Management (deallocate; its range in the command's
@@ -27,7 +29,7 @@ import { BlkStatus, ReqOp, type Operations } from '../../block/operations';
 import type { Request } from '../../block/request';
 import { MAX_QUEUE_SIZE, native, type NativeFdWatcher, type NativeGuestMemory } from '../../native/index';
 import { vfioConstants } from '../../native/vfio';
-import { NvmOpcode } from './command';
+import { AdminOpcode, NvmOpcode } from './command';
 import type { DmaRegion, IoQueuePair, LogFn, NvmeController } from './controller';
 import type { IdentifyNamespace } from './identify';
 import { PRP_LIST_ENTRIES, PRP_PAGE, PrpBuilder } from './prp';
@@ -39,6 +41,10 @@ const WZ_MAX_BLOCKS = 65536;
 const DSM_MAX_BLOCKS = 0xffffffff;
 const DSM_ATTR_DEALLOCATE = 1 << 2;
 const WZ_DEAC = 1 << 25;
+/** Bounce buffers per queue pair. */
+export const BOUNCE_SLOTS = 4;
+/** Controller resets a request goes through before it fails with IOERR. */
+export const MAX_RETRIES = 3;
 
 /** Counters of one I/O queue pair (`rnull ctl stats`). */
 export interface NvmeQueueStats {
@@ -48,8 +54,8 @@ export interface NvmeQueueStats {
   commands: number;
   /** Extra commands because a request was cut (PRP-incompatible junction or transfer limit). */
   splits: number;
-  /** Requests failed because their chain cannot be described with PRPs (no bounce buffer yet). */
-  unaligned: number;
+  /** Requests failed because their guest memory is not mapped for DMA. */
+  unmapped: number;
   /** Requests that waited for a free command id. */
   waits: number;
   /** Commands that completed with an error status. */
@@ -60,11 +66,12 @@ export interface NvmeQueueStats {
   interrupts: number;
   /** Requests timed out. */
   timeouts: number;
-  /** Bounce-buffered requests (always 0 for now). */
+  /** Commands sent through a bounce buffer (chains PRPs cannot describe even when cut). */
   bounces: number;
-  /** Aborts sent and controller resets (timeout ladder; always 0 for now). */
+  /** Aborts sent (timeout ladder), controller resets seen, requests resubmitted after a reset. */
   aborts: number;
   resets: number;
+  retries: number;
 }
 
 /** One hardware queue's NVMe state. */
@@ -73,7 +80,7 @@ class IoQueue {
   readonly prp: PrpBuilder;
   readonly list: Uint32Array;
   readonly listIova: number;
-  readonly stats: NvmeQueueStats = { requests: 0, commands: 0, splits: 0, unaligned: 0, waits: 0, errors: 0, late: 0, interrupts: 0, timeouts: 0, bounces: 0, aborts: 0, resets: 0 };
+  readonly stats: NvmeQueueStats = { requests: 0, commands: 0, splits: 0, unmapped: 0, waits: 0, errors: 0, late: 0, interrupts: 0, timeouts: 0, bounces: 0, aborts: 0, resets: 0, retries: 0 };
   // Per request tag: its progress.
   readonly ref = new Float64Array(MAX_QUEUE_SIZE);
   readonly lba = new Float64Array(MAX_QUEUE_SIZE);
@@ -89,15 +96,46 @@ class IoQueue {
   waitCount = 0;
   watcher: NativeFdWatcher | null = null;
   polling = false;
+  // Bounce buffers: BOUNCE_SLOTS slots of `slotBytes`; per slot the request data range it holds.
+  readonly bounce: Buffer;
+  readonly bounceIova: number;
+  readonly slotBytes: number;
+  readonly freeSlots = new Int32Array(BOUNCE_SLOTS);
+  freeSlotCount = BOUNCE_SLOTS;
+  readonly slotSeg = new Int32Array(BOUNCE_SLOTS);
+  readonly slotOff = new Float64Array(BOUNCE_SLOTS);
+  readonly slotLen = new Float64Array(BOUNCE_SLOTS);
+  readonly slotRead = new Uint8Array(BOUNCE_SLOTS);
+  /** Per command tag: its bounce slot, or -1. */
+  readonly cmdSlot: Int32Array;
+  /** Per command tag: the request (ref) it belongs to. */
+  readonly cmdRef: Float64Array;
+  /** Per request tag: an Abort was sent for it; resets it went through. */
+  readonly aborted = new Uint8Array(MAX_QUEUE_SIZE);
+  readonly retries = new Uint8Array(MAX_QUEUE_SIZE);
 
   constructor(
     readonly pair: IoQueuePair<number>,
     readonly lists: DmaRegion,
+    bounce: DmaRegion,
     maxBytes: number,
   ) {
     this.prp = new PrpBuilder(maxBytes);
     this.list = new Uint32Array(lists.bytes.buffer, lists.bytes.byteOffset, lists.bytes.byteLength / 4);
     this.listIova = lists.iova;
+    this.bounce = Buffer.from(bounce.bytes.buffer, bounce.bytes.byteOffset, bounce.bytes.byteLength);
+    this.bounceIova = bounce.iova;
+    this.slotBytes = maxBytes;
+    for (let i = 0; i < BOUNCE_SLOTS; i++) this.freeSlots[i] = i;
+    this.cmdSlot = new Int32Array(pair.qp.capacity).fill(-1);
+    this.cmdRef = new Float64Array(pair.qp.capacity);
+  }
+
+  /** Every bounce slot free (after a controller reset). */
+  freeAllSlots(): void {
+    for (let i = 0; i < BOUNCE_SLOTS; i++) this.freeSlots[i] = i;
+    this.freeSlotCount = BOUNCE_SLOTS;
+    this.cmdSlot.fill(-1);
   }
 }
 
@@ -138,7 +176,7 @@ export class NvmeDriver implements Operations {
   private readonly log: LogFn;
   private readonly blockShift: number;
   private readonly lateLogged = { done: false };
-  private readonly completeFns: Array<(ref: number, status: number, dw0: number) => void> = [];
+  private readonly completeFns: Array<(ref: number, status: number, dw0: number, cmdTag: number) => void> = [];
   private readonly pollFns: Array<() => void> = [];
 
   private constructor(o: NvmeDriverOptions) {
@@ -169,8 +207,9 @@ export class NvmeDriver implements Operations {
       for (let i = 0; i < o.queues; i++) {
         const pair = await c.createIoQueuePair<number>(i + 1, o.entries, o.poll ? 'poll' : 'interrupt');
         const lists = c.dma.alloc(pair.qp.capacity * PRP_PAGE);
-        d.queues.push(new IoQueue(pair, lists, d.maxTransferBytes));
-        d.completeFns.push((ref, status) => d.completed(i, ref, status));
+        const bounce = c.dma.alloc(BOUNCE_SLOTS * d.maxTransferBytes);
+        d.queues.push(new IoQueue(pair, lists, bounce, d.maxTransferBytes));
+        d.completeFns.push((ref, status, _dw0, cmdTag) => d.completed(i, ref, status, cmdTag));
         d.pollFns.push(() => d.pollTick(i));
       }
     } catch (err) {
@@ -264,31 +303,31 @@ export class NvmeDriver implements Operations {
     const q = this.queues[rq.hctx.index] as IoQueue;
     const tag = rq.tag;
     q.stats.requests++;
+    if (this.broken) {
+      rq.end(BlkStatus.IoErr);
+      return BlkStatus.Ok;
+    }
     q.ref[tag] = rq.leak();
-    q.lba[tag] = rq.sector / (1 << this.blockShift);
-    q.outstanding[tag] = 0;
-    q.failed[tag] = 0;
-    q.seg[tag] = 0;
-    q.off[tag] = 0;
+    q.aborted[tag] = 0;
+    q.retries[tag] = 0;
     switch (rq.op) {
       case ReqOp.Read:
       case ReqOp.Write:
       case ReqOp.Discard:
       case ReqOp.WriteZeroes:
-        q.left[tag] = rq.bytes;
         break;
       case ReqOp.Flush:
         if (!this.volatileWriteCache) {
           rq.end(BlkStatus.Ok);
           return BlkStatus.Ok;
         }
-        q.left[tag] = 1; // one command
         break;
       default:
         rq.end(BlkStatus.Unsupp);
         return BlkStatus.Ok;
     }
-    if (q.waitCount > 0) this.enqueue(q, tag);
+    this.restart(q, rq);
+    if (q.waitCount > 0 || this.resetting) this.enqueue(q, tag);
     else this.pump(q, rq);
     if (isLast) this.commit(q);
     return BlkStatus.Ok;
@@ -299,20 +338,119 @@ export class NvmeDriver implements Operations {
   }
 
   /**
-   * A request timed out: a missed interrupt is looked for first (the CQ reaped once); if it is
-   * still in flight it fails with IOERR, and a completion that still comes is dropped (its
-   * generation moved on). Abort and controller reset are not implemented yet.
+   * A request timed out (nvme-facts.md section 10.7): CSTS fatal or all ones -> controller reset
+   * now; else the CQ is reaped once (a missed interrupt); else one Abort is sent for one of its
+   * commands and the request gets another full timeout. An Abort that fails or answers "not
+   * aborted" (CDW0 bit 0; QEMU 7.2 always does), or a second expiry, resets the controller,
+   * which resubmits every outstanding request (resetController). Never ends a request whose
+   * commands the controller may still be working on.
    */
   timeout(rq: Request): 'done' | 'reset' {
     const q = this.queues[rq.hctx.index] as IoQueue;
+    const tag = rq.tag;
     q.stats.timeouts++;
+    if (this.resetting) return 'reset';
     const s = this.controller.status();
-    if (s.allOnes || s.fatal) this.log('error', `${this.controller.bdf}: controller ${s.allOnes ? 'gone (CSTS reads all ones)' : 'in fatal status (CSTS.CFS)'}`);
+    if (s.allOnes || s.fatal) {
+      void this.resetController(s.allOnes ? 'CSTS reads all ones' : 'controller fatal status (CSTS.CFS)');
+      return 'reset';
+    }
     this.reap(q);
-    if (rq.refcount === 0 || q.ref[rq.tag] !== rq.ref) return 'done';
-    this.log('warn', `${this.controller.bdf}: queue ${q.pair.qp.qid}: request tag ${rq.tag} timed out with ${q.outstanding[rq.tag]} commands in flight; failed with IOERR`);
-    rq.hctx.abort(rq, BlkStatus.IoErr);
-    return 'done';
+    if (rq.refcount === 0 || q.ref[tag] !== rq.ref) return 'done';
+    if (q.aborted[tag] === 0) {
+      q.aborted[tag] = 1;
+      const qp = q.pair.qp;
+      const cmd = qp.busyTags().find((t) => q.cmdRef[t] === rq.ref);
+      if (cmd === undefined) return 'reset'; // waiting for a command id: nothing to abort yet
+      const cid = qp.cidOf(cmd);
+      q.stats.aborts++;
+      this.log('warn', `${this.controller.bdf}: queue ${qp.qid}: request tag ${tag} timed out; sending Abort for command 0x${cid.toString(16)}`);
+      this.controller.adminCommand({ opcode: AdminOpcode.Abort, cdw10: (qp.qid | (cid << 16)) >>> 0 }, `Abort of queue ${qp.qid} command 0x${cid.toString(16)}`).then(
+        (c) => {
+          if ((c.dw0 & 1) !== 0) void this.resetController(`Abort of command 0x${cid.toString(16)} answered "not aborted"`);
+        },
+        (err: Error) => void this.resetController(`Abort failed: ${err.message}`),
+      );
+      return 'reset';
+    }
+    void this.resetController(`request tag ${tag} on queue ${q.pair.qp.qid} timed out again after its Abort`);
+    return 'reset';
+  }
+
+  /** A controller reset is under way: nothing is submitted or reaped. */
+  resetting = false;
+  /** The controller did not come back from a reset: every request fails with IOERR. */
+  broken = false;
+
+  /**
+   * Resets the controller (NvmeController.reset) with nothing lost: submission and reaping stop;
+   * once the controller is disabled (no more DMA), every request the driver owns is set back to
+   * its start and queued again (up to MAX_RETRIES resets each; then IOERR); after the queues
+   * are created again the requests are resubmitted. If the controller does not come back the
+   * disk is broken: every request fails with IOERR from then on. Resolves when done.
+   */
+  async resetController(why: string): Promise<void> {
+    if (this.resetting || this.broken) return;
+    this.resetting = true;
+    this.log('warn', `${this.controller.bdf}: resetting the controller: ${why}`);
+    try {
+      await this.controller.reset(() => this.requeueAll());
+      this.resetting = false;
+      for (const q of this.queues) {
+        q.stats.resets++;
+        this.reap(q);
+      }
+    } catch (err) {
+      this.broken = true;
+      this.resetting = false;
+      this.log('error', `${this.controller.bdf}: the controller did not come back from a reset (${(err as Error).message}); every request of this disk now fails with IOERR`);
+      for (const q of this.queues) {
+        q.waitCount = 0;
+        const hctx = q.hctx;
+        if (hctx === null) continue;
+        for (let tag = 0; tag < MAX_QUEUE_SIZE; tag++) {
+          q.waiting[tag] = 0;
+          const rq = hctx.reclaim(q.ref[tag] as number);
+          if (rq !== null) rq.end(BlkStatus.IoErr);
+        }
+      }
+    }
+  }
+
+  /** During a reset, with the controller disabled: every owned request back to its start and queued. */
+  private requeueAll(): void {
+    for (const q of this.queues) {
+      q.freeAllSlots();
+      q.waitCount = 0;
+      q.waitHead = 0;
+      q.waiting.fill(0);
+      const hctx = q.hctx;
+      if (hctx === null) continue;
+      for (let tag = 0; tag < MAX_QUEUE_SIZE; tag++) {
+        const rq = hctx.reclaim(q.ref[tag] as number);
+        if (rq === null) continue;
+        if (++q.retries[tag]! > MAX_RETRIES) {
+          this.log('warn', `${this.controller.bdf}: queue ${q.pair.qp.qid}: request tag ${tag} failed after ${MAX_RETRIES} controller resets`);
+          rq.end(BlkStatus.IoErr);
+          continue;
+        }
+        q.stats.retries++;
+        q.aborted[tag] = 0;
+        this.restart(q, rq);
+        this.enqueue(q, tag);
+      }
+    }
+  }
+
+  /** Sets a request's progress to its start: no command sent, all its data still to go. */
+  private restart(q: IoQueue, rq: Request): void {
+    const tag = rq.tag;
+    q.lba[tag] = rq.sector / (1 << this.blockShift);
+    q.outstanding[tag] = 0;
+    q.failed[tag] = 0;
+    q.seg[tag] = 0;
+    q.off[tag] = 0;
+    q.left[tag] = rq.op === ReqOp.Flush ? 1 : rq.bytes;
   }
 
   /** Per-queue counters with the queue pair's own. */
@@ -356,7 +494,7 @@ export class NvmeDriver implements Operations {
     const bs = this.blockSize;
     while ((q.left[tag] as number) > 0) {
       const cmdTag = qp.nextTag;
-      if (cmdTag < 0) {
+      if (cmdTag < 0 || this.resetting) {
         this.enqueue(q, tag);
         return false;
       }
@@ -366,30 +504,41 @@ export class NvmeDriver implements Operations {
       const listWord = cmdTag * (PRP_PAGE / 4);
       const listIova = q.listIova + cmdTag * PRP_PAGE;
       let blocks = 0;
+      let sent = false;
       switch (rq.op) {
         case ReqOp.Read:
         case ReqOp.Write: {
           const p = q.prp;
           p.seg = q.seg[tag] as number;
           p.off = q.off[tag] as number;
-          const bytes = p.next(this.chunkIova, rq.segments, rq.segBase, rq.segCount, q.left[tag] as number, bs, q.list, listWord, listIova);
-          if (bytes <= 0) {
-            if (bytes === 0) q.stats.unaligned++;
-            this.log('warn', `${this.controller.bdf}: queue ${qp.qid}: request tag ${tag}: ${bytes === 0 ? 'guest buffers PRPs cannot describe (unaligned address or junction inside a block)' : 'guest memory not mapped for DMA'}; failed with IOERR`);
+          let bytes = p.next(this.chunkIova, rq.segments, rq.segBase, rq.segCount, q.left[tag] as number, bs, q.list, listWord, listIova);
+          if (bytes < 0) {
+            q.stats.unmapped++;
+            this.log('warn', `${this.controller.bdf}: queue ${qp.qid}: request tag ${tag}: guest memory not mapped for DMA; failed with IOERR`);
             q.failed[tag] = 1;
             q.left[tag] = 0;
             break;
           }
+          if (bytes === 0) {
+            // No PRP description from here: the next command goes through a bounce buffer.
+            if (q.freeSlotCount === 0) {
+              this.enqueue(q, tag);
+              return false;
+            }
+            bytes = this.bounceCommand(q, rq, cmdTag, listWord, listIova);
+          } else {
+            q.seg[tag] = p.seg;
+            q.off[tag] = p.off;
+          }
           blocks = bytes / bs;
           qp.submitIo(rq.op === ReqOp.Read ? NvmOpcode.Read : NvmOpcode.Write, this.nsid, p.prp1, p.prp2, lbaLo, lbaHi, blocks - 1, 0, ref);
-          q.seg[tag] = p.seg;
-          q.off[tag] = p.off;
           q.left[tag] = (q.left[tag] as number) - bytes;
           break;
         }
         case ReqOp.Flush:
           qp.submitIo(NvmOpcode.Flush, this.nsid, 0, 0, 0, 0, 0, 0, ref);
           q.left[tag] = 0;
+          sent = true;
           break;
         case ReqOp.WriteZeroes:
           blocks = Math.min((q.left[tag] as number) / bs, WZ_MAX_BLOCKS);
@@ -411,7 +560,8 @@ export class NvmeDriver implements Operations {
           q.failed[tag] = 1;
           q.left[tag] = 0;
       }
-      if (blocks > 0) {
+      if (blocks > 0 || sent) {
+        q.cmdRef[cmdTag] = ref;
         if (q.outstanding[tag]! > 0) q.stats.splits++;
         q.outstanding[tag]!++;
         q.stats.commands++;
@@ -420,6 +570,75 @@ export class NvmeDriver implements Operations {
     }
     if (q.outstanding[tag] === 0) rq.end(q.failed[tag] === 1 ? BlkStatus.IoErr : BlkStatus.Ok);
     return true;
+  }
+
+  /**
+   * Prepares the next command of `rq` (Read/Write) on bounce slot: as many bytes as one
+   * transfer allows from the request's cursor, copied in for a write; PRPs of the slot in the
+   * PrpBuilder's prp1/prp2 (entries 2..n in the command's list page); the cursor moved on.
+   * Returns the command's bytes.
+   */
+  private bounceCommand(q: IoQueue, rq: Request, cmdTag: number, listWord: number, listIova: number): number {
+    const tag = rq.tag;
+    const slot = q.freeSlots[--q.freeSlotCount] as number;
+    const bytes = Math.min(q.left[tag] as number, q.slotBytes);
+    const seg = q.seg[tag] as number;
+    const off = q.off[tag] as number;
+    q.slotSeg[slot] = seg;
+    q.slotOff[slot] = off;
+    q.slotLen[slot] = bytes;
+    q.slotRead[slot] = rq.op === ReqOp.Read ? 1 : 0;
+    q.cmdSlot[cmdTag] = slot;
+    const at = slot * q.slotBytes;
+    const end = this.copySegments(rq, seg, off, bytes, q.bounce, at, rq.op === ReqOp.Write);
+    q.seg[tag] = end.seg;
+    q.off[tag] = end.off;
+    const iova = q.bounceIova + at;
+    const p = q.prp;
+    p.prp1 = iova;
+    const pages = Math.ceil(bytes / PRP_PAGE);
+    if (pages === 1) p.prp2 = 0;
+    else if (pages === 2) p.prp2 = iova + PRP_PAGE;
+    else {
+      for (let i = 1; i < pages; i++) {
+        const e = iova + i * PRP_PAGE;
+        q.list[listWord + (i - 1) * 2] = e % 0x100000000;
+        q.list[listWord + (i - 1) * 2 + 1] = Math.floor(e / 0x100000000);
+      }
+      p.prp2 = listIova;
+    }
+    q.stats.bounces++;
+    return bytes;
+  }
+
+  /** Where copySegments stopped. */
+  private readonly cursor = { seg: 0, off: 0 };
+
+  /**
+   * Copies `bytes` of the request's data from segment `seg`, offset `off` between guest memory
+   * and `buf` at `at`: into buf when `fromGuest`, else out of it. Returns the cursor after them.
+   */
+  private copySegments(rq: Request, seg: number, off: number, bytes: number, buf: Buffer, at: number, fromGuest: boolean): { seg: number; off: number } {
+    let rest = bytes;
+    while (rest > 0 && seg < rq.segCount) {
+      const w = rq.segBase + seg * 4;
+      const view = rq.memory[rq.segments[w] as number] as Buffer;
+      const start = (rq.segments[w + 1] as number) + off;
+      const len = (rq.segments[w + 2] as number) - off;
+      const n = Math.min(len, rest);
+      if (fromGuest) view.copy(buf, at, start, start + n);
+      else buf.copy(view, start, at, at + n);
+      at += n;
+      rest -= n;
+      if (n < len) off += n;
+      else {
+        seg++;
+        off = 0;
+      }
+    }
+    this.cursor.seg = seg;
+    this.cursor.off = off;
+    return this.cursor;
   }
 
   private onInterrupt(i: number): void {
@@ -437,7 +656,8 @@ export class NvmeDriver implements Operations {
 
   /** Reaps every completion there now, resumes waiting requests, rings the SQ doorbell once. */
   private reap(q: IoQueue): void {
-    const fn = this.completeFns[q.pair.qp.qid - 1] as (ref: number, status: number, dw0: number) => void;
+    if (this.resetting) return; // the queues are being reset: nothing there is valid
+    const fn = this.completeFns[q.pair.qp.qid - 1] as (ref: number, status: number, dw0: number, cmdTag: number) => void;
     while (q.pair.qp.reap(fn) > 0);
     const hctx = q.hctx;
     while (q.waitCount > 0 && q.pair.qp.nextTag >= 0 && hctx !== null) {
@@ -452,10 +672,19 @@ export class NvmeDriver implements Operations {
     this.commit(q);
   }
 
-  private completed(i: number, ref: number, status: number): void {
+  private completed(i: number, ref: number, status: number, cmdTag: number): void {
     const q = this.queues[i] as IoQueue;
     const tag = ref % TAG_SPACE;
     const rq = q.hctx?.reclaim(ref) ?? null;
+    const slot = q.cmdSlot[cmdTag] as number;
+    if (slot >= 0) {
+      // A bounced read: the data goes to the guest now (unless the request ended meanwhile).
+      q.cmdSlot[cmdTag] = -1;
+      if (rq !== null && q.ref[tag] === ref && status === 0 && q.slotRead[slot] === 1) {
+        this.copySegments(rq, q.slotSeg[slot] as number, q.slotOff[slot] as number, q.slotLen[slot] as number, q.bounce, slot * q.slotBytes, false);
+      }
+      q.freeSlots[q.freeSlotCount++] = slot;
+    }
     if (rq === null || q.ref[tag] !== ref) {
       q.stats.late++;
       if (!this.lateLogged.done) {

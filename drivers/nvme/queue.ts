@@ -179,10 +179,11 @@ export class QueuePair<T> {
   /**
    * poll() for the data path, allocation-free: each live completion is passed to `complete`
    * at once (its tag already free, so `complete` may submit) with its context, status field
-   * (without the phase bit; 0 is success) and DW0. At most `max` entries; the CQ head doorbell
+   * (without the phase bit; 0 is success), DW0 and the command's tag (cid bits 11:0, for
+   * per-command state such as a PRP list page or a bounce buffer). At most `max` entries; the CQ head doorbell
    * is rung once at the end if any entry was consumed. Returns the entries consumed.
    */
-  reap(complete: (ctx: T, status: number, dw0: number) => void, max = this.maxBatch): number {
+  reap(complete: (ctx: T, status: number, dw0: number, tag: number) => void, max = this.maxBatch): number {
     let n = 0;
     const limit = Math.min(max, this.maxBatch);
     const v = this.cqView;
@@ -209,7 +210,7 @@ export class QueuePair<T> {
       const ctx = this.ctx[tag] as T;
       this.release(tag);
       this.stats.completed++;
-      complete(ctx, dw3 >>> 17, dw0);
+      complete(ctx, dw3 >>> 17, dw0, tag);
     }
     if (n > 0) {
       this.doorbells.cqHead(this.cqHead);
@@ -285,6 +286,41 @@ export class QueuePair<T> {
     const ctx = this.ctx[tag] as T;
     this.release(tag);
     return ctx;
+  }
+
+  /**
+   * Back to an empty, freshly created queue (after a controller reset, before the queue is
+   * created again on the controller at the same memory): indexes and phase to their start, the
+   * CQ memory zeroed, every command forgotten (tags freed; their generations stay, so nothing
+   * from before the reset can match later). Returns the contexts that were in flight.
+   */
+  resetRing(cqMemory: Uint8Array): T[] {
+    const lost: T[] = [];
+    for (let tag = 0; tag < this.capacity; tag++) {
+      if (this.busy[tag] === 1) {
+        lost.push(this.ctx[tag] as T);
+        this.release(tag);
+      }
+    }
+    this.sqTail = 0;
+    this.sqTailRung = 0;
+    this.sqHeadSeen = 0;
+    this.cqHead = 0;
+    this.phase = 1;
+    cqMemory.fill(0);
+    return lost;
+  }
+
+  /** The tag of every command in flight (slow path: timeouts). */
+  busyTags(): number[] {
+    const out: number[] = [];
+    for (let tag = 0; tag < this.capacity; tag++) if (this.busy[tag] === 1) out.push(tag);
+    return out;
+  }
+
+  /** The command id of tag `tag`'s current command. */
+  cidOf(tag: number): number {
+    return ((this.gen[tag] as number) << TAG_BITS) | tag;
   }
 
   /** Contexts of every command in flight, in tag order (for a reset, later). */

@@ -2,8 +2,9 @@
  * NvmeDriver (drivers/nvme/driver.ts) against a fake controller whose queues live in memory:
  * guest memory mapped for DMA once per table, PRPs into it, one SQ doorbell per batch, split
  * commands ending their request once, requests waiting for command ids when the queue pair is
- * full, IOERR for chains PRPs cannot describe, discard/write zeroes/flush commands, and late
- * completions after a timeout dropped.
+ * full, bounce buffers for chains PRPs cannot describe, discard/write zeroes/flush commands, and late
+ * completions after a timeout dropped, the timeout ladder (Abort, then controller reset with
+ * the outstanding requests resubmitted).
  */
 import { HwQueue, type CompletionSink } from '../../block/hw-queue';
 import { BlkStatus, ReqOp } from '../../block/operations';
@@ -48,14 +49,43 @@ class FakeController {
   };
   readonly dma = {
     iova: this.iova,
-    alloc: (size: number) => ({ iova: this.iova.alloc(size), size, bytes: new Uint8Array(size), id: 1 }),
+    alloc: (size: number) => {
+      const r = { iova: this.iova.alloc(size), size, bytes: new Uint8Array(size), id: 1 };
+      this.allocs.push(r);
+      return r;
+    },
   };
+  readonly allocs: Array<{ iova: number; size: number; bytes: Uint8Array }> = [];
+  /** DMA memory (queues, lists, bounce buffers) at an IOVA, as the device sees it. */
+  at(iova: number, len: number): Uint8Array {
+    const r = this.allocs.find((a) => iova >= a.iova && iova + len <= a.iova + a.size)!;
+    return r.bytes.subarray(iova - r.iova, iova - r.iova + len);
+  }
   status(): { allOnes: boolean; fatal: boolean } {
     return { allOnes: false, fatal: false };
+  }
+  readonly admin: Array<{ opcode: number; cdw10?: number }> = [];
+  /** What Abort answers in CDW0 (QEMU 7.2: 1, "not aborted"). */
+  abortDw0 = 1;
+  async adminCommand(f: { opcode: number; cdw10?: number }): Promise<{ dw0: number }> {
+    this.admin.push(f);
+    return { dw0: this.abortDw0 };
+  }
+  resets = 0;
+  private qp!: QueuePair<unknown>;
+  async reset(whileDisabled: () => void): Promise<void> {
+    this.resets++;
+    this.qp.resetRing(this.q.cq);
+    this.q.sqHead = 0;
+    this.q.cqTail = 0;
+    this.q.phase = 1;
+    this.sqTails.length = 0;
+    whileDisabled();
   }
   async createIoQueuePair<T>(qid: number, entries: number): Promise<{ qp: QueuePair<T>; eventfd: undefined; ring: unknown }> {
     this.q = { entries, sq: new Uint8Array(entries * SQE_SIZE), cq: new Uint8Array(entries * CQE_SIZE), sqHead: 0, cqTail: 0, phase: 1 };
     const qp = new QueuePair<T>({ qid, entries, sq: this.q.sq, cq: this.q.cq, doorbells: { sqTail: (v) => this.sqTails.push(v), cqHead: (v) => this.cqHeads.push(v) } });
+    this.qp = qp as QueuePair<unknown>;
     return { qp, eventfd: undefined, ring: {} };
   }
   async deleteIoQueue(): Promise<void> {}
@@ -89,6 +119,7 @@ class FakeController {
 
 const MEMORY = { regionLayout: () => [{ size: 1 << 20, firstChunk: 0, hostPageOffset: 0 }] } as unknown as NativeGuestMemory;
 const NS = { nsze: 1 << 20, blockSize: 512, dlfeat: 1 } as IdentifyNamespace;
+const GUEST = Buffer.alloc(1 << 20);
 const tick = (): Promise<void> => new Promise((r) => setImmediate(r));
 
 async function setup(entries = 64): Promise<{ hw: FakeController; driver: NvmeDriver; hctx: HwQueue; ended: Array<[number, BlkStatus]>; chunk0: number }> {
@@ -112,6 +143,7 @@ function submit(hctx: HwQueue, tag: number, op: ReqOp, sector: number, segs: Arr
   rq.segments = new Uint32Array(segs.flatMap(([o, l]) => [0, o, l, 0]));
   rq.segBase = 0;
   rq.segCount = segs.length;
+  rq.memory = [GUEST];
   hctx.dispatch(rq, isLast, 0);
   return rq;
 }
@@ -171,12 +203,43 @@ test('a full queue pair: requests wait for command ids and go on as commands com
   expect(driver.stats()[0]!.waits).toBe(2);
 });
 
-test('a block across an unaligned junction fails with IOERR and sends nothing', async () => {
-  const { hw, driver, hctx, ended } = await setup();
+test('a block across an unaligned junction goes through a bounce buffer: copied in for a write, out after a read', async () => {
+  const { hw, driver, hctx, ended, chunk0 } = await setup();
+  for (let i = 0; i < 8192; i++) GUEST[i] = (i * 13 + 5) & 0xff;
   submit(hctx, 0, ReqOp.Write, 0, [[0, 256], [4096 + 64, 256]]);
-  expect(hw.fetch()).toEqual([]);
-  expect(ended).toEqual([[0, BlkStatus.IoErr]]);
-  expect(driver.stats()[0]!.unaligned).toBe(1);
+  const [w] = hw.fetch();
+  expect(w!.prp1 - chunk0 >= 0 && w!.prp1 - chunk0 < 1 << 20).toBe(false); // not guest memory
+  expect(w).toMatchObject({ opcode: 1, cdw12: 0, prp2: 0 });
+  expect(Buffer.from(hw.at(w!.prp1, 512)).equals(Buffer.concat([GUEST.subarray(0, 256), GUEST.subarray(4096 + 64, 4096 + 320)]))).toBe(true);
+  hw.complete(w!.cid);
+  await tick();
+  expect(ended).toEqual([[0, 0]]);
+
+  submit(hctx, 1, ReqOp.Read, 0, [[20000, 100], [24576 + 4, 412]]);
+  const [r] = hw.fetch();
+  const data = Buffer.from(Array.from({ length: 512 }, (_, i) => (i * 3 + 1) & 0xff));
+  hw.at(r!.prp1, 512).set(data);
+  expect(GUEST.subarray(20000, 20100).equals(data.subarray(0, 100))).toBe(false);
+  hw.complete(r!.cid);
+  await tick();
+  expect(ended).toEqual([[0, 0], [1, 0]]);
+  expect(GUEST.subarray(20000, 20100).equals(data.subarray(0, 100))).toBe(true);
+  expect(GUEST.subarray(24576 + 4, 24576 + 416).equals(data.subarray(100))).toBe(true);
+  expect(driver.stats()[0]!.bounces).toBe(2);
+});
+
+test('a request finding every bounce slot busy waits, then goes on', async () => {
+  const { hw, hctx, ended } = await setup();
+  for (let t = 0; t < 6; t++) submit(hctx, t, ReqOp.Write, t * 8, [[t * 8192, 256], [t * 8192 + 4096 + 64, 256]], t === 5);
+  let cmds = hw.fetch();
+  expect(cmds).toHaveLength(4); // BOUNCE_SLOTS
+  for (const c of cmds) hw.complete(c.cid);
+  await tick();
+  cmds = hw.fetch();
+  expect(cmds.map((c) => c.cdw10)).toEqual([32, 40]);
+  for (const c of cmds) hw.complete(c.cid);
+  await tick();
+  expect(ended.map(([t]) => t).sort()).toEqual([0, 1, 2, 3, 4, 5]);
 });
 
 test('flush, discard (range in the list page) and write zeroes with deallocate', async () => {
@@ -188,6 +251,7 @@ test('flush, discard (range in the list page) and write zeroes with deallocate',
   submit(hctx, 2, ReqOp.WriteZeroes, 128, [], true, 4096);
   const cmds = hw.fetch();
   expect(cmds.map((c) => c.opcode)).toEqual([0x00, 0x09, 0x08]);
+  expect(ended).toEqual([]); // nothing ends before its command completes
   expect(cmds[1]).toMatchObject({ cdw10: 0, cdw11: 4 }); // one range, deallocate
   expect(cmds[2]).toMatchObject({ cdw10: 128, cdw12: (7 | (1 << 25)) >>> 0 });
   for (const c of cmds) hw.complete(c.cid);
@@ -195,21 +259,50 @@ test('flush, discard (range in the list page) and write zeroes with deallocate',
   expect(ended).toEqual([[0, 0], [1, 0], [2, 0]]);
 });
 
-test('a timed-out request fails; its late completion is dropped and cannot end the next request on the tag', async () => {
+test('timeout ladder: Abort first; "not aborted" resets the controller; the request is resubmitted and ends once', async () => {
   const { hw, driver, hctx, ended } = await setup();
-  const rq = submit(hctx, 7, ReqOp.Read, 0, [[0, 4096]]);
+  const rq = submit(hctx, 7, ReqOp.Read, 40, [[0, 4096]]);
   const [old] = hw.fetch();
-  expect(driver.timeout(rq)).toBe('done');
-  expect(ended).toEqual([[7, BlkStatus.IoErr]]);
-  submit(hctx, 7, ReqOp.Read, 8, [[0, 4096]]);
-  const [fresh] = hw.fetch();
-  hw.complete(old!.cid);
+  expect(driver.timeout(rq)).toBe('reset'); // another full timeout, after the Abort
+  expect(hw.admin).toEqual([{ opcode: 0x08, cdw10: (1 | (old!.cid << 16)) >>> 0 }]);
+  await tick(); // the Abort answered "not aborted": reset
   await tick();
-  expect(ended).toHaveLength(1);
-  expect(driver.stats()[0]!.late).toBe(1);
-  hw.complete(fresh!.cid);
+  expect(hw.resets).toBe(1);
+  expect(ended).toEqual([]);
+  const [again] = hw.fetch();
+  expect(again).toMatchObject({ opcode: 2, cdw10: 40 });
+  hw.complete(again!.cid);
   await tick();
-  expect(ended).toEqual([[7, BlkStatus.IoErr], [7, BlkStatus.Ok]]);
+  expect(ended).toEqual([[7, BlkStatus.Ok]]);
+  expect(driver.stats()[0]).toMatchObject({ timeouts: 1, aborts: 1, resets: 1, retries: 1 });
+});
+
+test('a second expiry after an Abort resets; a completion from before the reset is dropped', async () => {
+  const { hw, driver, hctx, ended } = await setup();
+  hw.abortDw0 = 0; // "aborted"... but no completion comes
+  const rq = submit(hctx, 3, ReqOp.Write, 0, [[0, 512]]);
+  const [old] = hw.fetch();
+  expect(driver.timeout(rq)).toBe('reset');
+  await tick();
+  expect(hw.resets).toBe(0);
+  expect(driver.timeout(rq)).toBe('reset');
+  await tick();
+  expect(hw.resets).toBe(1);
+  const [again] = hw.fetch();
+  hw.complete(old!.cid); // from before the reset: its generation no longer matches
+  await tick();
+  expect(ended).toEqual([]);
+  hw.complete(again!.cid);
+  await tick();
+  expect(ended).toEqual([[3, BlkStatus.Ok]]);
+});
+
+test('a request reset more than MAX_RETRIES times fails with IOERR', async () => {
+  const { hw, driver, hctx, ended } = await setup();
+  submit(hctx, 2, ReqOp.Read, 0, [[0, 512]]);
+  for (let i = 0; i < 4; i++) await driver.resetController('test');
+  expect(hw.resets).toBe(4);
+  expect(ended).toEqual([[2, BlkStatus.IoErr]]);
 });
 
 test('without a memory table, a read fails with IOERR', async () => {
