@@ -385,7 +385,7 @@ export class NvmeDriver implements Operations {
   /**
    * Resets the controller (NvmeController.reset) with nothing lost: submission and reaping stop;
    * once the controller is disabled (no more DMA), every request the driver owns is set back to
-   * its start and queued again (up to MAX_RETRIES resets each; then IOERR); after the queues
+   * its start, its timeout re-armed, and queued again (up to MAX_RETRIES resets each; then IOERR); after the queues
    * are created again the requests are resubmitted. If the controller does not come back the
    * disk is broken: every request fails with IOERR from then on. Resolves when done.
    */
@@ -419,6 +419,7 @@ export class NvmeDriver implements Operations {
 
   /** During a reset, with the controller disabled: every owned request back to its start and queued. */
   private requeueAll(): void {
+    const now = native.monotonicNs();
     for (const q of this.queues) {
       q.freeAllSlots();
       q.waitCount = 0;
@@ -436,6 +437,7 @@ export class NvmeDriver implements Operations {
         }
         q.stats.retries++;
         q.aborted[tag] = 0;
+        rq.startNs = now; // a resubmitted request gets a full io_timeout again
         this.restart(q, rq);
         this.enqueue(q, tag);
       }

@@ -271,6 +271,7 @@ test('timeout ladder: Abort first; "not aborted" resets the controller; the requ
   expect(ended).toEqual([]);
   const [again] = hw.fetch();
   expect(again).toMatchObject({ opcode: 2, cdw10: 40 });
+  expect(rq.startNs).toBeGreaterThan(0); // re-armed at the reset (dispatched at 0 here)
   hw.complete(again!.cid);
   await tick();
   expect(ended).toEqual([[7, BlkStatus.Ok]]);
