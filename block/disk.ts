@@ -22,6 +22,10 @@ export interface DiskOptions {
   writeCache?: boolean;
   /** Accept DISCARD and WRITE_ZEROES (VIRTIO_BLK_F_DISCARD, _F_WRITE_ZEROES). */
   discard?: boolean;
+  /** Largest data descriptor the guest may send, bytes (virtio size_max); default the queue's limit. */
+  sizeMax?: number;
+  /** Most data descriptors per request (virtio seg_max); default the queue's limit. */
+  segMax?: number;
   /** A request not ended this many milliseconds after it started times out (0: never). */
   timeoutMs?: number;
   tagSet: TagSet;
@@ -55,6 +59,8 @@ export class Disk {
   readonly discard: boolean;
   readonly writeCache: boolean;
   readonly timeoutMs: number;
+  readonly sizeMax: number | undefined;
+  readonly segMax: number | undefined;
   readonly tagSet: TagSet;
   readonly ops: Operations;
   /** This disk's hardware queues, one per tag-set queue, each with MAX_QUEUE_SIZE request slots. */
@@ -80,6 +86,8 @@ export class Disk {
     this.writeCache = options.writeCache ?? false;
     if (this.writeCache && options.ops.setWriteCache === undefined) throw new RangeError('a write cache needs the driver\'s setWriteCache operation');
     this.timeoutMs = options.timeoutMs ?? 30000;
+    this.sizeMax = options.sizeMax;
+    this.segMax = options.segMax;
     this.tagSet = options.tagSet;
     this.ops = options.ops;
     this.hwQueues = this.tagSet.tags.map((tags, i) => new HwQueue(i, MAX_QUEUE_SIZE, tags));

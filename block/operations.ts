@@ -3,6 +3,7 @@
  * (rust/kernel/block/mq/operations.rs): a driver receives requests in `queueRq`, may batch
  * work until `commitRqs`, and ends each request exactly once (see Request).
  */
+import type { NativeGuestMemory } from '../native';
 import type { HwQueue } from './hw-queue';
 import type { Request } from './request';
 
@@ -59,6 +60,17 @@ export interface Operations {
    * VIRTIO_BLK_F_CONFIG_WCE. Only called for disks that offer it (Disk.writeCache).
    */
   setWriteCache?(writeback: boolean): void;
+  /**
+   * The front-end's memory table was mapped (SET_MEM_TABLE), before any ring starts on it: a
+   * driver whose device reaches guest memory by DMA maps it here (once per table, not per
+   * request). Throwing refuses the table.
+   */
+  memoryMapped?(memory: NativeGuestMemory): void;
+  /**
+   * The memory table is about to be unmapped (a new table, or the front-end went away); every
+   * ring using it has stopped, so no request using it is in flight.
+   */
+  memoryReleased?(memory: NativeGuestMemory): void;
   /** A hardware queue starts serving (a virtqueue started): set up per-queue state. */
   initHctx?(hctx: HwQueue): void;
   /** A hardware queue stopped, with nothing in flight: release per-queue state. */

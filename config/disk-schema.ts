@@ -32,6 +32,10 @@ export interface DiskConfig {
   shared_tags: boolean;
   nr_devices: number;
   rotational: boolean;
+  driver: string;
+  pci: string;
+  nsid: number;
+  nvme_poll: boolean;
 }
 
 export const diskSchema = {
@@ -155,6 +159,26 @@ export const diskSchema = {
     format: 'poll-us',
     default: 50,
   },
+  driver: {
+    doc: 'What serves the disk: "null" (null_blk-like, in memory) or "nvme" (an NVMe namespace driven from user space through VFIO; needs pci and nsid, takes capacity and block size from the namespace).',
+    format: ['null', 'nvme'],
+    default: 'null',
+  },
+  pci: {
+    doc: 'driver nvme: PCI address of the NVMe controller, bound to vfio-pci, e.g. "0000:00:04.0".',
+    format: 'pci-address',
+    default: '',
+  },
+  nsid: {
+    doc: 'driver nvme: the namespace ID to serve (1 and up).',
+    format: 'positive-int',
+    default: 1,
+  },
+  nvme_poll: {
+    doc: 'driver nvme: poll the completion queues instead of waiting for MSI-X interrupts (lower latency, one core busy while requests are in flight).',
+    format: 'bool',
+    default: false,
+  },
   serial: {
     doc: 'Serial number answered to VIRTIO_BLK_T_GET_ID: at most 20 printable ASCII characters.',
     format: 'serial',
@@ -242,6 +266,12 @@ export function addFormats(): void {
     name: 'bool',
     validate(v: unknown) {
       if (typeof v !== 'boolean') throw new Error('expected true or false');
+    },
+  });
+  convict.addFormat({
+    name: 'pci-address',
+    validate(v: unknown) {
+      if (typeof v !== 'string' || (v !== '' && !/^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$/.test(v))) throw new Error('expected a PCI address like 0000:00:04.0');
     },
   });
   convict.addFormat({

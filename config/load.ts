@@ -139,6 +139,7 @@ function loadDisk(raw: unknown, overrides: DiskOverrides, where: string): DiskCo
     );
   }
   checkThreads(d, where);
+  checkDriver(d, raw as Record<string, unknown>, overrides, where);
   if (d.name === '') d.name = path.basename(d.socket).replace(/\.[^.]*$/, '');
   return d;
 }
@@ -162,4 +163,32 @@ function checkThreads(d: DiskConfig, where: string): void {
   for (const [set, key] of needOne) {
     if (set) throw new ConfigError(`${where}: ${key}: needs threads 1 (its state is one per disk, not shared between threads), but threads is ${d.threads}`);
   }
+}
+
+/** Keys that only the null driver has: refused with driver nvme when given. */
+const NULL_ONLY_KEYS: ReadonlyArray<keyof DiskOverrides> = ['size', 'blocksize', 'memory_backed', 'irqmode', 'completion_nsec', 'discard', 'badblocks', 'badblocks_once', 'mbps', 'cache_size'];
+
+/**
+ * driver nvme: pci is required; capacity, block size and the null driver's other settings come
+ * from the namespace or do not exist, so giving them is refused; one thread (for now).
+ */
+function checkDriver(d: DiskConfig, raw: Record<string, unknown>, overrides: DiskOverrides, where: string): void {
+  if (d.driver !== 'nvme') {
+    for (const k of ['pci', 'nvme_poll'] as const) {
+      if (raw[k] !== undefined || overrides[k] !== undefined) throw new ConfigError(`${where}: ${k}: applies to driver "nvme" only, but driver is "${d.driver}"`);
+    }
+    return;
+  }
+  if (d.pci === '') throw new ConfigError(`${where}: pci: driver "nvme" needs the PCI address of the controller (e.g. --pci 0000:00:04.0)`);
+  for (const k of NULL_ONLY_KEYS) {
+    if (raw[k] !== undefined || overrides[k] !== undefined) {
+      const why = k === 'size' || k === 'blocksize' ? 'the capacity and logical block size come from the namespace' : 'it is a setting of the null driver';
+      throw new ConfigError(`${where}: ${k}: cannot be given with driver "nvme" (${why})`);
+    }
+  }
+  if (d.threads > 1) throw new ConfigError(`${where}: threads: driver "nvme" serves all its queues from one thread for now (threads 1), but threads is ${d.threads}`);
+  if (d.nr_devices > 1) throw new ConfigError(`${where}: nr_devices: driver "nvme" serves one namespace per disk (nr_devices 1)`);
+  if (d.shared_tags) throw new ConfigError(`${where}: shared_tags: not supported with driver "nvme" yet`);
+  // The default serial of an NVMe disk is the controller's serial and the nsid (set at open).
+  if (raw.serial === undefined && overrides.serial === undefined) d.serial = '';
 }

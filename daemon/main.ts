@@ -59,6 +59,10 @@ function buildCli(run: (o: CliOptions) => Promise<void>): Command {
     .option('--mbps <MiB/s>', 'bandwidth limit; 0 for none (default 0)', int('--mbps'))
     .option('--io-timeout <ms>', 'fail requests not ended after this many ms; 0 never (default 30000)', int('--io-timeout'))
     .option('--poll-us <us>', 'busy-poll limit per virtqueue after a batch, 0-1000 (default 50)', int('--poll-us'))
+    .addOption(new Option('--driver <name>', 'what serves the disk: null or nvme (default null)').choices(['null', 'nvme']))
+    .option('--pci <address>', 'driver nvme: PCI address of the controller, bound to vfio-pci (e.g. 0000:00:04.0)')
+    .option('--nsid <n>', 'driver nvme: namespace ID (default 1)', int('--nsid'))
+    .option('--nvme-poll <bool>', 'driver nvme: poll completion queues instead of MSI-X interrupts (default false)', bool)
     .option('--serial <text>', 'GET_ID serial, at most 20 ASCII characters (default "rnull")')
     .option('--management-socket <path>', 'serve the management API (rnull ctl) on this unix socket')
     .addOption(new Option('--log-level <level>', 'log level (default info)').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
@@ -72,6 +76,7 @@ function buildCli(run: (o: CliOptions) => Promise<void>): Command {
   };
   ctl.command('disks').description('list the disks').action(() => call({ list_disks: {} }));
   ctl.command('drop-cache <disk>').description('lose the write cache\'s unflushed data, as a power failure would').action((disk: string) => call({ drop_cache: { disk } }));
+  ctl.command('reset <disk>').description('driver nvme: reset the disk\'s controller (requests in flight are resubmitted)').action((disk: string) => call({ reset_controller: { disk } }));
   ctl.command('stats <disk>').description('per-queue counters of a disk').action((disk: string) => call({ get_stats: { disk } }));
   ctl
     .command('badblocks <disk> [action] [range]')
@@ -111,6 +116,10 @@ export interface CliOptions {
   sharedTags?: boolean;
   nrDevices?: number;
   rotational?: boolean;
+  driver?: string;
+  pci?: string;
+  nsid?: number;
+  nvmePoll?: boolean;
   logLevel?: string;
 }
 
@@ -172,10 +181,23 @@ async function runDaemon(o: CliOptions): Promise<void> {
   } catch (e) {
     starting = Promise.resolve(); // Service.start() closed what it had opened
     log.fatal({ err: e }, `cannot start: ${(e as Error).message}`);
+    if ((e as Error).name === 'NvmeSetupError') {
+      // Something the user must fix (binding, namespace, memlock): a configuration-like error.
+      process.stderr.write(`rnull: ${(e as Error).message}\n`);
+      exit(2);
+      return;
+    }
     exit(1);
     return;
   }
   for (const d of service.disks) {
+    if (d.config.driver === 'nvme') {
+      log.info(
+        { disk: d.config.name, socket: d.config.socket, pci: d.config.pci, nsid: d.config.nsid, sectors: d.disk.capacitySectors, blocksize: d.disk.logicalBlockSize, numQueues: d.config.num_queues, poll: d.config.nvme_poll },
+        'serving NVMe namespace',
+      );
+      continue;
+    }
     log.info(
       { disk: d.config.name, socket: d.config.socket, sizeMiB: d.config.size, blocksize: d.config.blocksize, memoryBacked: d.config.memory_backed, numQueues: d.config.num_queues, threads: d.config.threads, irqmode: d.config.irqmode },
       'serving null disk',

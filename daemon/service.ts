@@ -11,6 +11,7 @@ import type { NullDriver } from '../drivers/null/null-driver';
 import type { ManagedDisk } from './management/managed-disk';
 import { ManagementServer } from './management/server';
 import { buildNullDisk } from './null-disk';
+import { closeNvmeDisk, openNvmeDisk, type NvmeDisk } from './nvme-disk';
 import { QueueWorkers } from './queue-workers';
 import { VhostUserBlkDevice } from '../vhost/blk-device';
 import { VhostUserServer } from '../vhost/server';
@@ -19,7 +20,9 @@ import { VhostUserServer } from '../vhost/server';
 export interface ServedDisk extends ManagedDisk {
   config: DiskConfig;
   disk: Disk;
-  driver: NullDriver;
+  driver: NullDriver | NvmeDisk['driver'];
+  /** driver nvme: the namespace's driver and controller. */
+  nvme?: NvmeDisk;
   device: VhostUserBlkDevice;
   server: VhostUserServer;
   /** The worker threads serving some of its queues (threads > 1), or null. */
@@ -31,13 +34,22 @@ export interface ServedDisk extends ManagedDisk {
  * `tagSet`, when given, is shared with other disks (shared_tags). With threads > 1, starts
  * the disk's worker threads.
  */
-export function createDisk(config: DiskConfig, log: Logger, sharedTagSet?: TagSet): ServedDisk {
+export function createDisk(config: DiskConfig, log: Logger, sharedTagSet?: TagSet): ServedDisk & { driver: NullDriver } {
   const dlog = log.child({ disk: config.name });
   const { disk, driver } = buildNullDisk(config, dlog, { tagSet: sharedTagSet });
   const workers = config.threads > 1 ? new QueueWorkers(config, driver.storeId, dlog) : null;
   const device = new VhostUserBlkDevice(disk, config.num_queues, dlog, config.poll_us, workers);
   const server = new VhostUserServer(config.socket, device, dlog, { mode: config.socket_mode, group: config.socket_group });
   return { config, disk, driver, device, server, workers };
+}
+
+/** Builds a disk served from an NVMe namespace (driver "nvme"): opens its controller first. */
+export async function createNvmeDisk(config: DiskConfig, log: Logger): Promise<ServedDisk> {
+  const dlog = log.child({ disk: config.name });
+  const nvme = await openNvmeDisk(config, dlog);
+  const device = new VhostUserBlkDevice(nvme.disk, config.num_queues, dlog, config.poll_us, null);
+  const server = new VhostUserServer(config.socket, device, dlog, { mode: config.socket_mode, group: config.socket_group });
+  return { config, disk: nvme.disk, driver: nvme.driver, nvme, device, server, workers: null };
 }
 
 /** The QEMU options that attach `d` to a guest (memory must be shared with the back-end). */
@@ -62,12 +74,34 @@ export class Service {
     const shared = configs.filter((c) => c.shared_tags);
     const sharedTagSet =
       shared.length > 0 ? new TagSet({ nrHwQueues: Math.max(...shared.map((c) => c.num_queues)), queueDepth: shared[0].hw_queue_depth }) : undefined;
-    this.disks = configs.map((c) => createDisk(c, log, c.shared_tags ? sharedTagSet : undefined));
+    this.disks = configs.filter((c) => c.driver !== 'nvme').map((c) => createDisk(c, log, c.shared_tags ? sharedTagSet : undefined));
+    this.nvmeConfigs = configs.filter((c) => c.driver === 'nvme');
   }
 
-  /** Listens on every disk socket, then the management socket (if configured). */
+  private readonly nvmeConfigs: DiskConfig[];
+
+  /**
+   * Opens the NVMe disks' controllers (throws NvmeSetupError for what the user must fix), then
+   * listens on every disk socket, then the management socket (if configured).
+   */
   async start(): Promise<void> {
-    this.listenDisks();
+    const pcis = new Set<string>();
+    for (const c of this.nvmeConfigs) {
+      if (pcis.has(c.pci)) throw new Error(`disk "${c.name}": controller ${c.pci} already serves another disk; several namespaces of one controller are not supported yet`);
+      pcis.add(c.pci);
+    }
+    try {
+      for (const c of this.nvmeConfigs) this.disks.push(await createNvmeDisk(c, this.log));
+    } catch (e) {
+      await this.closeNvme();
+      throw e;
+    }
+    try {
+      this.listenDisks();
+    } catch (e) {
+      await this.closeNvme();
+      throw e;
+    }
     if (this.managementSocket !== '') {
       this.management = new ManagementServer(this.managementSocket, this.disks, this.log);
       try {
@@ -103,5 +137,16 @@ export class Service {
     this.management = null;
     if (management !== null) await management.close();
     await Promise.all(this.disks.map((d) => d.workers?.close()));
+    await this.closeNvme();
+  }
+
+  /** Shuts down the NVMe controllers (their disks' rings stopped). */
+  private async closeNvme(): Promise<void> {
+    for (const d of this.disks) {
+      if (d.nvme === undefined) continue;
+      const n = d.nvme;
+      d.nvme = undefined;
+      await closeNvmeDisk(n, this.log.child({ disk: d.config.name }));
+    }
   }
 }

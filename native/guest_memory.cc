@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <string>
 
@@ -15,7 +16,7 @@ namespace rnull {
 
 void GuestMemory::Init(Napi::Env env, Napi::Object exports, Napi::FunctionReference* ctor) {
   Napi::Function f = DefineClass(env, "GuestMemory",
-                                 {InstanceMethod<&GuestMemory::Chunks>("chunks"), InstanceMethod<&GuestMemory::Unmap>("unmap")});
+                                 {InstanceMethod<&GuestMemory::Chunks>("chunks"), InstanceMethod<&GuestMemory::RegionLayout>("regionLayout"), InstanceMethod<&GuestMemory::Unmap>("unmap")});
   *ctor = Napi::Persistent(f);
   exports.Set("GuestMemory", f);
 }
@@ -141,6 +142,23 @@ void GuestMemory::UnmapAll() {
 Napi::Value GuestMemory::Chunks(const Napi::CallbackInfo& info) {
   Napi::Array a = Napi::Array::New(info.Env(), chunks_.size());
   for (size_t i = 0; i < chunks_.size(); i++) a.Set(static_cast<uint32_t>(i), chunks_[i].Value());
+  return a;
+}
+
+// regionLayout(): [{ size, firstChunk, hostPageOffset }] per region, in table order (empty once
+// unmapped): what a DMA mapping of the region (VfioDevice.dmaMapGuest) needs to place its chunks.
+Napi::Value GuestMemory::RegionLayout(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Array a = Napi::Array::New(env, regions_.size());
+  uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  for (size_t i = 0; i < regions_.size(); i++) {
+    const GuestRegion& r = regions_[i];
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("size", Napi::Number::New(env, static_cast<double>(r.size)));
+    o.Set("firstChunk", Napi::Number::New(env, r.firstChunk));
+    o.Set("hostPageOffset", Napi::Number::New(env, static_cast<double>(reinterpret_cast<uint64_t>(r.host) % page)));
+    a.Set(static_cast<uint32_t>(i), o);
+  }
   return a;
 }
 

@@ -56,6 +56,7 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
 
  private:
   Napi::Value Chunks(const Napi::CallbackInfo& info);
+  Napi::Value RegionLayout(const Napi::CallbackInfo& info);
   Napi::Value Unmap(const Napi::CallbackInfo& info);
   void UnmapAll();
 

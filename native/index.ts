@@ -17,6 +17,11 @@ export interface MemoryRegionSpec {
 /** The mapped memory table; chunk i is the i-th (at most 1 GiB) piece of the regions in order. */
 export interface NativeGuestMemory {
   chunks(): ArrayBuffer[];
+  /**
+   * Per region, in table order (empty once unmapped): its size in bytes, the index of its first
+   * chunk, and its host address modulo the page size (where it starts inside a DMA mapping).
+   */
+  regionLayout(): { size: number; firstChunk: number; hostPageOffset: number }[];
   unmap(): void;
 }
 

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "errors.h"
+#include "guest_memory.h"
 
 namespace rnull {
 
@@ -77,6 +78,8 @@ void VfioDevice::Init(Napi::Env env, Napi::Object exports) {
                                      InstanceMethod<&VfioDevice::DmaMap>("dmaMap"),
                                      InstanceMethod<&VfioDevice::DmaUnmap>("dmaUnmap"),
                                      InstanceMethod<&VfioDevice::DmaFree>("dmaFree"),
+                                     InstanceMethod<&VfioDevice::DmaMapGuest>("dmaMapGuest"),
+                                     InstanceMethod<&VfioDevice::DmaUnmapGuest>("dmaUnmapGuest"),
                                      InstanceMethod<&VfioDevice::SetMsix>("setMsix"),
                                      InstanceMethod<&VfioDevice::Reset>("reset"),
                                      InstanceMethod<&VfioDevice::Close>("close"),
@@ -706,6 +709,15 @@ void VfioDevice::CloseAll() {
     Ioctl(deviceFd_, VFIO_DEVICE_SET_IRQS, &off);
     msixCount_ = 0;
   }
+  for (auto& kv : guestMaps_) {
+    if (containerFd_ < 0) break;
+    struct vfio_iommu_type1_dma_unmap u = {};
+    u.argsz = sizeof(u);
+    u.iova = kv.first;
+    u.size = kv.second;
+    Ioctl(containerFd_, VFIO_IOMMU_UNMAP_DMA, &u);
+  }
+  guestMaps_.clear();
   for (auto& kv : blocks_) {
     // Closing the container below drops every IOMMU mapping anyway; unmap first regardless.
     if (containerFd_ >= 0) UnmapBlock(&kv.second);
@@ -727,6 +739,79 @@ void VfioDevice::CloseAll() {
   if (containerFd_ >= 0) close(containerFd_);
   containerFd_ = -1;
   open_ = false;
+}
+
+}  // namespace rnull
+
+namespace rnull {
+
+// dmaMapGuest(memory: GuestMemory, region: number, iova: number): number
+// VFIO_IOMMU_MAP_DMA of guest memory region `region` (device read+write), from the start of its
+// first page to the end of its last page, at `iova` (page aligned). Returns the bytes mapped;
+// the region's first byte is at iova + (its host address modulo the page size), which
+// GuestMemory.regionLayout() reports as hostPageOffset.
+Napi::Value VfioDevice::DmaMapGuest(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!CheckOpen(env)) return Napi::Value();
+  AddonData* data = env.GetInstanceData<AddonData>();
+  if (info.Length() < 1 || !info[0].IsObject() || !info[0].As<Napi::Object>().InstanceOf(data->guestMemoryCtor.Value())) {
+    ThrowTypeError(env, "dmaMapGuest: expected a GuestMemory");
+    return Napi::Value();
+  }
+  GuestMemory* mem = GuestMemory::Unwrap(info[0].As<Napi::Object>());
+  uint64_t index, iova;
+  if (!ArgU64(info, 1, "region", 1u << 20, &index) || !ArgU64(info, 2, "iova", static_cast<uint64_t>(kMaxSafe), &iova)) return Napi::Value();
+  if (!mem->mapped() || index >= mem->regions().size()) {
+    ThrowRangeError(env, "dmaMapGuest: no such mapped guest memory region");
+    return Napi::Value();
+  }
+  const GuestRegion& r = mem->regions()[index];
+  uint64_t page = PageSize();
+  uint64_t start = reinterpret_cast<uint64_t>(r.host) & ~(page - 1);
+  uint64_t end = (reinterpret_cast<uint64_t>(r.host) + r.size + page - 1) & ~(page - 1);
+  if (iova % page != 0 || iova + (end - start) < iova || iova + (end - start) > static_cast<uint64_t>(kMaxSafe)) {
+    ThrowRangeError(env, "dmaMapGuest: iova must be page aligned");
+    return Napi::Value();
+  }
+  if (guestMaps_.count(iova) != 0) {
+    ThrowError(env, "dmaMapGuest: a guest region is already mapped at this iova");
+    return Napi::Value();
+  }
+  struct vfio_iommu_type1_dma_map m = {};
+  m.argsz = sizeof(m);
+  m.flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+  m.vaddr = start;
+  m.iova = iova;
+  m.size = end - start;
+  if (Ioctl(containerFd_, VFIO_IOMMU_MAP_DMA, &m) < 0) {
+    ThrowSyscallError(env, "VFIO_IOMMU_MAP_DMA", errno);
+    return Napi::Value();
+  }
+  guestMaps_[iova] = end - start;
+  return Napi::Number::New(env, static_cast<double>(end - start));
+}
+
+// dmaUnmapGuest(iova: number): VFIO_IOMMU_UNMAP_DMA of what dmaMapGuest mapped at `iova`.
+Napi::Value VfioDevice::DmaUnmapGuest(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!CheckOpen(env)) return Napi::Value();
+  uint64_t iova;
+  if (!ArgU64(info, 0, "iova", static_cast<uint64_t>(kMaxSafe), &iova)) return Napi::Value();
+  auto it = guestMaps_.find(iova);
+  if (it == guestMaps_.end()) {
+    ThrowRangeError(env, "dmaUnmapGuest: no guest region is mapped at this iova");
+    return Napi::Value();
+  }
+  struct vfio_iommu_type1_dma_unmap u = {};
+  u.argsz = sizeof(u);
+  u.iova = it->first;
+  u.size = it->second;
+  guestMaps_.erase(it);
+  if (Ioctl(containerFd_, VFIO_IOMMU_UNMAP_DMA, &u) < 0) {
+    ThrowSyscallError(env, "VFIO_IOMMU_UNMAP_DMA", errno);
+    return Napi::Value();
+  }
+  return env.Undefined();
 }
 
 }  // namespace rnull

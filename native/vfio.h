@@ -58,6 +58,8 @@ class VfioDevice : public Napi::ObjectWrap<VfioDevice> {
   Napi::Value DmaMap(const Napi::CallbackInfo& info);
   Napi::Value DmaUnmap(const Napi::CallbackInfo& info);
   Napi::Value DmaFree(const Napi::CallbackInfo& info);
+  Napi::Value DmaMapGuest(const Napi::CallbackInfo& info);
+  Napi::Value DmaUnmapGuest(const Napi::CallbackInfo& info);
   Napi::Value SetMsix(const Napi::CallbackInfo& info);
   Napi::Value Reset(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
@@ -83,6 +85,9 @@ class VfioDevice : public Napi::ObjectWrap<VfioDevice> {
   std::vector<VfioBar> bars_;
   std::map<uint32_t, DmaBlock> blocks_;
   uint32_t nextBlockId_ = 1;
+  // Guest memory regions mapped for DMA (dmaMapGuest): IOVA -> bytes. The pages stay pinned by
+  // the IOMMU mapping until unmapped, even if the front-end's table is unmapped first.
+  std::map<uint64_t, uint64_t> guestMaps_;
 };
 
 }  // namespace rnull

@@ -6,7 +6,7 @@
  */
 import * as fs from 'fs';
 import * as path from 'path';
-import { native } from './index';
+import { native, type NativeGuestMemory } from './index';
 
 /** A usable IOVA range reported by the IOMMU; `end` is inclusive. */
 export interface IovaRange {
@@ -65,6 +65,14 @@ export interface NativeVfioDevice {
   dmaUnmap(id: number): void;
   /** Unmaps (if mapped), detaches the buffer, frees the memory. */
   dmaFree(id: number): void;
+  /**
+   * VFIO_IOMMU_MAP_DMA of guest memory region `region` of `memory` (whole pages around it) at
+   * `iova` (page aligned), device read+write; returns the bytes mapped. The region's first byte
+   * is at iova + regionLayout()[region].hostPageOffset. The pages stay pinned until unmapped.
+   */
+  dmaMapGuest(memory: NativeGuestMemory, region: number, iova: number): number;
+  /** Unmaps what dmaMapGuest mapped at `iova`. RangeError if nothing is. */
+  dmaUnmapGuest(iova: number): void;
   /** MSI-X vectors 0..n-1 -> eventfds (enables MSI-X); [] disables it. */
   setMsix(eventfds: number[]): void;
   /** VFIO_DEVICE_RESET. */

@@ -56,8 +56,8 @@ export function blkFeatures(disk: Disk): bigint {
 export function blkConfigSpace(disk: Disk, numQueues: number): Buffer {
   const c = Buffer.alloc(CONFIG_SPACE_BYTES);
   c.writeBigUInt64LE(BigInt(disk.capacitySectors), OFF_CAPACITY); // 512-byte sectors
-  c.writeUInt32LE(SIZE_MAX_BYTES, OFF_SIZE_MAX); // bytes per data descriptor
-  c.writeUInt32LE(SEG_MAX, OFF_SEG_MAX); // data descriptors per request
+  c.writeUInt32LE(Math.min(disk.sizeMax ?? SIZE_MAX_BYTES, SIZE_MAX_BYTES), OFF_SIZE_MAX); // bytes per data descriptor
+  c.writeUInt32LE(Math.min(disk.segMax ?? SEG_MAX, SEG_MAX), OFF_SEG_MAX); // data descriptors per request
   c.writeUInt32LE(disk.logicalBlockSize, OFF_BLK_SIZE); // bytes
   c.writeUInt8(0, OFF_PHYSICAL_BLOCK_EXP); // physical block = logical block
   c.writeUInt16LE(1, OFF_MIN_IO_SIZE); // in logical blocks

@@ -269,6 +269,7 @@ export class VhostUserBlkDevice {
       this.checkEpoch(epoch, 'new table');
       await this.releaseMemory();
       this.checkEpoch(epoch, 'new table');
+      this.disk.ops.memoryMapped?.(map.table); // e.g. DMA mappings for a device driver
       this.memory = map;
       if (this.threads !== null) await this.threads.mapMemory(regions, fds);
       this.checkEpoch(epoch, 'new table'); // reset() unmaps what was mapped meanwhile
@@ -286,6 +287,7 @@ export class VhostUserBlkDevice {
   /** Unmaps guest memory here, then on the worker threads (which refuse while a ring runs). */
   private async releaseMemory(): Promise<void> {
     if (this.memory !== null) {
+      this.disk.ops.memoryReleased?.(this.memory.table);
       this.memory.release();
       this.memory = null;
       if (this.threads !== null) await this.threads.releaseMemory();

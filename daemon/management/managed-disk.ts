@@ -8,6 +8,10 @@ import type { DiskConfig } from '../../config/disk-schema';
 import type { BadBlocks } from '../../drivers/null/badblocks';
 import type { WriteCache } from '../../drivers/null/write-cache';
 import type { QueueSnapshot } from '../../virtqueue/ring-queue';
+import type { NvmeQueueStats } from '../../drivers/nvme/driver';
+
+/** One NVMe queue pair's counters as NvmeDriver.stats() gives them. */
+export type NvmeQueueCounters = NvmeQueueStats & { qid: number; stale: number; sqDoorbells: number; cqDoorbells: number; inFlight: number };
 
 export interface ManagedDisk {
   readonly config: Pick<DiskConfig, 'name' | 'socket' | 'num_queues' | 'rotational' | 'shared_tags'>;
@@ -16,6 +20,8 @@ export interface ManagedDisk {
   readonly driver: { readonly badblocks: BadBlocks; readonly cache: WriteCache | null };
   /** Worker threads serving some of its queues (threads > 1), or null. */
   readonly workers: { setBadBlocks(ranges: [number, number][]): Promise<void> } | null;
+  /** driver nvme: the driver's per-queue counters (`rnull ctl stats`), by hardware queue. */
+  readonly nvme?: { readonly nvme: { stats(): ReadonlyArray<NvmeQueueCounters>; resetController(why: string): Promise<void>; readonly broken: boolean } };
   /** One entry per virtqueue; each queue's counters (`rnull ctl stats`). */
   readonly device: { readonly vrings: readonly { readonly queue: { snapshot(): QueueSnapshot | Promise<QueueSnapshot> } }[] };
 }

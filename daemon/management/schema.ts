@@ -14,8 +14,12 @@ message Request {
     BadBlocks bad_blocks = 2;
     GetStats get_stats = 3;
     DropCache drop_cache = 4;
+    ResetController reset_controller = 5;
   }
 }
+
+// driver nvme: resets the disk's NVMe controller (outstanding requests are resubmitted).
+message ResetController { string disk = 1; }
 
 // Loses a disk's unflushed write-cache data, as a power failure would (cache_size).
 message DropCache { string disk = 1; }
@@ -70,6 +74,26 @@ message QueueStats {
   uint64 spin_hits = 11;
   uint64 poll_ns = 12;
   uint32 thread = 13;  // 0: the main thread; n: worker thread n (disk option threads)
+  NvmeQueueStats nvme = 14;  // driver nvme: the queue's I/O queue pair
+}
+
+message NvmeQueueStats {
+  uint32 qid = 1;
+  uint64 commands = 2;     // NVMe commands submitted
+  uint64 splits = 3;       // extra commands from cutting requests (PRP junctions, MDTS)
+  uint64 bounces = 4;      // commands sent through a bounce buffer
+  uint64 aborts = 5;
+  uint64 resets = 6;
+  uint64 retries = 7;
+  uint64 waits = 8;        // requests that waited for a command id or a bounce slot
+  uint64 errors = 9;       // commands completed with an error status
+  uint64 timeouts = 10;
+  uint64 late = 11;        // completions for requests that had ended (dropped)
+  uint64 stale = 12;       // completions dropped by command-id generation
+  uint64 interrupts = 13;
+  uint64 sq_doorbells = 14;
+  uint64 cq_doorbells = 15;
+  uint32 in_flight = 16;   // commands in flight
 }
 `;
 
@@ -108,6 +132,25 @@ export interface QueueStatsMsg {
   spin_hits: number;
   poll_ns: number;
   thread: number;
+  nvme?: NvmeQueueStatsMsg;
+}
+export interface NvmeQueueStatsMsg {
+  qid: number;
+  commands: number;
+  splits: number;
+  bounces: number;
+  aborts: number;
+  resets: number;
+  retries: number;
+  waits: number;
+  errors: number;
+  timeouts: number;
+  late: number;
+  stale: number;
+  interrupts: number;
+  sq_doorbells: number;
+  cq_doorbells: number;
+  in_flight: number;
 }
 export interface ResponseMsg {
   ok: boolean;
@@ -121,6 +164,7 @@ export interface RequestMsg {
   list_disks?: Record<string, never>;
   bad_blocks?: { disk: string; action: number; start?: number; end?: number };
   get_stats?: { disk: string };
+  reset_controller?: { disk: string };
   drop_cache?: { disk: string };
 }
 

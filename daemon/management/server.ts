@@ -13,8 +13,8 @@ import * as path from 'path';
 import type { Logger } from 'pino';
 import { native } from '../../native';
 import { SyscallError } from '../../native/errors';
-import type { ManagedDisk } from './managed-disk';
-import { BadBlocksAction, readDelimited, RequestMsg, RequestType, ResponseMsg, ResponseType } from './schema';
+import type { ManagedDisk, NvmeQueueCounters } from './managed-disk';
+import { BadBlocksAction, readDelimited, RequestMsg, RequestType, ResponseMsg, ResponseType, type NvmeQueueStatsMsg } from './schema';
 
 export interface ManagementServerOptions {
   /** A client that sends nothing for this many milliseconds is disconnected (default 60000). */
@@ -180,9 +180,18 @@ export class ManagementServer {
         this.log.warn({ disk: d.config.name, lostBytes: lost }, 'write cache dropped on request (power-failure emulation)');
         return { ok: true, cache_dirty_bytes: 0 };
       }
+      if (req.reset_controller !== undefined) {
+        const d = this.disk(req.reset_controller.disk);
+        if (d.nvme === undefined) throw new Error(`disk "${d.config.name}" is not served by the nvme driver`);
+        this.log.warn({ disk: d.config.name }, 'controller reset requested');
+        await d.nvme.nvme.resetController('requested by rnull ctl');
+        if (d.nvme.nvme.broken) throw new Error(`disk "${d.config.name}": the controller did not come back from the reset`);
+        return { ok: true };
+      }
       if (req.get_stats !== undefined) {
         const d = this.disk(req.get_stats.disk);
         const snapshots = await Promise.all(d.device.vrings.map((r) => r.queue.snapshot()));
+        const nvme = d.nvme?.nvme.stats();
         return {
           ok: true,
           cache_dirty_bytes: d.driver.cache?.dirtyBytes ?? 0,
@@ -200,6 +209,7 @@ export class ManagementServer {
             spins: q.spins,
             spin_hits: q.spinHits,
             poll_ns: q.pollNs,
+            nvme: nvmeQueueStats(nvme?.[index]),
           })),
         };
       }
@@ -279,4 +289,27 @@ function removeStaleSocket(p: string): void {
     throw e;
   }
   throw new Error(`management socket ${p} is in use by another process`);
+}
+
+/** An NVMe queue pair's counters for the protocol, or undefined for other drivers. */
+function nvmeQueueStats(n: NvmeQueueCounters | undefined): NvmeQueueStatsMsg | undefined {
+  if (n === undefined) return undefined;
+  return {
+    qid: n.qid,
+    commands: n.commands,
+    splits: n.splits,
+    bounces: n.bounces,
+    aborts: n.aborts,
+    resets: n.resets,
+    retries: n.retries,
+    waits: n.waits,
+    errors: n.errors,
+    timeouts: n.timeouts,
+    late: n.late,
+    stale: n.stale,
+    interrupts: n.interrupts,
+    sq_doorbells: n.sqDoorbells,
+    cq_doorbells: n.cqDoorbells,
+    in_flight: n.inFlight,
+  };
 }

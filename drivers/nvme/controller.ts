@@ -193,6 +193,15 @@ export class CommandQueue {
     }
   }
 
+  /** Fails every command in flight (their completions, if any come, are dropped as stale). */
+  failOutstanding(why: string): void {
+    for (const { cid, ctx } of this.qp.outstanding()) {
+      this.qp.abandon(cid);
+      clearTimeout(ctx.timer);
+      ctx.reject(new Error(`${ctx.what}: ${why}`));
+    }
+  }
+
   /** Stops the completion source and fails what is in flight. */
   close(): void {
     if (this.closed) return;
@@ -234,6 +243,14 @@ function finish(p: Pending, c: Completion): void {
   else p.resolve(c);
 }
 
+/** A bare I/O queue pair (createIoQueuePair). */
+export interface IoQueuePair<T> {
+  qp: QueuePair<T>;
+  /** The MSI-X eventfd of its vector (interrupt mode), else undefined. */
+  eventfd: number | undefined;
+  ring: { sq: DmaRegion; cq: DmaRegion };
+}
+
 export interface NvmeControllerOptions {
   /** PCI address, e.g. 0000:00:04.0 (bound to vfio-pci). */
   bdf: string;
@@ -269,6 +286,7 @@ export class NvmeController {
   readonly regs: RegisterIo;
   private readonly eventfds: number[] = [];
   private readonly ioQueues = new Map<number, CommandQueue>();
+  private readonly rawQueues = new Map<number, IoQueuePair<unknown>>();
   private identifyBuf!: DmaRegion;
   private readonly log: LogFn;
   private readonly adminTimeoutMs: number;
@@ -417,8 +435,29 @@ export class NvmeController {
    * been wired at open (interrupts on, qid < vectors).
    */
   async createIoQueue(qid: number, entries: number, mode: CompletionMode): Promise<CommandQueue> {
-    if (!Number.isInteger(qid) || qid < 1 || qid > this.grantedIoQueues) throw new RangeError(`I/O queue id ${qid} not in 1..${this.grantedIoQueues}`);
     if (this.ioQueues.has(qid)) throw new Error(`I/O queue ${qid} exists already`);
+    const { sq, cq } = await this.createQueues(qid, entries, mode);
+    const q = new CommandQueue(this.queuePair(qid, entries, sq, cq), mode, { sq, cq }, mode === 'interrupt' ? this.eventfds[qid] : undefined, this.log);
+    this.ioQueues.set(qid, q);
+    return q;
+  }
+
+  /**
+   * createIoQueue for a driver's data path: the bare queue pair (contexts of type T, completions
+   * reaped by the caller), its MSI-X eventfd in interrupt mode, and its ring memory. Deleted by
+   * deleteIoQueue(qid) or shutdown.
+   */
+  async createIoQueuePair<T>(qid: number, entries: number, mode: CompletionMode): Promise<IoQueuePair<T>> {
+    if (this.ioQueues.has(qid) || this.rawQueues.has(qid)) throw new Error(`I/O queue ${qid} exists already`);
+    const { sq, cq } = await this.createQueues(qid, entries, mode);
+    const q: IoQueuePair<T> = { qp: this.queuePair<T>(qid, entries, sq, cq), eventfd: mode === 'interrupt' ? this.eventfds[qid] : undefined, ring: { sq, cq } };
+    this.rawQueues.set(qid, q as IoQueuePair<unknown>);
+    return q;
+  }
+
+  /** Create I/O CQ then SQ `qid`, in fresh DMA memory. */
+  private async createQueues(qid: number, entries: number, mode: CompletionMode): Promise<{ sq: DmaRegion; cq: DmaRegion }> {
+    if (!Number.isInteger(qid) || qid < 1 || qid > this.grantedIoQueues) throw new RangeError(`I/O queue id ${qid} not in 1..${this.grantedIoQueues}`);
     if (!Number.isInteger(entries) || entries < 2 || entries > Math.min(this.cap.maxQueueEntries, 4097)) {
       throw new RangeError(`I/O queue size ${entries} not in 2..${Math.min(this.cap.maxQueueEntries, 4097)}`);
     }
@@ -438,17 +477,51 @@ export class NvmeController {
       this.dma.free(cq);
       throw err;
     }
-    const q = new CommandQueue(this.queuePair(qid, entries, sq, cq), mode, { sq, cq }, mode === 'interrupt' ? this.eventfds[qid] : undefined, this.log);
-    this.ioQueues.set(qid, q);
-    return q;
+    return { sq, cq };
   }
+
+  /**
+   * Controller reset (1.4, 7.3.2 "Controller Level Reset"), for the timeout ladder and `rnull
+   * ctl`: CC.EN=0 and wait for RDY=0 (bounded by CAP.TO; from then on the controller does no
+   * more DMA for the old commands), then `whileDisabled()` (the caller requeues or fails what
+   * was outstanding), then the admin queue from empty at the same memory, CC.EN=1, Number of
+   * Queues, and every bare I/O queue pair (createIoQueuePair) created again at the same memory
+   * and vector. MSI-X stays on throughout (QEMU 7.2 needs it on at CC.EN). Throws if the
+   * controller does not come back (gone, fatal, a command failing); it is then unusable.
+   */
+  async reset(whileDisabled: () => void): Promise<void> {
+    this.admin.failOutstanding('controller reset');
+    const cc = this.regs.read32(Reg.CC);
+    this.regs.write32(Reg.CC, (cc & ~CC_EN) >>> 0);
+    await this.waitReady(false, 'reset: disable');
+    for (const q of this.rawQueues.values()) q.qp.resetRing(q.ring.cq.bytes);
+    whileDisabled();
+    this.admin.qp.resetRing(this.admin.ring.cq.bytes);
+    this.write64(Reg.ASQ, this.admin.ring.sq.iova);
+    this.write64(Reg.ACQ, this.admin.ring.cq.iova);
+    this.regs.write32(Reg.CC, (cc | CC_EN) >>> 0);
+    await this.waitReady(true, 'reset: enable');
+    const c = await this.adminCommand(setNumberOfQueues(this.grantedIoQueues, this.grantedIoQueues), 'Set Features Number of Queues');
+    const g = grantedQueues(c.dw0);
+    if (Math.min(g.sq, g.cq) < this.grantedIoQueues) throw new Error(`${this.bdf}: after reset the controller grants ${Math.min(g.sq, g.cq)} I/O queue pairs, fewer than before`);
+    for (const [qid, q] of this.rawQueues) {
+      await this.adminCommand(createIoCq(qid, q.qp.entries, q.ring.cq.iova, q.eventfd !== undefined ? qid : null), `Create I/O CQ ${qid}`);
+      await this.adminCommand(createIoSq(qid, q.qp.entries, q.ring.sq.iova, qid), `Create I/O SQ ${qid}`);
+    }
+    this.resets++;
+    this.log('info', `${this.bdf}: controller reset done`);
+  }
+
+  /** Controller resets done. */
+  resets = 0;
 
   /** Deletes I/O queue pair `qid` (SQ first, then CQ) and frees its memory. */
   async deleteIoQueue(qid: number): Promise<void> {
-    const q = this.ioQueues.get(qid);
+    const q = this.ioQueues.get(qid) ?? this.rawQueues.get(qid);
     if (q === undefined) return;
     this.ioQueues.delete(qid);
-    q.close();
+    this.rawQueues.delete(qid);
+    if (q instanceof CommandQueue) q.close();
     try {
       await this.adminCommand(deleteIoSq(qid), `Delete I/O SQ ${qid}`);
       await this.adminCommand(deleteIoCq(qid), `Delete I/O CQ ${qid}`);
@@ -465,7 +538,7 @@ export class NvmeController {
    */
   async shutdown(): Promise<number> {
     try {
-      for (const qid of [...this.ioQueues.keys()]) {
+      for (const qid of [...this.ioQueues.keys(), ...this.rawQueues.keys()]) {
         await this.deleteIoQueue(qid).catch((err: Error) => this.log('warn', `${this.bdf}: ${err.message}`));
       }
       const t = performance.now();
@@ -492,6 +565,7 @@ export class NvmeController {
     this.closed = true;
     for (const q of this.ioQueues.values()) q.close();
     this.ioQueues.clear();
+    this.rawQueues.clear();
     this.admin?.close();
     try {
       this.dev.close();
@@ -501,11 +575,11 @@ export class NvmeController {
     }
   }
 
-  private queuePair(qid: number, entries: number, sq: DmaRegion, cq: DmaRegion): QueuePair<Pending> {
+  private queuePair<T = Pending>(qid: number, entries: number, sq: DmaRegion, cq: DmaRegion): QueuePair<T> {
     const stride = this.cap.doorbellStride;
     const sqDb = sqTailDoorbell(qid, stride);
     const cqDb = cqHeadDoorbell(qid, stride);
-    return new QueuePair<Pending>({
+    return new QueuePair<T>({
       qid,
       entries,
       sq: sq.bytes,

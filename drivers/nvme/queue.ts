@@ -134,6 +134,91 @@ export class QueuePair<T> {
     return cid;
   }
 
+  /** The tag the next submit will use (its PRP list page, say), or -1 when every tag is in flight. */
+  get nextTag(): number {
+    const n = this.freeTags.length;
+    return n === 0 ? -1 : (this.freeTags[n - 1] as number);
+  }
+
+  /**
+   * submit() for the data path, allocation-free: an NVM command with NSID, PRP1/PRP2 (IOVAs,
+   * dword aligned; the caller checks) and CDW10-13 (32-bit values), PSDT 0. Uses the tag
+   * `nextTag` named. Returns the command id, or -1 when every tag is in flight.
+   */
+  submitIo(opcode: number, nsid: number, prp1: number, prp2: number, cdw10: number, cdw11: number, cdw12: number, cdw13: number, ctx: T): number {
+    const tag = this.freeTags.pop();
+    if (tag === undefined) return -1;
+    const g = (this.gen[tag]! + 1) & GEN_MASK;
+    const cid = (g << TAG_BITS) | tag;
+    const v = this.sqView;
+    const at = this.sqTail * SQE_SIZE;
+    v.setUint32(at, (opcode | (cid << 16)) >>> 0, true);
+    v.setUint32(at + 4, nsid, true);
+    v.setUint32(at + 8, 0, true);
+    v.setUint32(at + 12, 0, true);
+    v.setUint32(at + 16, 0, true); // MPTR
+    v.setUint32(at + 20, 0, true);
+    v.setUint32(at + 24, prp1 % 0x100000000, true);
+    v.setUint32(at + 28, Math.floor(prp1 / 0x100000000), true);
+    v.setUint32(at + 32, prp2 % 0x100000000, true);
+    v.setUint32(at + 36, Math.floor(prp2 / 0x100000000), true);
+    v.setUint32(at + 40, cdw10, true);
+    v.setUint32(at + 44, cdw11, true);
+    v.setUint32(at + 48, cdw12, true);
+    v.setUint32(at + 52, cdw13, true);
+    v.setUint32(at + 56, 0, true);
+    v.setUint32(at + 60, 0, true);
+    this.gen[tag] = g;
+    this.ctx[tag] = ctx;
+    this.busy[tag] = 1;
+    this.sqTail = (this.sqTail + 1) % this.entries;
+    this.stats.submitted++;
+    return cid;
+  }
+
+  /**
+   * poll() for the data path, allocation-free: each live completion is passed to `complete`
+   * at once (its tag already free, so `complete` may submit) with its context, status field
+   * (without the phase bit; 0 is success), DW0 and the command's tag (cid bits 11:0, for
+   * per-command state such as a PRP list page or a bounce buffer). At most `max` entries; the CQ head doorbell
+   * is rung once at the end if any entry was consumed. Returns the entries consumed.
+   */
+  reap(complete: (ctx: T, status: number, dw0: number, tag: number) => void, max = this.maxBatch): number {
+    let n = 0;
+    const limit = Math.min(max, this.maxBatch);
+    const v = this.cqView;
+    while (n < limit) {
+      const at = this.cqHead * CQE_SIZE;
+      const dw3 = v.getUint32(at + 12, true);
+      if (((dw3 >>> 16) & 1) !== this.phase) break;
+      const dw0 = v.getUint32(at, true);
+      const sqHead = v.getUint32(at + 8, true) & 0xffff;
+      n++;
+      this.cqHead++;
+      if (this.cqHead === this.entries) {
+        this.cqHead = 0;
+        this.phase ^= 1;
+      }
+      if (sqHead < this.entries) this.sqHeadSeen = sqHead;
+      const cid = dw3 & 0xffff;
+      const tag = cid & (MAX_TAGS - 1);
+      if (tag >= this.capacity || this.busy[tag] === 0 || this.gen[tag] !== cid >>> TAG_BITS) {
+        this.stats.stale++;
+        this.onStale(this.qid, readCqe(v, at), tag >= this.capacity ? `tag ${tag} out of range` : this.busy[tag] === 0 ? `tag ${tag} not in flight` : `generation ${cid >>> TAG_BITS} of tag ${tag}, expected ${this.gen[tag]}`);
+        continue;
+      }
+      const ctx = this.ctx[tag] as T;
+      this.release(tag);
+      this.stats.completed++;
+      complete(ctx, dw3 >>> 17, dw0, tag);
+    }
+    if (n > 0) {
+      this.doorbells.cqHead(this.cqHead);
+      this.stats.cqDoorbells++;
+    }
+    return n;
+  }
+
   /** Rings the SQ tail doorbell if commands were added since the last commit. Returns whether it rang. */
   commit(): boolean {
     if (this.sqTail === this.sqTailRung) return false;
@@ -201,6 +286,41 @@ export class QueuePair<T> {
     const ctx = this.ctx[tag] as T;
     this.release(tag);
     return ctx;
+  }
+
+  /**
+   * Back to an empty, freshly created queue (after a controller reset, before the queue is
+   * created again on the controller at the same memory): indexes and phase to their start, the
+   * CQ memory zeroed, every command forgotten (tags freed; their generations stay, so nothing
+   * from before the reset can match later). Returns the contexts that were in flight.
+   */
+  resetRing(cqMemory: Uint8Array): T[] {
+    const lost: T[] = [];
+    for (let tag = 0; tag < this.capacity; tag++) {
+      if (this.busy[tag] === 1) {
+        lost.push(this.ctx[tag] as T);
+        this.release(tag);
+      }
+    }
+    this.sqTail = 0;
+    this.sqTailRung = 0;
+    this.sqHeadSeen = 0;
+    this.cqHead = 0;
+    this.phase = 1;
+    cqMemory.fill(0);
+    return lost;
+  }
+
+  /** The tag of every command in flight (slow path: timeouts). */
+  busyTags(): number[] {
+    const out: number[] = [];
+    for (let tag = 0; tag < this.capacity; tag++) if (this.busy[tag] === 1) out.push(tag);
+    return out;
+  }
+
+  /** The command id of tag `tag`'s current command. */
+  cidOf(tag: number): number {
+    return ((this.gen[tag] as number) << TAG_BITS) | tag;
   }
 
   /** Contexts of every command in flight, in tag order (for a reset, later). */

@@ -85,7 +85,7 @@ export function nvmeQemuArgs(controllers: NvmeControllerSpec[]): string[] {
     args.push('-device', [`nvme`, `id=${c.id}`, `serial=${c.serial}`, `addr=0x${c.slot.toString(16)}`, ...(c.properties ?? [])].join(','));
     for (const ns of c.namespaces) {
       const drive = `${c.id}n${ns.nsid}`;
-      args.push('-drive', `file=${ns.file},if=none,id=${drive},format=raw,cache=writeback`);
+      args.push('-drive', `file=${ns.file},if=none,id=${drive},format=raw,cache=writeback,discard=unmap`);
       args.push(
         '-device',
         `nvme-ns,drive=${drive},bus=${c.id},nsid=${ns.nsid},logical_block_size=${ns.blockSize},physical_block_size=${ns.blockSize}`,

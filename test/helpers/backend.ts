@@ -12,10 +12,12 @@ import { defaultDiskConfig } from '../../config/load';
 import { Disk } from '../../block/disk';
 import type { Operations } from '../../block/operations';
 import { createDisk, ServedDisk } from '../../daemon/service';
+import type { NullDriver } from '../../drivers/null/null-driver';
 import { VhostUserBlkDevice } from '../../vhost/blk-device';
 import { VhostUserServer } from '../../vhost/server';
 
 export interface TestBackend extends ServedDisk {
+  driver: NullDriver;
   socket: string;
   logs: Array<Record<string, unknown>>;
   close(): Promise<void>;

@@ -133,6 +133,10 @@ class FakeNvme implements NativeVfioDevice {
   dmaFree(id: number): void {
     this.blocks.delete(id);
   }
+  dmaMapGuest(): number {
+    throw new Error('not emulated');
+  }
+  dmaUnmapGuest(): void {}
   setMsix(fds: number[]): void {
     this.events.push(`setMsix(${fds.length})`);
     this.msix = fds;
@@ -223,6 +227,26 @@ describe('NvmeController bring-up against a fake device', () => {
     }
     expect(dev.events.slice(-2)).toEqual(['CC.SHN=normal', 'close']);
     expect(dev.closed).toBe(true);
+  });
+
+  test('reset: CC.EN=0 and RDY=0 awaited before the outstanding work is handed back; admin queue from empty, CC.EN=1, Number of Queues, I/O queues created again CQ first', async () => {
+    const dev = new FakeNvme();
+    const c = await NvmeController.attach(dev, { bdf: BDF, ioQueues: 2 });
+    try {
+      const q = await c.createIoQueuePair<number>(1, 16, 'poll');
+      expect(q.qp.submitIo(2, 1, 0x10000, 0, 0, 0, 0, 0, 42)).toBeGreaterThanOrEqual(0); // the fake never completes it
+      dev.events.length = 0;
+      await c.reset(() => {
+        dev.events.push(`whileDisabled RDY=${dev.csts & 1} inFlight=${q.qp.inFlight}`);
+      });
+      expect(dev.events).toEqual(['CC.EN=0', 'whileDisabled RDY=0 inFlight=0', 'CC.EN=1', 'admin 0x9', 'admin 0x5', 'admin 0x1']);
+      expect(c.resets).toBe(1);
+      // The queue works again from slot 0.
+      expect(q.qp.nextTag).toBeGreaterThanOrEqual(0);
+      expect(await c.identifyNamespace(1)).toMatchObject({ nsze: 1000 });
+    } finally {
+      await c.shutdown();
+    }
   });
 
   test('a controller found enabled is disabled (RDY=0 awaited) before the admin queue is set', async () => {

@@ -1,0 +1,133 @@
+/**
+ * openNvmeDisk: a disk served from an NVMe namespace (driver "nvme") — start-up checks, the
+ * controller brought up through VFIO, the namespace identified, the NvmeDriver with one I/O
+ * queue pair per hardware queue, and the Disk with the namespace's geometry.
+ *
+ * Problems the user must fix (device not bound to vfio-pci, no IOMMU group, missing namespace,
+ * namespace with metadata or protection information, memlock limit too low) throw
+ * NvmeSetupError with what to do; the daemon exits with status 2 on it.
+ */
+import * as fs from 'fs';
+import type { Logger } from 'pino';
+import { Disk } from '../block/disk';
+import { TagSet } from '../block/tag-set';
+import type { DiskConfig } from '../config/disk-schema';
+import { BadBlocks } from '../drivers/null/badblocks';
+import { NvmeController } from '../drivers/nvme/controller';
+import { NvmeDriver } from '../drivers/nvme/driver';
+import { pciDeviceStatus } from '../native/vfio';
+import { SEG_MAX, SIZE_MAX_BYTES } from '../vhost/blk-config';
+
+export class NvmeSetupError extends Error {
+  override name = 'NvmeSetupError';
+}
+
+/** Locked memory the driver needs at least (queues, PRP lists) before any guest memory. */
+export const MIN_MEMLOCK_BYTES = 64 * 1048576;
+
+export interface NvmeDisk {
+  disk: Disk;
+  nvme: NvmeDriver;
+  /** What the management API expects of a driver (no bad blocks, no cache for NVMe). */
+  driver: { badblocks: BadBlocks; cache: null };
+}
+
+/**
+ * RLIMIT_MEMLOCK (soft) in bytes from /proc/self/limits (Infinity: unlimited), and whether the
+ * process has CAP_IPC_LOCK (then VFIO does not count pinned pages against it).
+ */
+export function memlockStatus(proc = '/proc/self'): { limit: number; capIpcLock: boolean } {
+  let limit = Infinity;
+  const m = /^Max locked memory\s+(\S+)/m.exec(fs.readFileSync(`${proc}/limits`, 'utf8'));
+  if (m !== null && m[1] !== 'unlimited') limit = Number(m[1]);
+  const cap = /^CapEff:\s+([0-9a-f]+)/m.exec(fs.readFileSync(`${proc}/status`, 'utf8'));
+  const capIpcLock = cap !== null && (BigInt('0x' + cap[1]) & (1n << 14n)) !== 0n;
+  return { limit, capIpcLock };
+}
+
+/** The checks that need no device access: bound to vfio-pci, IOMMU group, memlock. */
+export function checkNvmeSetup(bdf: string, sysfs = '/sys', proc = '/proc/self'): void {
+  let st;
+  try {
+    st = pciDeviceStatus(bdf, sysfs);
+  } catch (err) {
+    throw new NvmeSetupError(`${(err as Error).message}: check the pci setting (lspci -D lists the devices)`);
+  }
+  if (st.driver !== 'vfio-pci') {
+    throw new NvmeSetupError(
+      `PCI device ${bdf} is bound to ${st.driver ?? 'no driver'}, not vfio-pci. Bind it with: modprobe vfio-pci; ` +
+        `echo vfio-pci > /sys/bus/pci/devices/${bdf}/driver_override; ` +
+        (st.driver !== null ? `echo ${bdf} > /sys/bus/pci/devices/${bdf}/driver/unbind; ` : '') +
+        `echo ${bdf} > /sys/bus/pci/drivers_probe`,
+    );
+  }
+  if (st.group === null) throw new NvmeSetupError(`PCI device ${bdf} has no IOMMU group: enable the IOMMU (e.g. intel_iommu=on on the kernel command line)`);
+  const ml = memlockStatus(proc);
+  if (!ml.capIpcLock && ml.limit < MIN_MEMLOCK_BYTES) {
+    throw new NvmeSetupError(
+      `the locked-memory limit is ${ml.limit} bytes: the NVMe driver pins its queues and the guest's whole memory for DMA. ` +
+        `Raise it to at least the guest memory size plus ${MIN_MEMLOCK_BYTES / 1048576} MiB (ulimit -l, or LimitMEMLOCK= in a systemd unit)`,
+    );
+  }
+}
+
+/** Opens the controller and the namespace of `config` and builds the disk. */
+export async function openNvmeDisk(config: DiskConfig, log: Logger): Promise<NvmeDisk> {
+  checkNvmeSetup(config.pci);
+  const clog = (level: 'info' | 'warn' | 'error', msg: string): void => log[level](msg);
+  const controller = await NvmeController.open({ bdf: config.pci, ioQueues: config.num_queues, interrupts: !config.nvme_poll, log: clog });
+  try {
+    if (controller.grantedIoQueues < config.num_queues) {
+      throw new NvmeSetupError(`${config.pci}: the controller grants ${controller.grantedIoQueues} I/O queue pairs, fewer than num_queues ${config.num_queues}`);
+    }
+    const active = await controller.activeNamespaces();
+    if (!active.includes(config.nsid)) {
+      throw new NvmeSetupError(`${config.pci}: namespace ${config.nsid} does not exist or is not attached (active namespaces: ${active.join(', ') || 'none'}); set nsid to one of them`);
+    }
+    const ns = await controller.identifyNamespace(config.nsid);
+    if (ns.format.metadataSize !== 0 || ns.protectionType !== 0) {
+      throw new NvmeSetupError(
+        `${config.pci}: namespace ${config.nsid} has ${ns.format.metadataSize} bytes of metadata per block` +
+          (ns.protectionType !== 0 ? ` and protection information type ${ns.protectionType}` : '') +
+          `, which rnull does not serve: format it without (e.g. nvme format with an LBA format whose metadata size is 0) or choose another namespace`,
+      );
+    }
+    if (ns.blockSize < 512 || ns.blockSize > 4096) throw new NvmeSetupError(`${config.pci}: namespace ${config.nsid} has ${ns.blockSize}-byte blocks; 512 to 4096 are served`);
+    const entries = Math.min(controller.cap.maxQueueEntries, 1024);
+    const nvme = await NvmeDriver.open({ controller, nsid: config.nsid, namespace: ns, queues: config.num_queues, entries, poll: config.nvme_poll, log: clog });
+    const serial = config.serial !== '' ? config.serial : `${controller.identity.serial.slice(0, 20 - String(config.nsid).length - 1)}-${config.nsid}`;
+    const disk = new Disk({
+      name: config.name,
+      capacitySectors: ns.nsze * (ns.blockSize / 512),
+      logicalBlockSize: ns.blockSize,
+      readOnly: config.read_only,
+      serial: serial.replace(/[^\x20-\x7e]/g, '?'),
+      flush: nvme.volatileWriteCache,
+      discard: nvme.discard,
+      timeoutMs: config.io_timeout,
+      sizeMax: Math.min(SIZE_MAX_BYTES, nvme.maxTransferBytes),
+      segMax: Math.min(SEG_MAX, Math.max(1, nvme.maxTransferBytes / 4096)),
+      tagSet: new TagSet({ nrHwQueues: config.num_queues, queueDepth: config.hw_queue_depth }),
+      ops: nvme,
+    });
+    log.info(
+      { pci: config.pci, nsid: config.nsid, blocks: ns.nsze, blockSize: ns.blockSize, maxTransfer: nvme.maxTransferBytes, vwc: nvme.volatileWriteCache, discard: nvme.discard, poll: config.nvme_poll, queues: config.num_queues },
+      'NVMe namespace opened',
+    );
+    return { disk, nvme, driver: { badblocks: new BadBlocks(), cache: null } };
+  } catch (err) {
+    await controller.shutdown().catch(() => controller.close());
+    throw err;
+  }
+}
+
+/** Stops the driver and shuts the controller down cleanly (CC.SHN). */
+export async function closeNvmeDisk(d: NvmeDisk, log: Logger): Promise<void> {
+  d.nvme.close();
+  try {
+    const ms = await d.nvme.controller.shutdown();
+    log.info({ pci: d.nvme.controller.bdf, ms: Math.round(ms) }, 'NVMe controller shut down');
+  } catch (err) {
+    log.warn({ err }, `NVMe shutdown: ${(err as Error).message}`);
+  }
+}
