@@ -38,15 +38,15 @@ async function fullCallFd(threads: number, q: number): Promise<void> {
   fe.callFds[q] = call;
   fe.send(Req.SET_VRING_CALL, u64(BigInt(q)), [call]);
   await fe.call(Req.GET_QUEUE_NUM);
-  // ...which the back-end made non-blocking (the flag belongs to the description we share)...
-  expect(native.setNonBlocking(call, false)).toBe(true);
-  // ...but we cleared it again, and fill the counter so that a write of 1 would block.
+  // ...which the back-end made non-blocking (the flag belongs to the description we share:
+  // setNonBlocking answers what it was, and puts it back)...
+  expect(native.setNonBlocking(call, true)).toBe(true);
+  // ...with its counter full, so that a blocking write of 1 would never return.
   fillCounter(call);
   try {
     expect(await fe.blk(q, 0, 0, { readLen: 512 })).toEqual({ status: 0, len: 513, data: Buffer.alloc(512) });
     expect(await fe.blk(q, 0, 8, { readLen: 512 })).toMatchObject({ status: 0, len: 513 });
     // The counter is untouched (full: the front-end is signalled anyway).
-    native.setNonBlocking(call, true);
     expect(native.eventfdRead(call)).toBe(0xfffffffffffffffe);
     // And it still answers the front-end: the ring stops and reports where it was.
     fe.send(Req.SET_VRING_ENABLE, state(q, 0));
