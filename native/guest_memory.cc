@@ -169,37 +169,4 @@ Napi::Value GuestMemory::Unmap(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-uint8_t* GuestMemory::HostRangeGpa(uint64_t gpa, uint64_t len) const {
-  for (const GuestRegion& r : regions_) {
-    if (gpa >= r.gpa && gpa - r.gpa < r.size && len <= r.size - (gpa - r.gpa)) return r.host + (gpa - r.gpa);
-  }
-  return nullptr;
-}
-
-uint8_t* GuestMemory::HostRangeUaddr(uint64_t uaddr, uint64_t len) const {
-  for (const GuestRegion& r : regions_) {
-    if (uaddr >= r.uaddr && uaddr - r.uaddr < r.size && len <= r.size - (uaddr - r.uaddr)) return r.host + (uaddr - r.uaddr);
-  }
-  return nullptr;
-}
-
-bool GuestMemory::Translate(uint64_t gpa, uint64_t len, ChunkRef* out) const {
-  size_t n = regions_.size();
-  for (size_t k = 0; k < n; k++) {
-    size_t i = (lastHit_ + k) % n;  // descriptors cluster in one region: try the last hit first
-    const GuestRegion& r = regions_[i];
-    if (gpa < r.gpa || gpa - r.gpa >= r.size) continue;
-    lastHit_ = i;
-    uint64_t rel = gpa - r.gpa;
-    uint64_t inChunk = rel & (kChunkBytes - 1);
-    uint64_t avail = kChunkBytes - inChunk;
-    if (avail > r.size - rel) avail = r.size - rel;
-    out->chunk = r.firstChunk + static_cast<uint32_t>(rel >> kChunkShift);
-    out->offset = static_cast<uint32_t>(inChunk);
-    out->length = static_cast<uint32_t>(len < avail ? len : avail);
-    return true;
-  }
-  return false;
-}
-
 }  // namespace rnull

@@ -30,13 +30,6 @@ struct GuestRegion {
   uint32_t firstChunk; // chunk index of the region's first byte
 };
 
-// One translated piece of guest memory: chunk index and byte offset inside that chunk.
-struct ChunkRef {
-  uint32_t chunk;
-  uint32_t offset;
-  uint32_t length;  // bytes available from offset, to the end of the chunk or the requested end
-};
-
 class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
  public:
   static void Init(Napi::Env env, Napi::Object exports, Napi::FunctionReference* ctor);
@@ -44,13 +37,6 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   ~GuestMemory() override;
 
   bool mapped() const { return mapped_; }
-  // Host pointer for [gpa, gpa+len) if it lies inside one region, else nullptr.
-  uint8_t* HostRangeGpa(uint64_t gpa, uint64_t len) const;
-  // Host pointer for a front-end virtual address range inside one region, else nullptr.
-  uint8_t* HostRangeUaddr(uint64_t uaddr, uint64_t len) const;
-  // Translates the start of [gpa, gpa+len): the piece up to the end of its chunk or of the range.
-  // Returns false if gpa is not in guest memory.
-  bool Translate(uint64_t gpa, uint64_t len, ChunkRef* out) const;
   // The mapped regions (empty once unmapped), for the ring walk's own table (split_ring.h).
   const std::vector<GuestRegion>& regions() const { return regions_; }
 
@@ -63,7 +49,6 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   std::vector<GuestRegion> regions_;
   std::vector<Napi::Reference<Napi::ArrayBuffer>> chunks_;
   bool mapped_ = false;
-  mutable size_t lastHit_ = 0;
 };
 
 }  // namespace rnull
