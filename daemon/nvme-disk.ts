@@ -12,7 +12,6 @@ import type { Logger } from 'pino';
 import { Disk } from '../block/disk';
 import { TagSet } from '../block/tag-set';
 import type { DiskConfig } from '../config/disk-schema';
-import { BadBlocks } from '../drivers/null/badblocks';
 import { NvmeController } from '../drivers/nvme/controller';
 import { NvmeDriver } from '../drivers/nvme/driver';
 import { pciDeviceStatus } from '../native/vfio';
@@ -28,8 +27,8 @@ export const MIN_MEMLOCK_BYTES = 64 * 1048576;
 export interface NvmeDisk {
   disk: Disk;
   nvme: NvmeDriver;
-  /** What the management API expects of a driver (no bad blocks, no cache for NVMe). */
-  driver: { badblocks: BadBlocks; cache: null };
+  /** What the management API sees of the driver: no bad-block list, no write cache. */
+  driver: { badblocks: null; cache: null };
 }
 
 /**
@@ -114,7 +113,7 @@ export async function openNvmeDisk(config: DiskConfig, log: Logger): Promise<Nvm
       { pci: config.pci, nsid: config.nsid, blocks: ns.nsze, blockSize: ns.blockSize, maxTransfer: nvme.maxTransferBytes, vwc: nvme.volatileWriteCache, discard: nvme.discard, poll: config.nvme_poll, queues: config.num_queues },
       'NVMe namespace opened',
     );
-    return { disk, nvme, driver: { badblocks: new BadBlocks(), cache: null } };
+    return { disk, nvme, driver: { badblocks: null, cache: null } };
   } catch (err) {
     await controller.shutdown().catch(() => controller.close());
     throw err;

@@ -17,7 +17,8 @@ export interface ManagedDisk {
   readonly config: Pick<DiskConfig, 'name' | 'socket' | 'num_queues' | 'rotational' | 'shared_tags'>;
   readonly disk: Pick<Disk, 'capacitySectors' | 'logicalBlockSize' | 'tagSet'>;
   readonly server: { readonly isConnected: boolean };
-  readonly driver: { readonly badblocks: BadBlocks; readonly cache: WriteCache | null };
+  /** The null driver's bad blocks and write cache; null where the driver has none (nvme). */
+  readonly driver: { readonly badblocks: BadBlocks | null; readonly cache: WriteCache | null };
   /** Worker threads serving some of its queues (threads > 1), or null. */
   readonly workers: { setBadBlocks(ranges: [number, number][]): Promise<void> } | null;
   /** driver nvme: the driver's per-queue counters (`rnull ctl stats`), by hardware queue. */

@@ -166,6 +166,7 @@ export class ManagementServer {
         const b = req.bad_blocks;
         const d = this.disk(b.disk);
         const bb = d.driver.badblocks;
+        if (bb === null) throw new Error(`disk "${d.config.name}" has no bad-block list (only null disks have one)`);
         if (b.action === BadBlocksAction.ADD) bb.add(b.start ?? 0, b.end ?? 0);
         else if (b.action === BadBlocksAction.REMOVE) bb.remove(b.start ?? 0, b.end ?? 0);
         if (b.action !== BadBlocksAction.LIST && d.workers !== null) await d.workers.setBadBlocks(bb.list());

@@ -4,8 +4,10 @@ import * as os from 'os';
 import * as path from 'path';
 import pino from 'pino';
 import { managementCall } from '../../daemon/management/client';
-import { readDelimited } from '../../daemon/management/schema';
+import type { ManagedDisk } from '../../daemon/management/managed-disk';
+import { BadBlocksAction, readDelimited } from '../../daemon/management/schema';
 import { ManagementServer } from '../../daemon/management/server';
+import { TagSet } from '../../block/tag-set';
 import { BadBlocks, parseRange } from '../../drivers/null/badblocks';
 import { startBackend, TestBackend } from '../helpers/backend';
 import { TestFrontend } from '../helpers/frontend';
@@ -102,5 +104,23 @@ describe('management framing', () => {
     const prefix = Buffer.from([0x80, 0x80, 0x80, 0x01]); // varint 2 MiB, no payload yet
     expect(() => readDelimited(prefix)).toThrow(/2097152 bytes exceeds 1 MiB/);
     expect(readDelimited(Buffer.from([0x80, 0x80, 0x20])).messages).toEqual([]); // 512 KiB: waits for more
+  });
+});
+
+describe('a disk without a bad-block list (driver nvme)', () => {
+  test('bad-block requests are refused with the reason; its stats still answer', async () => {
+    const nvmeLike: ManagedDisk = {
+      config: { name: 'nvme0', socket: '/tmp/none.sock', num_queues: 1, rotational: false, shared_tags: false },
+      disk: { capacitySectors: 2048, logicalBlockSize: 4096, tagSet: new TagSet({ nrHwQueues: 1, queueDepth: 4 }) },
+      server: { isConnected: false },
+      driver: { badblocks: null, cache: null },
+      workers: null,
+      device: { vrings: [] },
+    };
+    const mgmt = new ManagementServer(path.join(os.tmpdir(), 'unused.sock'), [nvmeLike], pino({ level: 'silent' }));
+    for (const action of [BadBlocksAction.LIST, BadBlocksAction.ADD]) {
+      expect(await mgmt.handle({ bad_blocks: { disk: 'nvme0', action, start: 0, end: 7 } })).toEqual({ ok: false, error: 'disk "nvme0" has no bad-block list (only null disks have one)' });
+    }
+    expect(await mgmt.handle({ get_stats: { disk: 'nvme0' } })).toMatchObject({ ok: true, queues: [] });
   });
 });
