@@ -170,7 +170,7 @@ export class QueueWorkers implements QueueThreads {
   constructor(
     private readonly config: DiskConfig,
     storeId: number | null,
-    private readonly log: Logger,
+    log: Logger,
   ) {
     for (let t = 1; t < config.threads; t++) {
       const queues: number[] = [];

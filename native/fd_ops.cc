@@ -18,6 +18,15 @@
 
 namespace rnull {
 
+int SetFdNonBlocking(int fd, bool on, bool* was) {
+  int fl = ::fcntl(fd, F_GETFL);
+  if (fl < 0) return errno;
+  if (was != nullptr) *was = (fl & O_NONBLOCK) != 0;
+  int want = on ? (fl | O_NONBLOCK) : (fl & ~O_NONBLOCK);
+  if (want != fl && ::fcntl(fd, F_SETFL, want) < 0) return errno;
+  return 0;
+}
+
 const char* FdKindName(FdKind kind) {
   switch (kind) {
     case FdKind::kEventfd: return "eventfd";
@@ -178,6 +187,21 @@ Napi::Value CopyBytes(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// setNonBlocking(fd, on): sets or clears O_NONBLOCK (other file status flags kept) and returns
+// whether it was set before. Note the flag belongs to the open file description, which a
+// passed fd shares with its sender. Throws SyscallError (EBADF...).
+Napi::Value SetNonBlocking(const Napi::CallbackInfo& info) {
+  int64_t fd;
+  if (!ArgInt(info, 0, "fd", &fd)) return Napi::Value();
+  bool was = false;
+  int e = SetFdNonBlocking(static_cast<int>(fd), info.Length() > 1 && info[1].ToBoolean().Value(), &was);
+  if (e != 0) {
+    ThrowSyscallError(info.Env(), "fcntl", e);
+    return Napi::Value();
+  }
+  return Napi::Boolean::New(info.Env(), was);
+}
+
 }  // namespace
 
 void InitFdOps(Napi::Env env, Napi::Object exports) {
@@ -186,6 +210,7 @@ void InitFdOps(Napi::Env env, Napi::Object exports) {
   exports.Set("eventfd", Napi::Function::New(env, EventFd, "eventfd"));
   exports.Set("eventfdRead", Napi::Function::New(env, EventFdRead, "eventfdRead"));
   exports.Set("eventfdWrite", Napi::Function::New(env, EventFdWrite, "eventfdWrite"));
+  exports.Set("setNonBlocking", Napi::Function::New(env, SetNonBlocking, "setNonBlocking"));
   exports.Set("fdKind", Napi::Function::New(env, FdKindJs, "fdKind"));
   exports.Set("memfdCreate", Napi::Function::New(env, MemfdCreate, "memfdCreate"));
   exports.Set("copyBytes", Napi::Function::New(env, CopyBytes, "copyBytes"));

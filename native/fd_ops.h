@@ -1,5 +1,5 @@
 // Plain fd syscalls JavaScript has no binding for: eventfd and memfd (kick/call notifiers and the
-// test front-end's guest memory), dup() and close(). Each is one syscall; errors throw SyscallError.
+// test front-end's guest memory), dup(), close() and O_NONBLOCK. Each is one syscall; errors throw SyscallError.
 #pragma once
 #include <napi.h>
 
@@ -21,6 +21,11 @@ struct FdInfo {
   int seals;            // F_GET_SEALS of a memfd (F_SEAL_* bits), else 0
   uint64_t pageSize;    // mmap offset granularity: the huge page size on hugetlbfs, else the page size
 };
+
+// Sets (on) or clears O_NONBLOCK on fd, keeping its other file status flags; *was (if given)
+// tells whether it was set. Returns 0 or an errno. The flag belongs to the open file
+// description, which a passed fd shares with its sender.
+int SetFdNonBlocking(int fd, bool on, bool* was);
 
 // Classifies fd. Returns 0, or an errno value when fstat/fstatfs fails (EBADF for a closed fd).
 int ClassifyFd(int fd, FdInfo* out);

@@ -1,44 +1,19 @@
 #include "fd_watcher.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdint.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include "errors.h"
+#include "fd_ops.h"
 
 namespace rnull {
-
-int SetFdNonBlocking(int fd, bool on, bool* was) {
-  int fl = ::fcntl(fd, F_GETFL);
-  if (fl < 0) return errno;
-  if (was != nullptr) *was = (fl & O_NONBLOCK) != 0;
-  int want = on ? (fl | O_NONBLOCK) : (fl & ~O_NONBLOCK);
-  if (want != fl && ::fcntl(fd, F_SETFL, want) < 0) return errno;
-  return 0;
-}
-
-// setNonBlocking(fd, on): sets or clears O_NONBLOCK (other file status flags kept) and returns
-// whether it was set before. Note the flag belongs to the open file description, which a
-// passed fd shares with its sender. Throws SyscallError (EBADF...).
-static Napi::Value SetNonBlocking(const Napi::CallbackInfo& info) {
-  int64_t fd;
-  if (!ArgInt(info, 0, "fd", &fd)) return Napi::Value();
-  bool was = false;
-  int e = SetFdNonBlocking(static_cast<int>(fd), info.Length() > 1 && info[1].ToBoolean().Value(), &was);
-  if (e != 0) {
-    ThrowSyscallError(info.Env(), "fcntl", e);
-    return Napi::Value();
-  }
-  return Napi::Boolean::New(info.Env(), was);
-}
 
 void FdWatcher::Init(Napi::Env env, Napi::Object exports) {
   Napi::Function ctor = DefineClass(env, "FdWatcher",
                                     {InstanceMethod<&FdWatcher::Start>("start"), InstanceMethod<&FdWatcher::Stop>("stop")});
   exports.Set("FdWatcher", ctor);
-  exports.Set("setNonBlocking", Napi::Function::New(env, SetNonBlocking, "setNonBlocking"));
 }
 
 FdWatcher::FdWatcher(const Napi::CallbackInfo& info) : Napi::ObjectWrap<FdWatcher>(info) {

@@ -8,10 +8,6 @@
 
 namespace rnull {
 
-// Sets (on) or clears O_NONBLOCK on fd, keeping its other file status flags; *was (if given)
-// tells whether it was set. Returns 0 or an errno.
-int SetFdNonBlocking(int fd, bool on, bool* was);
-
 class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
  public:
   static void Init(Napi::Env env, Napi::Object exports);

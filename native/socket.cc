@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "errors.h"
+#include "fd_ops.h"
 #include "vhost_framing.h"
 
 namespace rnull {
@@ -97,9 +98,7 @@ Napi::Value ConnectUnix(const Napi::CallbackInfo& info) {
     ThrowSyscallError(env, "connect", e);
     return Napi::Value();
   }
-  int fl = ::fcntl(fd, F_GETFL);
-  if (fl < 0 || ::fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
-    int e = errno;
+  if (int e = SetFdNonBlocking(fd, true, nullptr)) {
     ::close(fd);
     ThrowSyscallError(env, "fcntl", e);
     return Napi::Value();

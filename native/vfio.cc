@@ -133,17 +133,13 @@ VfioDevice::VfioDevice(const Napi::CallbackInfo& info) : Napi::ObjectWrap<VfioDe
 
   groupFd_ = open(groupPath.c_str(), O_RDWR | O_CLOEXEC);
   if (groupFd_ < 0) {
-    int e = errno;
-    CloseAll();
-    ThrowSyscallError(env, ("open " + groupPath).c_str(), e);
+    FailOpen(env, "open " + groupPath);
     return;
   }
   struct vfio_group_status status = {};
   status.argsz = sizeof(status);
   if (Ioctl(groupFd_, VFIO_GROUP_GET_STATUS, &status) < 0) {
-    int e = errno;
-    CloseAll();
-    ThrowSyscallError(env, "VFIO_GROUP_GET_STATUS", e);
+    FailOpen(env, "VFIO_GROUP_GET_STATUS");
     return;
   }
   if ((status.flags & VFIO_GROUP_FLAGS_VIABLE) == 0) {
@@ -155,30 +151,22 @@ VfioDevice::VfioDevice(const Napi::CallbackInfo& info) : Napi::ObjectWrap<VfioDe
     return;
   }
   if (Ioctl(groupFd_, VFIO_GROUP_SET_CONTAINER, &containerFd_) < 0) {
-    int e = errno;
-    CloseAll();
-    ThrowSyscallError(env, "VFIO_GROUP_SET_CONTAINER", e);
+    FailOpen(env, "VFIO_GROUP_SET_CONTAINER");
     return;
   }
   if (IoctlVal(containerFd_, VFIO_SET_IOMMU, static_cast<unsigned long>(iommuType_)) < 0) {
-    int e = errno;
-    CloseAll();
-    ThrowSyscallError(env, "VFIO_SET_IOMMU", e);
+    FailOpen(env, "VFIO_SET_IOMMU");
     return;
   }
   deviceFd_ = ioctl(groupFd_, VFIO_GROUP_GET_DEVICE_FD, bdf.c_str());
   if (deviceFd_ < 0) {
-    int e = errno;
-    CloseAll();
-    ThrowSyscallError(env, ("VFIO_GROUP_GET_DEVICE_FD " + bdf).c_str(), e);
+    FailOpen(env, "VFIO_GROUP_GET_DEVICE_FD " + bdf);
     return;
   }
   struct vfio_device_info dinfo = {};
   dinfo.argsz = sizeof(dinfo);
   if (Ioctl(deviceFd_, VFIO_DEVICE_GET_INFO, &dinfo) < 0) {
-    int e = errno;
-    CloseAll();
-    ThrowSyscallError(env, "VFIO_DEVICE_GET_INFO", e);
+    FailOpen(env, "VFIO_DEVICE_GET_INFO");
     return;
   }
   if ((dinfo.flags & VFIO_DEVICE_FLAGS_PCI) == 0 || dinfo.num_regions <= VFIO_PCI_CONFIG_REGION_INDEX) {
@@ -192,15 +180,21 @@ VfioDevice::VfioDevice(const Napi::CallbackInfo& info) : Napi::ObjectWrap<VfioDe
   rinfo.argsz = sizeof(rinfo);
   rinfo.index = VFIO_PCI_CONFIG_REGION_INDEX;
   if (Ioctl(deviceFd_, VFIO_DEVICE_GET_REGION_INFO, &rinfo) < 0) {
-    int e = errno;
-    CloseAll();
-    ThrowSyscallError(env, "VFIO_DEVICE_GET_REGION_INFO (config)", e);
+    FailOpen(env, "VFIO_DEVICE_GET_REGION_INFO (config)");
     return;
   }
   configOffset_ = rinfo.offset;
   configSize_ = rinfo.size;
   bars_.resize(kNumBars);
   open_ = true;
+}
+
+// The constructor's failure path: closes whatever it opened, then throws SyscallError for the
+// call named `what` with the errno it left.
+void VfioDevice::FailOpen(Napi::Env env, const std::string& what) {
+  int e = errno;
+  CloseAll();
+  ThrowSyscallError(env, what.c_str(), e);
 }
 
 VfioDevice::~VfioDevice() { CloseAll(); }

@@ -71,6 +71,7 @@ class VfioDevice : public Napi::ObjectWrap<VfioDevice> {
   int UnmapBlock(DmaBlock* b);
   void FreeBlock(DmaBlock* b);
   void CloseAll();
+  void FailOpen(Napi::Env env, const std::string& what);
 
   bool open_ = false;
   int containerFd_ = -1;

@@ -1,13 +1,12 @@
 #include "virtqueue.h"
 
 #include <errno.h>
-#include <poll.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "errors.h"
-#include "fd_watcher.h"
+#include "fd_ops.h"
 
 namespace rnull {
 namespace {

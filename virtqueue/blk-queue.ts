@@ -22,7 +22,6 @@ import { BATCH_WORDS, MAX_SEGMENTS, native, NativeFdWatcher, NativeVirtqueue, SE
 import type { QueueSnapshot, RingQueue, VringSetup } from './ring-queue';
 
 import { BlkRequestParser, MAX_CHAIN_BYTES, MAX_CHAIN_DESCRIPTORS, ParseOutcome, serialId } from './blk-request';
-import type { GuestMemoryMap } from './guest-memory';
 
 /**
  * A batch ends once it holds this many bytes of buffers (native pop), so a front-end waiting on

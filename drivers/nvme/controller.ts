@@ -149,7 +149,7 @@ export class CommandQueue {
     readonly qp: QueuePair<Pending>,
     readonly mode: CompletionMode,
     readonly ring: { sq: DmaRegion; cq: DmaRegion },
-    private readonly eventfd: number | undefined,
+    eventfd: number | undefined,
     private readonly log: LogFn,
   ) {
     if (mode === 'interrupt') {

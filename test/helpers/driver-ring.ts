@@ -3,6 +3,8 @@
  * Builds descriptor tables and avail entries by hand — well-formed or deliberately broken —
  * and reads the used ring (VIRTIO 1.2 section 2.7).
  */
+import type { GuestMemoryMap } from '../../virtqueue/guest-memory';
+import type { VringSetup } from '../../virtqueue/ring-queue';
 import type { GuestRam } from './guest-ram';
 
 export const DESC_F_NEXT = 1;
@@ -37,6 +39,16 @@ export class DriverRing {
     this.descAddr = ram.alloc(16 * size, 16);
     this.availAddr = ram.alloc(6 + 2 * size, 2);
     this.usedAddr = ram.alloc(6 + 8 * size, 4);
+  }
+
+  /** Size and ring addresses as a front-end gives them (SET_VRING_NUM/ADDR: front-end virtual addresses). */
+  frontEndAddrs(): { size: number; descAddr: number; availAddr: number; usedAddr: number } {
+    return { size: this.size, descAddr: this.ram.uaddr(this.descAddr), availAddr: this.ram.uaddr(this.availAddr), usedAddr: this.ram.uaddr(this.usedAddr) };
+  }
+
+  /** What VirtioBlkQueue.start (or a worker's RemoteQueue) takes to serve this ring: no event idx, no indirect, no polling. */
+  setup(memory: GuestMemoryMap, kickFd: number, callFd = -1): VringSetup {
+    return { memory, ...this.frontEndAddrs(), lastAvailIdx: 0, eventIdx: false, indirect: false, kickFd, callFd, pollUs: 0 };
   }
 
   setDesc(i: number, d: Desc): void {

@@ -27,10 +27,7 @@ class Harness {
   constructor(opts: { eventIdx?: boolean; indirect?: boolean; lastAvailIdx?: number; batchBytes?: number } = {}) {
     this.vq.configure({
       memory: this.ram.table,
-      size: SIZE,
-      descAddr: this.ram.uaddr(this.ring.descAddr),
-      availAddr: this.ram.uaddr(this.ring.availAddr),
-      usedAddr: this.ram.uaddr(this.ring.usedAddr),
+      ...this.ring.frontEndAddrs(),
       lastAvailIdx: opts.lastAvailIdx ?? 0,
       eventIdx: opts.eventIdx ?? false,
       indirect: opts.indirect ?? true,
@@ -298,10 +295,7 @@ describe('Virtqueue ring indexes (the guest is untrusted)', () => {
     const vq = new native.Virtqueue();
     const base = {
       memory: h.ram.table,
-      size: SIZE,
-      descAddr: h.ram.uaddr(h.ring.descAddr),
-      availAddr: h.ram.uaddr(h.ring.availAddr),
-      usedAddr: h.ram.uaddr(h.ring.usedAddr),
+      ...h.ring.frontEndAddrs(),
       lastAvailIdx: 0,
       eventIdx: false,
       indirect: false,

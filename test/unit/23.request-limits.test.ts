@@ -6,7 +6,7 @@
 import { BATCH_WORDS, MAX_SEGMENTS, native, SEGMENT_WORDS } from '../../native';
 import { Req } from '../../vhost/protocol';
 import { startBackend, TestBackend } from '../helpers/backend';
-import { blkHeader, Buf, DESC_F_WRITE, DriverRing } from '../helpers/driver-ring';
+import { blkHeader, Buf, DriverRing } from '../helpers/driver-ring';
 import { TestFrontend } from '../helpers/frontend';
 import { GuestRam } from '../helpers/guest-ram';
 
@@ -119,10 +119,7 @@ describe('native Virtqueue: no chain over 2^32 - 1 bytes, whatever the configure
     try {
       vq.configure({
         memory: ram.table,
-        size: 8,
-        descAddr: ram.uaddr(ring.descAddr),
-        availAddr: ram.uaddr(ring.availAddr),
-        usedAddr: ram.uaddr(ring.usedAddr),
+        ...ring.frontEndAddrs(),
         lastAvailIdx: 0,
         eventIdx: false,
         indirect: true,

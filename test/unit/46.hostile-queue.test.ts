@@ -11,30 +11,12 @@ import type { Request } from '../../block/request';
 import { native } from '../../native';
 import { VirtioBlkQueue } from '../../virtqueue/blk-queue';
 import { GuestMemoryMap } from '../../virtqueue/guest-memory';
-import type { VringSetup } from '../../virtqueue/ring-queue';
 import { startBackend, TestBackend, until } from '../helpers/backend';
 import { blkHeader, DESC_F_NEXT, DESC_F_WRITE, DriverRing } from '../helpers/driver-ring';
 import { TestFrontend } from '../helpers/frontend';
 import { GuestRam } from '../helpers/guest-ram';
 
 const silent = pino({ level: 'silent' });
-
-/** The ring setup for `ring` in `ram` (front-end addresses), with the given fds. */
-function setupOf(ram: GuestRam, memory: GuestMemoryMap, ring: DriverRing, kickFd: number, callFd = -1): VringSetup {
-  return {
-    memory,
-    size: ring.size,
-    descAddr: ram.uaddr(ring.descAddr),
-    availAddr: ram.uaddr(ring.availAddr),
-    usedAddr: ram.uaddr(ring.usedAddr),
-    lastAvailIdx: 0,
-    eventIdx: false,
-    indirect: false,
-    kickFd,
-    callFd,
-    pollUs: 0,
-  };
-}
 
 /** Offers a 512-byte read of `sector` on `ring`; returns the status byte's address. */
 function offerRead(ram: GuestRam, ring: DriverRing, sector: number): number {
@@ -68,18 +50,18 @@ describe('a ring start that fails half-way (kick fd epoll refuses: /dev/null) le
     const hctx = hctxOf(be.disk, 0);
     const q = new VirtioBlkQueue(0, hctx, be.disk, silent);
     const ring = new DriverRing(ram, 16);
-    expect(() => q.start(setupOf(ram, memory, ring, devNull), true)).toThrow();
+    expect(() => q.start(ring.setup(memory, devNull), true)).toThrow();
     expect(q.isRunning).toBe(false);
     expect(q.snapshot().running).toBe(false);
     // Disabled at start: the bad kick fd is refused all the same (not later, at enable).
-    expect(() => q.start(setupOf(ram, memory, ring, devNull), false)).toThrow();
+    expect(() => q.start(ring.setup(memory, devNull), false)).toThrow();
     expect(q.isRunning).toBe(false);
     // Nothing kept the memory: it can be released and mapped again.
     memory.release();
     const memory2 = new GuestMemoryMap(ram.regions, ram.regions.map(() => ram.fd));
     const kick = native.eventfd();
     fds.push(kick);
-    q.start(setupOf(ram, memory2, ring, kick), true);
+    q.start(ring.setup(memory2, kick), true);
     expect(q.isRunning).toBe(true);
     const st = offerRead(ram, ring, 8);
     native.eventfdWrite(kick);
@@ -97,7 +79,7 @@ describe('a ring start that fails half-way (kick fd epoll refuses: /dev/null) le
     const rq = workers.remoteQueue(1)!;
     const ring = new DriverRing(ram, 16);
     const unused = new GuestMemoryMap([], []);
-    await expect(Promise.resolve(rq.start(setupOf(ram, unused, ring, devNull), true))).rejects.toThrow();
+    await expect(Promise.resolve(rq.start(ring.setup(unused, devNull), true))).rejects.toThrow();
     expect(rq.isRunning).toBe(false);
     expect((await rq.snapshot()).running).toBe(false);
     // The worker gives its mapping up (it refused while a half-started ring held it).
@@ -105,7 +87,7 @@ describe('a ring start that fails half-way (kick fd epoll refuses: /dev/null) le
     await workers.mapMemory(ram.regions, ram.regions.map(() => ram.fd));
     const kick = native.eventfd();
     fds.push(kick);
-    await rq.start(setupOf(ram, unused, ring, kick), true);
+    await rq.start(ring.setup(unused, kick), true);
     const st = offerRead(ram, ring, 16);
     native.eventfdWrite(kick);
     await until(() => ring.usedIdx() === 1, 'the request to complete on the worker');

@@ -14,7 +14,6 @@ import { RequestType } from '../../daemon/management/schema';
 import { FrameBuffer, ManagementServer } from '../../daemon/management/server';
 import { Service } from '../../daemon/service';
 import { native } from '../../native';
-import { until } from '../helpers/backend';
 
 const silent = pino({ level: 'silent' });
 let dir: string;

@@ -6,7 +6,6 @@
 import * as fs from 'fs';
 import { native } from '../../native';
 import type { QueueWorkers } from '../../daemon/queue-workers';
-import type { VringSetup } from '../../virtqueue/ring-queue';
 import { GuestMemoryMap } from '../../virtqueue/guest-memory';
 import { startBackend, TestBackend, until } from '../helpers/backend';
 import { DriverRing } from '../helpers/driver-ring';
@@ -26,22 +25,6 @@ async function settledFds(): Promise<number> {
     last = n;
   }
   return last;
-}
-
-function setupOf(ram: GuestRam, ring: DriverRing, kickFd: number, callFd: number): VringSetup {
-  return {
-    memory: new GuestMemoryMap([], []),
-    size: ring.size,
-    descAddr: ram.uaddr(ring.descAddr),
-    availAddr: ram.uaddr(ring.availAddr),
-    usedAddr: ram.uaddr(ring.usedAddr),
-    lastAvailIdx: 0,
-    eventIdx: false,
-    indirect: false,
-    kickFd,
-    callFd,
-    pollUs: 0,
-  };
 }
 
 describe('worker thread fds', () => {
@@ -76,7 +59,7 @@ describe('worker thread fds', () => {
     try {
       const before = await settledFds();
       const rq = workers.remoteQueue(1)!;
-      await rq.start(setupOf(ram, new DriverRing(ram, 16), kick, call), true);
+      await rq.start(new DriverRing(ram, 16).setup(new GuestMemoryMap([], []), kick, call), true);
       expect(await settledFds()).toBe(before + 2); // the worker's duplicates
       // The worker thread dies (as a native crash or an uncaught error would end it).
       const channel = (workers as unknown as { channels: Array<{ worker: { terminate(): Promise<number> }; incarnation: number }> }).channels[0];
@@ -97,7 +80,7 @@ describe('worker thread fds', () => {
     try {
       const before = await settledFds();
       const rq = workers.remoteQueue(1)!;
-      await rq.start(setupOf(ram, new DriverRing(ram, 16), fds[0], fds[1]), true);
+      await rq.start(new DriverRing(ram, 16).setup(new GuestMemoryMap([], []), fds[0], fds[1]), true);
       await rq.setCallFd(fds[2]);
       expect(await settledFds()).toBe(before + 2);
       await rq.stop();
