@@ -162,7 +162,9 @@ export class Reloader {
     }
 
     this.current = result;
-    this.log.info(
+    // At warn when something did not apply, so that it shows at any level but error.
+    const level = out.refused.length > 0 || out.failed.length > 0 ? 'warn' : 'info';
+    this.log[level](
       { added: out.added, removed: out.removed, applied: out.applied, refused: out.refused, failed: out.failed },
       `reloaded: ${out.added.length} added, ${out.removed.length} removed, ${out.applied.length} applied, ${out.refused.reduce((n, r) => n + r.keys.length, 0)} refused, ${out.failed.length} failed`,
     );
