@@ -103,6 +103,7 @@ function buildCli(run: (o: CliOptions) => Promise<void>): Command {
     .option('--serial <text>', 'GET_ID serial, at most 20 ASCII characters (default "rnull")')
     .option('--management-socket <path>', 'serve the management API (rnull ctl) on this unix socket')
     .addOption(new Option('--log-level <level>', 'log level (default info)').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
+    .allowExcessArguments(false)
     .showHelpAfterError('(see rnull --help)')
     .configureOutput({ outputError: (str, write) => write(`rnull: ${str.replace(/^error: /, '')}`) })
     .exitOverride((err: CommanderError) => process.exit(err.exitCode === 0 ? 0 : EXIT_USAGE))
@@ -196,8 +197,6 @@ async function runDaemon(o: CliOptions): Promise<void> {
       if (e instanceof PassedSocketError) usageError(e.message);
       throw e;
     }
-    // The passed socket's path names the disk and goes into the QEMU hint (when it has one).
-    if (passed.path !== '' && !passed.path.startsWith('@')) o.socket = passed.path;
   }
   // Every disk key's flag is the key in kebab case, so its option is the key in camelCase.
   const option = (key: string): unknown => (o as Record<string, unknown>)[key.replace(/_([a-z])/g, (_m, c: string) => c.toUpperCase())];
@@ -206,6 +205,12 @@ async function runDaemon(o: CliOptions): Promise<void> {
   let config;
   const load = (): ReturnType<typeof loadConfig> => loadConfig(o.config, overrides, o.logLevel, o.managementSocket);
   try {
+    if (passed !== null) {
+      const n = loadConfig(o.config, overrides, o.logLevel, o.managementSocket).disks.length;
+      if (n !== 1) usageError(`--fd serves one disk, but the configuration has ${n}`);
+      // The passed socket's path names the disk and goes into the QEMU hint (when it has one).
+      if (passed.path !== '' && !passed.path.startsWith('@')) overrides.socket = passed.path;
+    }
     config = load();
   } catch (e) {
     if (e instanceof ConfigError) {
@@ -214,10 +219,7 @@ async function runDaemon(o: CliOptions): Promise<void> {
     }
     throw e;
   }
-  if (passed !== null) {
-    if (config.disks.length !== 1) usageError(`--fd serves one disk, but the configuration has ${config.disks.length}`);
-    listenFds.set(config.disks[0].name, passed.fd);
-  }
+  if (passed !== null) listenFds.set(config.disks[0].name, passed.fd);
   // Never blocks on stdout, never flushes without a bound at exit (daemon/logging.ts). Pretty
   // on a terminal, <N> priority prefixes under journald, JSON otherwise (daemon/log-format.ts).
   const format = chooseLogFormat();
