@@ -45,7 +45,7 @@ function packageVersion(): string {
   }
 }
 
-/** Seconds between STATUS= updates (front-ends attached) while running under systemd. */
+/** How often (ms) STATUS= is refreshed (front-ends attached) while running under systemd. */
 const STATUS_INTERVAL_MS = 1000;
 
 /** At exit, log lines still waiting for stdout get this long (ms), then are dropped. */
