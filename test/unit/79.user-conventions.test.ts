@@ -173,6 +173,50 @@ describe('default num_queues', () => {
     expect(await exitOf(proc)).toBe(0);
   });
 
+  test('a real QEMU with num-queues = the host\'s CPUs realizes the device against a default daemon (not against --num-queues 1)', async () => {
+    const qemu = (sock: string): { p: ChildProcess; err: () => string } => {
+      let err = '';
+      const p = spawn('qemu-system-x86_64', [
+        '-machine', 'q35,accel=tcg', '-m', '256M', '-nodefaults', '-display', 'none', '-monitor', 'none', '-serial', 'none', '-S',
+        '-object', 'memory-backend-memfd,id=mem,size=256M,share=on', '-numa', 'node,memdev=mem',
+        '-chardev', `socket,id=c0,path=${sock}`, '-device', `vhost-user-blk-pci,chardev=c0,num-queues=${cpus}`,
+      ], { stdio: ['ignore', 'ignore', 'pipe'] });
+      p.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+      return { p, err: () => err };
+    };
+    const daemon = (args: string[], sock: string): ChildProcess =>
+      spawn(process.execPath, [BIN, '--socket', sock, '--size', '4', ...args], { cwd: dir, stdio: ['ignore', 'ignore', 'ignore'] });
+
+    // The default daemon: QEMU (paused, -S) has negotiated and realized the device and keeps running.
+    const sock = path.join(dir, 'qemu.sock');
+    proc = daemon([], sock);
+    await until(() => fs.existsSync(sock), 'socket', 15000);
+    const ok = qemu(sock);
+    const okExit = exitOf(ok.p);
+    await new Promise((r) => setTimeout(r, 4000));
+    expect(ok.p.exitCode).toBeNull();
+    expect(ok.err()).not.toContain('maximum number of queues');
+    ok.p.kill('SIGKILL');
+    await okExit;
+    proc.kill('SIGTERM');
+    expect(await exitOf(proc)).toBe(0);
+
+    if (cpus < 2) return; // one CPU: the old default was already enough
+    // The old default (1 queue): QEMU refuses the device and exits.
+    const sock1 = path.join(dir, 'qemu1.sock');
+    proc = daemon(['--num-queues', '1'], sock1);
+    await until(() => fs.existsSync(sock1), 'socket', 15000);
+    const bad = qemu(sock1);
+    let timer: NodeJS.Timeout | undefined;
+    const code = await Promise.race([exitOf(bad.p), new Promise<'alive'>((r) => (timer = setTimeout(() => r('alive'), 20000)))]);
+    clearTimeout(timer);
+    if (code === 'alive') bad.p.kill('SIGKILL');
+    expect(code).toBe(1);
+    expect(bad.err()).toContain('The maximum number of queues supported by the backend is 1');
+    proc.kill('SIGTERM');
+    expect(await exitOf(proc)).toBe(0);
+  }, 60000);
+
   test('a queue offered but never started costs under 32 KiB of heap (it was ~370 KiB)', () => {
     const script = `
       const { createDisk } = require(${JSON.stringify(path.join(ROOT, 'dist', 'daemon', 'service.js'))});
