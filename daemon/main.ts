@@ -320,7 +320,17 @@ async function runDaemon(o: CliOptions): Promise<void> {
     statusTimer = setInterval(() => notifier.status(statusLine()), STATUS_INTERVAL_MS);
     statusTimer.unref();
   }
-  const watchdogMs = notifier.startWatchdog();
+  // With threads > 1, a ping also needs every worker thread to answer (a snapshot of one of its queues).
+  const workersAnswer = async (): Promise<boolean> => {
+    const asks: Array<unknown> = [];
+    for (const d of service?.disks ?? []) {
+      if (d.workers === null) continue;
+      for (let t = 1; t < d.config.threads; t++) asks.push(d.device.vrings[t].queue.snapshot());
+    }
+    await Promise.all(asks);
+    return true;
+  };
+  const watchdogMs = notifier.startWatchdog(workersAnswer);
   if (watchdogMs > 0) log.info({ intervalMs: watchdogMs }, 'systemd watchdog: pinging from the event loop');
   const served = service;
   reloader = new Reloader(served, config, load, log, (level) => levels.set(log, level));

@@ -104,14 +104,37 @@ export class ServiceNotifier {
 
   /**
    * Starts pinging WATCHDOG=1 every half watchdog period (the timer does not keep the process
-   * alive). Returns the interval in ms, or 0 when no watchdog is asked for.
+   * alive). With `healthy`, each ping waits for it: a ping is sent only once it resolves true,
+   * and while one check is still pending the next ticks send nothing (so a worker thread that
+   * never answers stops the pings, as a stuck main loop does). Returns the interval in ms, or 0
+   * when no watchdog is asked for.
    */
-  startWatchdog(): number {
+  startWatchdog(healthy?: () => boolean | Promise<boolean>): number {
     if (this.watchdogUsec === 0 || this.watchdogTimer !== null) return 0;
     const ms = Math.max(1, Math.floor(this.watchdogUsec / 2000));
-    this.notify({ WATCHDOG: 1 });
-    this.watchdogTimer = setInterval(() => this.notify({ WATCHDOG: 1 }), ms);
+    let pending = false;
+    const tick = (): void => {
+      if (healthy === undefined) {
+        this.notify({ WATCHDOG: 1 });
+        return;
+      }
+      if (pending) return;
+      pending = true;
+      Promise.resolve()
+        .then(healthy)
+        .then(
+          (ok) => {
+            pending = false;
+            if (ok && this.watchdogTimer !== null) this.notify({ WATCHDOG: 1 });
+          },
+          () => {
+            pending = false;
+          },
+        );
+    };
+    this.watchdogTimer = setInterval(tick, ms);
     this.watchdogTimer.unref();
+    tick();
     return ms;
   }
 

@@ -150,6 +150,29 @@ describe('ServiceNotifier', () => {
     expect(other.startWatchdog()).toBe(0);
   });
 
+  test('the watchdog with a health check: pings only once it answers true; none while it hangs', async () => {
+    const env = { NOTIFY_SOCKET: '@x', WATCHDOG_USEC: '40000' }; // a tick every 20 ms
+    const pings = (r: ReturnType<typeof recorder>): number => r.sent.filter(([, m]) => m === 'WATCHDOG=1').length;
+    const ok = recorder();
+    const hung = recorder();
+    const no = recorder();
+    const nOk = new ServiceNotifier(log, env, ok.transport);
+    const nHung = new ServiceNotifier(log, env, hung.transport);
+    const nNo = new ServiceNotifier(log, env, no.transport);
+    let checks = 0;
+    nOk.startWatchdog(async () => true);
+    nHung.startWatchdog(() => {
+      checks++;
+      return new Promise<boolean>(() => undefined); // a worker that never answers
+    });
+    nNo.startWatchdog(() => false);
+    await until(() => pings(ok) >= 5, 'five pings', 10000);
+    for (const n of [nOk, nHung, nNo]) n.stopWatchdog();
+    expect(pings(hung)).toBe(0);
+    expect(checks).toBe(1); // the hanging check is not asked again and again
+    expect(pings(no)).toBe(0);
+  });
+
   test('a failing send never throws; it is logged once and counted', () => {
     const lines: string[] = [];
     const l = pino({ level: 'warn' }, { write: (s: string) => lines.push(s) });
@@ -215,6 +238,18 @@ describe('the daemon under a NOTIFY_SOCKET listener', () => {
     expect(l.notes.slice(l.notes.indexOf(stopping) + 1).filter((n) => n.msg === 'WATCHDOG=1')).toEqual([]);
     await fe.waitClosed();
     fe.close();
+  });
+
+  test('a disk on two threads: the watchdog pings once the worker thread answers too', async () => {
+    const l = new Listener(path.join(dir, 'notify.sock'));
+    cleanup.push(() => l.kill());
+    await l.ready();
+    const sock = path.join(dir, 't.sock');
+    const d = startDaemon(['--socket', sock, '--size', '4', '--num-queues', '2', '--threads', '2'], { NOTIFY_SOCKET: l.address, WATCHDOG_USEC: '400000' });
+    await until(() => l.with('READY=1').length === 1, 'READY=1', 20000);
+    await until(() => l.with('WATCHDOG=1').length >= 4, 'four WATCHDOG=1', 15000);
+    d.proc.kill('SIGTERM');
+    expect(await d.exit).toBe(0);
   });
 
   test('an abstract NOTIFY_SOCKET; WATCHDOG_PID of another process: no pings; a bad config: no READY, exit 2', async () => {
