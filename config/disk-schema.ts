@@ -81,7 +81,7 @@ export const diskSchema = {
     default: true,
   },
   num_queues: {
-    doc: 'Largest number of virtqueues (hardware queues) a front-end may use, 1 to 64 (QEMU: num-queues). Default: the host\'s CPU count (at most 64), so QEMU\'s default num-queues (one per vCPU) works; the front-end decides how many it starts, and a queue it never starts costs about 11 KiB.',
+    doc: 'Largest number of virtqueues (hardware queues) a front-end may use, 1 to 64 (QEMU: num-queues). Default: the host\'s CPU count (at most 64), so QEMU\'s default num-queues (one per vCPU) works; the front-end decides how many it starts, and a queue it never starts costs about 11 KiB. driver nvme: 1 unless given (its queue pairs are made on the controller at start).',
     format: 'queue-count',
     default: defaultNumQueues(),
   },

@@ -161,6 +161,9 @@ describe('default num_queues', () => {
 
   test('is the host\'s CPU count (at most 64); a front-end starting one queue of them is served', async () => {
     expect(loadConfig(undefined, {}).disks[0].num_queues).toBe(cpus);
+    // driver nvme makes every queue pair on the controller at start: it keeps 1 unless given.
+    expect(loadConfig(undefined, { driver: 'nvme', pci: '0000:00:04.0' }).disks[0].num_queues).toBe(1);
+    expect(loadConfig(undefined, { driver: 'nvme', pci: '0000:00:04.0', num_queues: 3 }).disks[0].num_queues).toBe(3);
     const sock = path.join(dir, 'q.sock');
     proc = spawn(process.execPath, [BIN, '--socket', sock, '--size', '4'], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
     await until(() => fs.existsSync(sock), 'socket', 15000);
