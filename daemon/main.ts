@@ -244,6 +244,7 @@ async function runDaemon(o: CliOptions): Promise<void> {
     if (statusTimer !== null) clearInterval(statusTimer);
     log.info({ signal }, 'shutting down');
     starting
+      .then(() => reloading) // a reload under way finishes first (it may be adding a disk)
       .then(() => service?.stop())
       .then(
         () => {
@@ -267,6 +268,7 @@ async function runDaemon(o: CliOptions): Promise<void> {
   // SIGHUP: reload the file (one at a time; one arriving during start-up runs once started).
   let reloader: Reloader | null = null;
   let reloadPending = false;
+  let reloading: Promise<unknown> = Promise.resolve();
   const reload = (): void => {
     if (stopping) return;
     if (reloader === null) {
@@ -274,7 +276,7 @@ async function runDaemon(o: CliOptions): Promise<void> {
       return;
     }
     notifier.reloading(`reloading ${o.config ?? 'the command line'}`);
-    void reloader.reload().then((r) => {
+    reloading = reloader.reload().then((r) => {
       if (stopping) return;
       const failed = r.error !== undefined ? `; reload failed: ${r.error}` : r.failed.length > 0 ? `; ${r.failed.length} disk(s) failed to start` : '';
       const refused = r.refused.length > 0 ? `; changes refused (restart to apply): ${r.refused.map((x) => (x.disk === null ? x.keys.join(',') : `${x.disk}: ${x.keys.join(',')}`)).join('; ')}` : '';
