@@ -7,7 +7,8 @@
  * may be in flight at once is the tag set's business (`tags`, possibly shared with other disks).
  *
  * Invariants:
- * - requests[tag] exists for every tag < depth and is never replaced (no allocation per I/O);
+ * - requests[tag] exists for every tag < depth once the queue is first used, and is never
+ *   replaced (no allocation per I/O);
  * - each request in flight holds one of `tags` (taken at dispatch, released at its end);
  * - `inFlight` counts requests owned by the driver (refcount >= 1);
  * - a request reaches the sink exactly once per start: through Request.end() (2 -> 0) or
@@ -31,7 +32,8 @@ const TAG_SPACE = 1 << TAG_BITS;
 export class HwQueue {
   readonly index: number;
   readonly depth: number;
-  readonly requests: Request[];
+  /** Request slots by tag, allocated when first used (see `requests`). */
+  private requestSlots: Request[] | null = null;
   private ops: Operations | null = null;
   private sink: CompletionSink | null = null;
   /** Requests waiting for Operations.complete (deferred completion), in order. */
@@ -46,9 +48,20 @@ export class HwQueue {
     this.index = index;
     this.depth = depth;
     this.tags = tags;
-    this.requests = new Array<Request>(depth);
-    for (let tag = 0; tag < depth; tag++) this.requests[tag] = new Request(this, tag);
     this.deferred = new Array<Request>(depth);
+  }
+
+  /**
+   * The request of each tag (`requests[tag]`, tag < depth), created on first use: a queue that
+   * is offered but never started by a front-end holds no Request objects (~370 KiB at depth
+   * 1024), so offering many queues costs next to nothing.
+   */
+  get requests(): Request[] {
+    if (this.requestSlots !== null) return this.requestSlots;
+    const slots = new Array<Request>(this.depth);
+    for (let tag = 0; tag < this.depth; tag++) slots[tag] = new Request(this, tag);
+    this.requestSlots = slots;
+    return slots;
   }
 
   private watchdog: NodeJS.Timeout | null = null;

@@ -2,10 +2,14 @@
  * rnull daemon entry point: `rnull [--config vm.json] [flags]`.
  *
  * Serves each configured disk on its vhost-user socket until SIGTERM or SIGINT, then stops
- * the rings, removes the sockets and exits 0. Exit status 2 for a bad configuration, 1 for
- * any other start-up failure.
+ * the rings, removes the sockets and exits 0. SIGHUP reloads the configuration file
+ * (daemon/reload.ts). Under systemd (`Type=notify`) it reports READY/STATUS/RELOADING/STOPPING
+ * and pings the watchdog (daemon/sd-notify.ts). Exit status 2 for a usage error (a one-line
+ * message and a hint to --help) or a bad configuration, 1 for any other start-up failure.
  */
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import * as fs from 'fs';
+import * as path from 'path';
 import pino from 'pino';
 import { diskSchema } from '../config/disk-schema';
 import { ConfigError, DiskOverrides, loadConfig } from '../config/load';
@@ -14,6 +18,35 @@ import { managementCall } from './management/client';
 import { BadBlocksAction, RequestMsg } from './management/schema';
 import { logUnhandledRejections, StdoutLog } from './logging';
 import { qemuCommandLine, Service } from './service';
+import { capabilitiesText } from './capabilities';
+import { chooseLogFormat, logStream, setProcessLogFormat } from './log-format';
+import { LiveLogLevel } from './log-level';
+import { adoptPassedSocket, PassedSocketError } from './passed-socket';
+import { probeQemuVersion, reconnectOption } from './qemu-version';
+import { Reloader } from './reload';
+import { ServiceNotifier } from './sd-notify';
+
+/** Exit status of a usage or configuration error (systemd's unit says RestartPreventExitStatus=2). */
+const EXIT_USAGE = 2;
+
+/** A usage error: one line and a hint to --help on stderr, exit status 2. */
+function usageError(message: string): never {
+  process.stderr.write(`rnull: ${message}\n(see rnull --help)\n`);
+  process.exit(EXIT_USAGE);
+}
+
+/** The package's version (package.json at the package root). */
+function packageVersion(): string {
+  const root = __filename.endsWith('.ts') ? path.join(__dirname, '..') : path.join(__dirname, '..', '..');
+  try {
+    return (JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8')) as { version: string }).version;
+  } catch {
+    return 'unknown';
+  }
+}
+
+/** How often (ms) STATUS= is refreshed (front-ends attached) while running under systemd. */
+const STATUS_INTERVAL_MS = 1000;
 
 /** At exit, log lines still waiting for stdout get this long (ms), then are dropped. */
 const EXIT_FLUSH_MS = 1000;
@@ -35,16 +68,20 @@ function bool(v: string): boolean {
 function buildCli(run: (o: CliOptions) => Promise<void>): Command {
   const root = new Command('rnull')
     .description('vhost-user-blk back-end serving null_blk-style disks to QEMU guests')
-    .option('-c, --config <file>', 'per-VM configuration file (JSON)')
+    .version(packageVersion(), '-V, --version', 'print the version and exit')
+    .option('-c, --config <file>', 'per-VM configuration file (JSON); SIGHUP re-reads it')
     .option('--socket <path>', 'vhost-user socket path (default ./rnull.sock)')
+    .option('--socket-path <path>', 'the same as --socket (vhost-user back-end convention)')
+    .option('--fd <n>', 'serve a listening unix socket passed in as this fd, instead of a socket path', int('--fd'))
+    .option('--print-capabilities', 'print the vhost-user back-end capabilities (JSON) and exit')
     .option('--socket-mode <octal>', 'permission bits of the vhost-user socket (default 0600)')
     .option('--socket-group <group>', 'group of the vhost-user socket, name or gid (default: the daemon\'s)')
     .option('--size <MiB>', 'capacity in MiB (default 1024)', int('--size'))
     .addOption(new Option('--blocksize <bytes>', 'logical block size (default 512)').choices(['512', '1024', '2048', '4096']).argParser(Number))
     .option('--memory-backed <bool>', 'keep written data (default true)', bool)
-    .option('--num-queues <n>', 'largest number of virtqueues (default 1)', int('--num-queues'))
+    .option('--num-queues <n>', 'largest number of virtqueues (default: the host\'s CPUs, at most 64)', int('--num-queues'))
     .option('--threads <n>', 'threads serving the hardware queues, at most --num-queues (default 1)', int('--threads'))
-    .option('--read-only <bool>', 'offer the disk read-only (default false)', bool)
+    .option('--read-only [bool]', 'offer the disk read-only; alone: true (default false)', bool)
     .addOption(new Option('--irqmode <mode>', 'completion mode: 0 none, 1 softirq, 2 timer (default 0)').choices(['0', '1', '2']).argParser(Number))
     .option('--completion-nsec <ns>', 'timer mode: ns from start to completion (default 10000)', int('--completion-nsec'))
     .option('--discard <bool>', 'accept discard and write-zeroes; needs memory backing (default false)', bool)
@@ -66,7 +103,10 @@ function buildCli(run: (o: CliOptions) => Promise<void>): Command {
     .option('--serial <text>', 'GET_ID serial, at most 20 ASCII characters (default "rnull")')
     .option('--management-socket <path>', 'serve the management API (rnull ctl) on this unix socket')
     .addOption(new Option('--log-level <level>', 'log level (default info)').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
-    .showHelpAfterError()
+    .allowExcessArguments(false)
+    .showHelpAfterError('(see rnull --help)')
+    .configureOutput({ outputError: (str, write) => write(`rnull: ${str.replace(/^error: /, '')}`) })
+    .exitOverride((err: CommanderError) => process.exit(err.exitCode === 0 ? 0 : EXIT_USAGE))
     .action((o: CliOptions) => run(o));
   const ctl = root.command('ctl').description('talk to a running daemon through its management socket').requiredOption('-m, --management-socket <path>', 'the daemon\'s management socket');
   const call = async (req: RequestMsg): Promise<void> => {
@@ -94,6 +134,9 @@ function buildCli(run: (o: CliOptions) => Promise<void>): Command {
 export interface CliOptions {
   config?: string;
   socket?: string;
+  socketPath?: string;
+  fd?: number;
+  printCapabilities?: boolean;
   size?: number;
   blocksize?: number;
   memoryBacked?: boolean;
@@ -124,17 +167,51 @@ export interface CliOptions {
 }
 
 export async function main(argv: string[]): Promise<void> {
-  await buildCli(runDaemon).parseAsync(argv);
+  // vhost-user.rst: with --print-capabilities, other options and arguments are ignored.
+  if (argv.slice(2).includes('--print-capabilities') && argv[2] !== 'ctl') {
+    process.stdout.write(capabilitiesText());
+    return;
+  }
+  try {
+    await buildCli(runDaemon).parseAsync(argv);
+  } catch (e) {
+    if (e instanceof InvalidArgumentError) usageError(e.message);
+    throw e;
+  }
 }
 
 async function runDaemon(o: CliOptions): Promise<void> {
+  if (o.printCapabilities === true) {
+    process.stdout.write(capabilitiesText());
+    return;
+  }
+  if (o.socket !== undefined && o.socketPath !== undefined && o.socket !== o.socketPath) usageError('--socket and --socket-path name the same setting; give one');
+  o.socket ??= o.socketPath;
+  const listenFds = new Map<string, number>();
+  let passed: { fd: number; path: string } | null = null;
+  if (o.fd !== undefined) {
+    if (o.socket !== undefined) usageError('--fd cannot be combined with --socket-path (the socket is already open)');
+    try {
+      passed = adoptPassedSocket(o.fd);
+    } catch (e) {
+      if (e instanceof PassedSocketError) usageError(e.message);
+      throw e;
+    }
+  }
   // Every disk key's flag is the key in kebab case, so its option is the key in camelCase.
   const option = (key: string): unknown => (o as Record<string, unknown>)[key.replace(/_([a-z])/g, (_m, c: string) => c.toUpperCase())];
   const overrides = Object.fromEntries(Object.keys(diskSchema).map((k) => [k, option(k)])) as DiskOverrides;
 
   let config;
+  const load = (): ReturnType<typeof loadConfig> => loadConfig(o.config, overrides, o.logLevel, o.managementSocket);
   try {
-    config = loadConfig(o.config, overrides, o.logLevel, o.managementSocket);
+    if (passed !== null) {
+      const n = loadConfig(o.config, overrides, o.logLevel, o.managementSocket).disks.length;
+      if (n !== 1) usageError(`--fd serves one disk, but the configuration has ${n}`);
+      // The passed socket's path names the disk and goes into the QEMU hint (when it has one).
+      if (passed.path !== '' && !passed.path.startsWith('@')) overrides.socket = passed.path;
+    }
+    config = load();
   } catch (e) {
     if (e instanceof ConfigError) {
       process.stderr.write(`rnull: ${e.message}\n`);
@@ -142,9 +219,15 @@ async function runDaemon(o: CliOptions): Promise<void> {
     }
     throw e;
   }
-  // Never blocks on stdout, never flushes without a bound at exit (daemon/logging.ts).
-  const out = new StdoutLog();
-  const log = pino({ level: config.log_level, base: { pid: process.pid } }, out);
+  if (passed !== null) listenFds.set(config.disks[0].name, passed.fd);
+  // Never blocks on stdout, never flushes without a bound at exit (daemon/logging.ts). Pretty
+  // on a terminal, <N> priority prefixes under journald, JSON otherwise (daemon/log-format.ts).
+  const format = chooseLogFormat();
+  setProcessLogFormat(format);
+  const out = new StdoutLog(logStream(format));
+  const levels = new LiveLogLevel();
+  const log = pino({ level: config.log_level, base: { pid: process.pid }, ...levels.options }, out);
+  const notifier = new ServiceNotifier(log);
   const exit = (code: number): void => {
     void out.flush(EXIT_FLUSH_MS).then(() => process.exit(code));
   };
@@ -157,8 +240,11 @@ async function runDaemon(o: CliOptions): Promise<void> {
   const stop = (signal: string): void => {
     if (stopping) return;
     stopping = true;
+    notifier.stopping(`stopping (${signal})`);
+    if (statusTimer !== null) clearInterval(statusTimer);
     log.info({ signal }, 'shutting down');
     starting
+      .then(() => reloading) // a reload under way finishes first (it may be adding a disk)
       .then(() => service?.stop())
       .then(
         () => {
@@ -173,14 +259,40 @@ async function runDaemon(o: CliOptions): Promise<void> {
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+  let statusTimer: NodeJS.Timeout | null = null;
+  const statusLine = (): string => {
+    const disks = service?.disks ?? [];
+    const attached = disks.filter((d) => d.server.isConnected).length;
+    return `serving ${disks.length} disk${disks.length === 1 ? '' : 's'}, ${attached} attached`;
+  };
+  // SIGHUP: reload the file (one at a time; one arriving during start-up runs once started).
+  let reloader: Reloader | null = null;
+  let reloadPending = false;
+  let reloading: Promise<unknown> = Promise.resolve();
+  const reload = (): void => {
+    if (stopping) return;
+    if (reloader === null) {
+      reloadPending = true;
+      return;
+    }
+    notifier.reloading(`reloading ${o.config ?? 'the command line'}`);
+    reloading = reloader.reload().then((r) => {
+      if (stopping) return;
+      const failed = r.error !== undefined ? `; reload failed: ${r.error}` : r.failed.length > 0 ? `; ${r.failed.length} disk(s) failed to start` : '';
+      const refused = r.refused.length > 0 ? `; changes refused (restart to apply): ${r.refused.map((x) => (x.disk === null ? x.keys.join(',') : `${x.disk}: ${x.keys.join(',')}`)).join('; ')}` : '';
+      notifier.ready(`${statusLine()}${failed}${refused}`);
+    });
+  };
+  process.on('SIGHUP', reload);
   try {
-    const s = new Service(config.disks, log, config.management_socket);
+    const s = new Service(config.disks, log, config.management_socket, listenFds);
     starting = s.start();
     await starting;
     service = s;
   } catch (e) {
     starting = Promise.resolve(); // Service.start() closed what it had opened
     log.fatal({ err: e }, `cannot start: ${(e as Error).message}`);
+    notifier.notify({ STATUS: `cannot start: ${(e as Error).message}` });
     if ((e as Error).name === 'NvmeSetupError') {
       // Something the user must fix (binding, namespace, memlock): a configuration-like error.
       process.stderr.write(`rnull: ${(e as Error).message}\n`);
@@ -203,7 +315,34 @@ async function runDaemon(o: CliOptions): Promise<void> {
       'serving null disk',
     );
   }
-  log.info({ qemu: qemuCommandLine(config.disks) }, `attach with: ${qemuCommandLine(config.disks)}`);
+  if (stopping) return;
+  // Every socket listens: tell systemd, keep STATUS current, ping the watchdog.
+  notifier.ready(statusLine());
+  if (notifier.enabled) {
+    statusTimer = setInterval(() => notifier.status(statusLine()), STATUS_INTERVAL_MS);
+    statusTimer.unref();
+  }
+  // With threads > 1, a ping also needs every worker thread to answer (a snapshot of one of its queues).
+  const workersAnswer = async (): Promise<boolean> => {
+    const asks: Array<unknown> = [];
+    for (const d of service?.disks ?? []) {
+      if (d.workers === null) continue;
+      for (let t = 1; t < d.config.threads; t++) asks.push(d.device.vrings[t].queue.snapshot());
+    }
+    await Promise.all(asks);
+    return true;
+  };
+  const watchdogMs = notifier.startWatchdog(workersAnswer);
+  if (watchdogMs > 0) log.info({ intervalMs: watchdogMs }, 'systemd watchdog: pinging from the event loop');
+  const served = service;
+  reloader = new Reloader(served, config, load, log, (level) => levels.set(log, level));
+  if (reloadPending) reload();
+  // The attach hint, in the reconnect syntax of the QEMU found here (a bounded async probe).
+  const disks = config.disks;
+  void probeQemuVersion().then((v) => {
+    const qemu = qemuCommandLine(disks, reconnectOption(v));
+    log.info({ qemu, qemuVersion: v === null ? null : `${v.major}.${v.minor}.${v.micro}` }, `attach with: ${qemu}`);
+  });
 }
 
 if (require.main === module) {

@@ -11,13 +11,14 @@ import type { ThreadReply, ThreadRequest } from '../vhost/thread-messages';
 import { VirtioBlkQueue } from '../virtqueue/blk-queue';
 import { GuestMemoryMap } from '../virtqueue/guest-memory';
 import { logUnhandledRejections, StdoutLog } from './logging';
+import { logStream } from './log-format';
 import { buildNullDisk } from './null-disk';
 import type { QueueWorkerData } from './queue-workers';
 
 const data = workerData as QueueWorkerData;
 // process.stdout here is Node's asynchronous forwarding to the main thread's stdout: a slow
 // stdout reader never makes this thread (its rings) wait (daemon/logging.ts).
-const log = pino({ level: data.logLevel, base: { pid: process.pid, thread: data.thread } }, new StdoutLog()).child({
+const log = pino({ level: data.logLevel, base: { pid: process.pid, thread: data.thread } }, new StdoutLog(logStream(data.logFormat ?? 'json'))).child({
   disk: data.config.name,
 });
 logUnhandledRejections(log);

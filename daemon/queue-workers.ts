@@ -12,6 +12,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import type { Logger } from 'pino';
+import { processLogFormat, type LogFormat } from './log-format';
 import { Worker } from 'worker_threads';
 import type { DiskConfig } from '../config/disk-schema';
 import { native } from '../native';
@@ -31,6 +32,8 @@ export interface QueueWorkerData {
   /** Hardware queue indexes this thread serves. */
   queues: number[];
   logLevel: string;
+  /** How log lines look (daemon/log-format.ts); absent: JSON. */
+  logFormat?: LogFormat;
 }
 
 /** The compiled worker script (under ts-jest, this file is .ts: use the build in dist/). */
@@ -175,7 +178,7 @@ export class QueueWorkers implements QueueThreads {
     for (let t = 1; t < config.threads; t++) {
       const queues: number[] = [];
       for (let q = t; q < config.num_queues; q += config.threads) queues.push(q);
-      const data = { config, storeId, thread: t, queues, logLevel: log.level };
+      const data = { config, storeId, thread: t, queues, logLevel: log.level, logFormat: processLogFormat() };
       this.channels.push(new WorkerChannel(t, data, log, (e) => this.lostHandler(e)));
     }
   }

@@ -52,11 +52,14 @@ export async function createNvmeDisk(config: DiskConfig, log: Logger): Promise<S
   return { config, disk: nvme.disk, driver: nvme.driver, nvme, device, server, workers: null };
 }
 
-/** The QEMU options that attach `d` to a guest (memory must be shared with the back-end). */
-export function qemuCommandLine(disks: readonly DiskConfig[]): string {
+/**
+ * The QEMU options that attach `d` to a guest (memory must be shared with the back-end).
+ * `reconnect`: the chardev's reconnect option for the QEMU at hand (daemon/qemu-version.ts).
+ */
+export function qemuCommandLine(disks: readonly DiskConfig[], reconnect = 'reconnect=1'): string {
   const parts = ['qemu-system-x86_64 -machine q35 -m 1G', '-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem'];
   disks.forEach((d, i) => {
-    parts.push(`-chardev socket,id=rnull${i},path=${path.resolve(d.socket)},reconnect=1`);
+    parts.push(`-chardev socket,id=rnull${i},path=${path.resolve(d.socket)},${reconnect}`);
     parts.push(`-device vhost-user-blk-pci,chardev=rnull${i},num-queues=${d.num_queues}`);
   });
   return parts.join(' ');
@@ -70,6 +73,8 @@ export class Service {
     configs: readonly DiskConfig[],
     private readonly log: Logger,
     private readonly managementSocket = '',
+    /** Listening sockets passed in (`--fd`), by disk name: served instead of binding the path. */
+    private readonly listenFds: ReadonlyMap<string, number> = new Map(),
   ) {
     const shared = configs.filter((c) => c.shared_tags);
     const sharedTagSet =
@@ -118,7 +123,9 @@ export class Service {
     const started: ServedDisk[] = [];
     try {
       for (const d of this.disks) {
-        d.server.listen();
+        const fd = this.listenFds.get(d.config.name);
+        if (fd !== undefined) d.server.listenOn(fd);
+        else d.server.listen();
         started.push(d);
       }
     } catch (e) {
@@ -138,6 +145,49 @@ export class Service {
     if (management !== null) await management.close();
     await Promise.all(this.disks.map((d) => d.workers?.close()));
     await this.closeNvme();
+  }
+
+  /**
+   * Starts serving one more disk (a reload added it): builds it (opening its NVMe controller
+   * for driver "nvme") and listens on its socket; the management API sees it at once.
+   * @throws Error when it cannot start (nothing of it is left open): a socket in use, a
+   *   controller already serving a disk, shared_tags (its tag set is sized at start), or what
+   *   createNvmeDisk throws
+   */
+  async addDisk(config: DiskConfig): Promise<ServedDisk> {
+    if (config.shared_tags) throw new Error('a disk with shared_tags cannot be added while running (the shared tag set is sized at start): restart to add it');
+    if (config.driver === 'nvme' && this.disks.some((d) => d.config.driver === 'nvme' && d.config.pci === config.pci)) {
+      throw new Error(`controller ${config.pci} already serves another disk`);
+    }
+    const d = config.driver === 'nvme' ? await createNvmeDisk(config, this.log) : createDisk(config, this.log);
+    try {
+      d.server.listen();
+    } catch (e) {
+      await d.workers?.close();
+      if (d.nvme !== undefined) await closeNvmeDisk(d.nvme, this.log.child({ disk: config.name }));
+      throw e;
+    }
+    this.disks.push(d);
+    return d;
+  }
+
+  /**
+   * Stops serving the disk named `name` (a reload removed it): its front-end is disconnected,
+   * its rings stop, its socket is removed, its threads and controller are closed. False if no
+   * such disk.
+   */
+  async removeDisk(name: string): Promise<boolean> {
+    const i = this.disks.findIndex((d) => d.config.name === name);
+    if (i < 0) return false;
+    const [d] = this.disks.splice(i, 1);
+    await d.server.close();
+    await d.workers?.close();
+    if (d.nvme !== undefined) {
+      const n = d.nvme;
+      d.nvme = undefined;
+      await closeNvmeDisk(n, this.log.child({ disk: name }));
+    }
+    return true;
   }
 
   /** Shuts down the NVMe controllers (their disks' rings stopped). */

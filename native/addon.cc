@@ -9,7 +9,9 @@
 #include "fd_watcher.h"
 #include "guest_memory.h"
 #include "page_store.h"
+#include "sd_notify.h"
 #include "socket.h"
+#include "socket_info.h"
 #include "timer.h"
 #include "virtqueue.h"
 #include "vfio.h"
@@ -39,6 +41,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   Timer::Init(env, exports);
   PageStore::Init(env, exports);
   VfioDevice::Init(env, exports);
+  InitSdNotify(env, exports);
+  InitSocketInfo(env, exports);
   return exports;
 }
 

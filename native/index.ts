@@ -147,6 +147,15 @@ export interface NativeMessageReader {
   close(): void;
 }
 
+/** An inherited socket's kind (native/socket_info.cc). */
+export interface SocketInfo {
+  domain: 'unix' | 'inet' | 'inet6' | 'other';
+  type: 'stream' | 'dgram' | 'seqpacket' | 'other';
+  listening: boolean;
+  /** The bound unix path; '@name' for an abstract socket; '' when unbound or not unix. */
+  path: string;
+}
+
 interface NativeAddon {
   initialize(errorClass: typeof SyscallError): void;
   close(fd: number): void;
@@ -193,6 +202,19 @@ interface NativeAddon {
   PageStore: new (id?: number) => NativePageStore;
   /** CLOCK_MONOTONIC in nanoseconds. */
   monotonicNs(): number;
+  /**
+   * Sends `message` as one datagram to the unix datagram socket `address` (a path, or '@name'
+   * for an abstract socket, as $NOTIFY_SOCKET writes it), without waiting (native/sd_notify.cc).
+   * Returns the bytes sent. RangeError for an empty or over-long address or an empty message;
+   * SyscallError from socket/sendto (EAGAIN when the receiver's queue is full).
+   */
+  notifySend(address: string, message: string): number;
+  /**
+   * What `fd` is: null if not a socket, else its domain, type, whether it listens
+   * (SO_ACCEPTCONN) and its bound unix path ('@name' abstract, '' none). SyscallError (EBADF)
+   * for a closed fd (native/socket_info.cc).
+   */
+  socketInfo(fd: number): SocketInfo | null;
   virtqueueConstants: { MAX_QUEUE_SIZE: number; MAX_SEGMENTS: number; SEGMENT_WORDS: number; BATCH_WORDS: number };
 }
 

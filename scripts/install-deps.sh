@@ -10,6 +10,7 @@
 #   e2fsprogs          mkfs.ext4 inside the guest
 #   clang, libclang-rt-14-dev
 #                      libFuzzer with ASan/UBSan for the native fuzz targets (test/fuzz)
+#   systemd            systemd-analyze, which checks systemd/rnull@.service (test 78)
 #
 # Node.js 20.3 or newer with npm, python3, make and g++ must already be there
 # (they build the native addon and the benchmark client); this checks Node.
@@ -21,7 +22,7 @@ set -euo pipefail
 node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 3) ? 0 : 1)' ||
   { echo "install-deps: Node.js 20.3 or newer is needed (found $(node --version 2>/dev/null || echo none))" >&2; exit 1; }
 
-PACKAGES=(qemu-system-x86 fio busybox-static linux-image-amd64 e2fsprogs clang libclang-rt-14-dev)
+PACKAGES=(qemu-system-x86 fio busybox-static linux-image-amd64 e2fsprogs clang libclang-rt-14-dev systemd)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

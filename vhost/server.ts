@@ -71,6 +71,22 @@ export class VhostUserServer {
     this.log.info({ socket: this.socketPath, mode: `0${mode.toString(8)}`, gid: gid >= 0 ? gid : undefined }, 'listening');
   }
 
+  /**
+   * Serves on a listening unix socket passed in (`--fd`, daemon/passed-socket.ts checks it)
+   * instead of binding `socketPath`. The socket's file, mode and group stay the passer's:
+   * close() closes the fd but removes no file.
+   */
+  listenOn(fd: number): void {
+    this.listenFd = fd;
+    this.passed = true;
+    this.watcher = new native.FdWatcher(this.listenFd, () => this.onAcceptable(), false);
+    this.watcher.start();
+    this.log.info({ fd, socket: this.socketPath }, 'listening on a passed socket');
+  }
+
+  /** The listening socket came from listenOn() (its file is not ours to remove). */
+  private passed = false;
+
   private onAcceptable(): void {
     for (;;) {
       const fd = native.acceptUnix(this.listenFd);
@@ -118,7 +134,7 @@ export class VhostUserServer {
       native.close(this.listenFd);
       this.listenFd = -1;
       try {
-        fs.unlinkSync(this.socketPath);
+        if (!this.passed) fs.unlinkSync(this.socketPath);
       } catch {
         // already gone
       }

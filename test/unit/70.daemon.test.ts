@@ -82,7 +82,7 @@ test('a config file with two disks serves both sockets', async () => {
   for (const [name, sectors] of [['a.sock', 4n * 2048n], ['b.sock', 8n * 2048n]] as const) {
     const fe = new TestFrontend(path.join(dir, name));
     expect((await fe.getConfig(0, 8)).subarray(12).readBigUInt64LE(0)).toBe(sectors);
-    expect(await fe.getU64(Req.GET_QUEUE_NUM)).toBe(1n);
+    expect(await fe.getU64(Req.GET_QUEUE_NUM)).toBe(BigInt(Math.min(64, os.availableParallelism()))); // the default: the host's CPUs
     fe.close();
   }
   d.proc.kill('SIGTERM');
@@ -116,7 +116,7 @@ test('a socket path in use by a live daemon is refused; a stale one is replaced'
   d = start(['--socket', sock], dir);
   await until(() => d!.out.some((l) => l.includes('"listening"')), 'listening', 10000);
   const fe = new TestFrontend(sock);
-  expect(await fe.getU64(Req.GET_QUEUE_NUM)).toBe(1n);
+  expect(await fe.getU64(Req.GET_QUEUE_NUM)).toBe(BigInt(Math.min(64, os.availableParallelism())));
   fe.close();
 });
 
