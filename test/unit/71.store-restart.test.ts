@@ -6,7 +6,7 @@
  * socket, a store in use by another daemon is refused, and the volatile write cache is lost on
  * a crash but written back on SIGTERM.
  */
-import { ChildProcess, spawn } from 'child_process';
+import { ChildProcess, spawn, spawnSync } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
@@ -284,5 +284,113 @@ test('cache_size: unflushed cached writes are lost on SIGKILL, flushed ones are 
   d = await serve(args, sock);
   fe = await connect(sock);
   expect((await fe.blk(0, T_IN, 1600, { readLen: 4096 })).data!.equals(later)).toBe(true);
+  await term(d);
+});
+
+/** Runs the daemon with a store it must refuse: exit 2 within 20 s, the reason on stderr, no socket. */
+async function refused(store: string, extra: string[] = []): Promise<string> {
+  const sock = path.join(dir, `r${running.length}.sock`);
+  const d = start(['--socket', sock, '--size', '16', '--store', store, ...extra], dir);
+  running.push(d);
+  const timer = setTimeout(() => d.proc.kill('SIGKILL'), 20_000);
+  const code = await d.exit;
+  clearTimeout(timer);
+  const out = d.out.join('\n');
+  expect({ code, out }).toEqual({ code: 2, out: expect.stringContaining(`rnull: store ${store}`) });
+  expect(fs.existsSync(sock)).toBe(false);
+  return out;
+}
+
+test('hostile store paths: a symlink, a FIFO, a directory, a file of another size are refused (exit 2, the reason, no hang)', async () => {
+  const target = path.join(shm, 'target');
+  fs.writeFileSync(target, 'not a disk');
+  const link = path.join(shm, 'link.store');
+  fs.symlinkSync(target, link);
+  expect(await refused(link)).toContain('is a symbolic link');
+  expect(fs.readFileSync(target, 'utf8')).toBe('not a disk');
+
+  const fifo = path.join(shm, 'fifo.store');
+  expect(spawnSync('mkfifo', [fifo]).status).toBe(0);
+  expect(await refused(fifo)).toContain('is a FIFO');
+
+  const sub = path.join(shm, 'dir.store');
+  fs.mkdirSync(sub);
+  expect(await refused(sub)).toContain('is a directory');
+
+  const small = path.join(shm, 'small.store');
+  fs.writeFileSync(small, Buffer.alloc(8192, 1));
+  fs.chmodSync(small, 0o600);
+  expect(await refused(small)).toContain('holds 8192 bytes, but the disk has 16777216 (16 MiB)');
+  expect(fs.readFileSync(small).equals(Buffer.alloc(8192, 1))).toBe(true); // untouched
+  // With store_fresh, that last one is the user's way out.
+  const sock = path.join(dir, 'fresh.sock');
+  const d = await serve(['--socket', sock, '--size', '16', '--store', small, '--store-fresh', 'true'], sock);
+  expect(fs.statSync(small).size).toBe(16 << 20);
+  await term(d);
+});
+
+test('a full file system: writes into new blocks fail with IOERR (logged once), the daemon goes on, the data written before is intact', async () => {
+  // The daemon in a mount namespace of its own with a 1 MiB tmpfs for its store.
+  const mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'rnull-full-'));
+  const sock = path.join(dir, 'full.sock');
+  try {
+    const u = spawn('unshare', ['-rm', 'sh', '-c', `mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" "$3" --socket "$4" --size 16 --store "$1/d.store"`, 'sh', mnt, process.execPath, BIN, sock], {
+      cwd: dir,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    const daemon: Daemon = { proc: u, out: [], exit: new Promise((resolve) => u.on('exit', (code) => resolve(code))) };
+    u.stdout!.on('data', (b: Buffer) => daemon.out.push(...b.toString().split('\n').filter((l) => l !== '')));
+    u.stderr!.on('data', (b: Buffer) => daemon.out.push(b.toString()));
+    running.push(daemon);
+    await until(() => daemon.out.some((l) => l.includes('"listening"')) || u.exitCode !== null, 'listening', 15000);
+    expect(u.exitCode).toBeNull();
+    const fe = await connect(sock);
+    const blocks: Buffer[] = [];
+    let status = 0;
+    for (let i = 0; i < 12 && status === 0; i++) {
+      const data = pattern(131072, 40 + i);
+      status = (await fe.blk(0, T_OUT, i * 256, { data })).status;
+      if (status === 0) blocks.push(data);
+    }
+    expect({ status, written: blocks.length }).toEqual({ status: 1, written: 8 }); // 8 x 128 KiB = 1 MiB
+    expect((await fe.blk(0, T_OUT, 9 * 256, { data: pattern(4096, 1) })).status).toBe(1); // still full
+    expect((await fe.blk(0, T_OUT, 0, { data: pattern(4096, 2) })).status).toBe(0); // an allocated block: room enough
+    blocks[0] = Buffer.concat([pattern(4096, 2), blocks[0].subarray(4096)]);
+    for (const [i, data] of blocks.entries()) expect((await fe.blk(0, T_IN, i * 256, { readLen: 131072 })).data!.equals(data)).toBe(true);
+    await expectZeroes(fe, 8 * 256, 131072);
+    expect(daemon.out.filter((l) => l.includes('found no room in the store'))).toHaveLength(1);
+    await term(daemon);
+  } finally {
+    fs.rmSync(mnt, { recursive: true, force: true });
+  }
+});
+
+test('discard and write-zeroes through the daemon punch holes in the store: st_blocks falls, zeroes read back, also after SIGKILL', async () => {
+  const sock = path.join(dir, 'z.sock');
+  const store = path.join(shm, 'z.store');
+  const args = ['--socket', sock, '--size', '16', '--store', store, '--discard', 'true'];
+  let d = await serve(args, sock);
+  let fe = await connect(sock);
+  const data = pattern(1 << 20, 77);
+  expect(await fe.blk(0, T_OUT, 0, { data })).toMatchObject({ status: 0 });
+  expect(fs.statSync(store).blocks * 512).toBe(1 << 20);
+  const seg = (type: number, sector: number, num: number) => {
+    const b = Buffer.alloc(16);
+    b.writeBigUInt64LE(BigInt(sector), 0);
+    b.writeUInt32LE(num, 8);
+    return fe.blk(0, type, 0, { data: b });
+  };
+  expect(await seg(11, 8, 1024)).toMatchObject({ status: 0 }); // DISCARD bytes 4 KiB .. 516 KiB
+  expect(await seg(13, 1536, 8)).toMatchObject({ status: 0 }); // WRITE_ZEROES bytes 768 KiB .. 772 KiB
+  expect(fs.statSync(store).blocks * 512).toBe((1 << 20) - (512 << 10) - 4096);
+  const ref = Buffer.from(data);
+  ref.fill(0, 4096, 4096 + (512 << 10));
+  ref.fill(0, 768 << 10, (768 << 10) + 4096);
+  expect((await fe.blk(0, T_IN, 0, { readLen: 1 << 20 })).data!.equals(ref)).toBe(true);
+  await kill9(d);
+  d = await serve(args, sock);
+  expect(storeLine(d)).toMatchObject({ foundBytes: (1 << 20) - (512 << 10) - 4096 });
+  fe = await connect(sock);
+  expect((await fe.blk(0, T_IN, 0, { readLen: 1 << 20 })).data!.equals(ref)).toBe(true);
   await term(d);
 });
