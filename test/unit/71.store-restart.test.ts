@@ -358,8 +358,10 @@ test('a full file system: writes into new blocks fail with IOERR (logged once), 
     blocks[0] = Buffer.concat([pattern(4096, 2), blocks[0].subarray(4096)]);
     for (const [i, data] of blocks.entries()) expect((await fe.blk(0, T_IN, i * 256, { readLen: 131072 })).data!.equals(data)).toBe(true);
     await expectZeroes(fe, 8 * 256, 131072);
-    expect(daemon.out.filter((l) => l.includes('found no room in the store'))).toHaveLength(1);
+    const noRoom = () => daemon.out.filter((l) => l.includes('found no room in the store'));
+    await until(() => noRoom().length > 0, 'the no-room log line', 10000);
     await term(daemon);
+    expect(noRoom()).toHaveLength(1);
   } finally {
     fs.rmSync(mnt, { recursive: true, force: true });
   }
