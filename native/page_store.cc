@@ -69,6 +69,7 @@ struct PageMap {
   std::mutex madeMu;
   std::vector<Chunk*> made;
   std::atomic<uint64_t> pages{0};
+  std::atomic<bool> populate{true};  // MADV_POPULATE_WRITE works here
 
   ~PageMap() { Unmap(); }
 
@@ -161,6 +162,26 @@ struct PageMap {
       p++;
     }
     return p;
+  }
+
+  // Allocates the holes [p, q) (their chunks mapped) without a fault that could SIGBUS: one
+  // MADV_POPULATE_WRITE per chunk piece (allocates and maps them writable in one go; EFAULT
+  // when tmpfs has no room), else (before Linux 5.14: EINVAL) fallocate. 0 or an errno.
+  int Allocate(uint64_t p, uint64_t q) {
+    if (populate) {
+      for (uint64_t a = p; a < q;) {
+        uint64_t b = std::min(q, ((a >> kChunkPagesShift) + 1) << kChunkPagesShift);
+        int err = Retry([&] { return ::madvise(At(a << kPageShift), (b - a) << kPageShift, MADV_POPULATE_WRITE); });
+        if (err == EINVAL && a == p) {
+          populate = false;
+          break;
+        }
+        if (err != 0) return err == EFAULT ? ENOSPC : err;
+        a = b;
+      }
+      if (populate) return 0;
+    }
+    return Retry([&] { return ::fallocate(fd, 0, static_cast<off_t>(p << kPageShift), static_cast<off_t>((q - p) << kPageShift)); });
   }
 
   // Maps the chunks of pages [p, q); 0 or an errno.
@@ -458,7 +479,7 @@ Napi::Value PageStore::Write(const Napi::CallbackInfo& info) {
   for (uint64_t p = m.RunEnd(pos >> kPageShift, end, true); p < end; p = m.RunEnd(p, end, true)) {
     uint64_t q = m.RunEnd(p, end, false);
     int err = m.MakeRange(p, q);
-    if (err == 0) err = Retry([&] { return ::fallocate(m.fd, 0, static_cast<off_t>(p << kPageShift), static_cast<off_t>((q - p) << kPageShift)); });
+    if (err == 0) err = m.Allocate(p, q);
     if (err != 0) return Napi::Number::New(env, err);
     m.Mark(p, q, true);
     p = q;
