@@ -6,9 +6,11 @@
 // Without a file, the store is a memfd (data dies with the process, tests and tools).
 //
 // The file is mapped in 1 GiB chunks as they are first written (a disk may be larger than the
-// address space). A bitmap per chunk (one bit per 4 KiB page) says which pages the file holds. Reads never touch a hole through the mapping (on tmpfs a read fault on a hole
-// allocates a page); writes allocate a run of holes first (MADV_POPULATE_WRITE, else fallocate), so a
-// full file system fails the write with ENOSPC instead of a SIGBUS. Built from SEEK_DATA/SEEK_HOLE at open.
+// address space). A bitmap per chunk (one bit per 4 KiB page), built from SEEK_DATA/SEEK_HOLE at
+// open, says which pages the file holds. Reads never touch a hole through the mapping (on tmpfs
+// a read fault on a hole allocates a page); writes allocate a run of holes first
+// (MADV_POPULATE_WRITE, else fallocate), so a full file system fails the write with ENOSPC
+// instead of a SIGBUS.
 //
 // Shared by the threads of a disk (`threads` > 1): a process-wide registry maps a store id to
 // it, and a worker attaches with `new PageStore(id)` (JavaScript has no shared mutable map).
