@@ -93,16 +93,18 @@ function openStore(config: DiskConfig, log: Logger): PageStore {
 
 /**
  * At shutdown, once no request runs (rings stopped, worker threads ended): dirty pages of the
- * write cache are written back (an orderly stop loses nothing), the store is closed, and with
- * store_remove_on_exit its file removed.
+ * write cache are written back (an orderly stop loses nothing), then the store file is removed
+ * with store_remove_on_exit, or when it holds no data (a missing store is an empty disk: nothing
+ * is lost, and no empty files pile up), and closed. Removed while still locked, so a daemon
+ * starting meanwhile never has its new store removed.
  */
 export function closeNullDisk(config: DiskConfig, driver: NullDriver, log: Logger): void {
   if (driver.store === null) return;
   const err = driver.cache?.flush() ?? 0;
   if (err !== 0) log.error({ errno: err, store: config.store }, 'the write cache could not be written back to the store at shutdown');
-  driver.store.close();
-  if (config.store !== '' && config.store_remove_on_exit) {
+  if (config.store !== '' && (config.store_remove_on_exit || driver.store.pageCount === 0)) {
     removeStoreFile(config.store);
-    log.info({ store: config.store }, 'store removed');
+    log.info({ store: config.store, empty: driver.store.pageCount === 0 }, 'store removed');
   }
+  driver.store.close();
 }

@@ -396,3 +396,21 @@ test('discard and write-zeroes through the daemon punch holes in the store: st_b
   expect((await fe.blk(0, T_IN, 0, { readLen: 1 << 20 })).data!.equals(ref)).toBe(true);
   await term(d);
 });
+
+test('an orderly stop removes a store that holds no data (nothing lost: a missing store is an empty disk)', async () => {
+  const sock = path.join(dir, 'e.sock');
+  const store = path.join(shm, 'e.store');
+  const args = ['--socket', sock, '--size', '16', '--store', store, '--discard', 'true'];
+  let d = await serve(args, sock);
+  expect(fs.existsSync(store)).toBe(true);
+  await term(d);
+  expect(fs.existsSync(store)).toBe(false);
+  d = await serve(args, sock);
+  const fe = await connect(sock);
+  expect(await fe.blk(0, T_OUT, 0, { data: pattern(4096, 1) })).toMatchObject({ status: 0 });
+  const b = Buffer.alloc(16);
+  b.writeUInt32LE(8, 8); // DISCARD sectors 0..7: the store holds nothing again
+  expect(await fe.blk(0, 11, 0, { data: b })).toMatchObject({ status: 0 });
+  await term(d);
+  expect(fs.existsSync(store)).toBe(false);
+});
