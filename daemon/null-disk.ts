@@ -4,16 +4,16 @@
  * thread, a memory-backed disk's store file (`store`, resolved by config/load.ts) is opened or
  * created; worker threads attach to it by id. closeNullDisk ends it at shutdown.
  */
+import * as path from 'path';
 import type { Logger } from 'pino';
 import { Disk } from '../block/disk';
 import { TagSet } from '../block/tag-set';
 import type { DiskConfig } from '../config/disk-schema';
+import { defaultStoreDir } from '../config/store-path';
 import { BadBlocks, parseRange } from '../drivers/null/badblocks';
 import { IrqMode, NullDriver } from '../drivers/null/null-driver';
 import type { PageStore } from '../drivers/null/page-store';
 import { openStoreFile, removeStoreFile } from '../drivers/null/store-file';
-import { defaultStoreDir } from '../config/store-path';
-import * as path from 'path';
 
 const MIB_SECTORS = 2048; // 512-byte sectors per MiB
 
