@@ -31,7 +31,7 @@ const CLIENT = path.join(__dirname, 'client', 'build', 'vhost-bench');
 if (spawnSync('make', ['-s', '-C', path.join(__dirname, 'client')], { stdio: 'inherit' }).status !== 0) process.exit(1);
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'rnull-soak-'));
 const sock = path.join(dir, 'soak.sock');
-const daemon = spawn('taskset', ['-c', '0', process.execPath, path.join(ROOT, 'dist', 'daemon', 'main.js'), '--socket', sock, '--size', '1024', '--memory-backed', String(MEMORY), '--log-level', 'warn'], { stdio: 'inherit' });
+const daemon = spawn('taskset', ['-c', '0', process.execPath, path.join(ROOT, 'dist', 'daemon', 'main.js'), '--socket', sock, '--size', '1024', '--memory-backed', String(MEMORY), '--store-fresh', 'true', '--store-remove-on-exit', 'true', '--log-level', 'warn'], { stdio: 'inherit' });
 const cleanup = () => {
   if (daemon.exitCode === null) daemon.kill('SIGTERM');
   fs.rmSync(dir, { recursive: true, force: true });
