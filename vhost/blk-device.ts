@@ -183,8 +183,11 @@ export class VhostUserBlkDevice {
         (this.disk.ops.setWriteCache as (on: boolean) => void)(true);
         this.config[OFF_WRITEBACK] = 1;
       }
-      await this.releaseMemory();
-      await this.dropInflight();
+      try {
+        await this.releaseMemory();
+      } finally {
+        await this.dropInflight();
+      }
     }
   }
 
