@@ -22,7 +22,7 @@ import { BATCH_WORDS, MAX_SEGMENTS, native, NativeFdWatcher, NativeVirtqueue, SE
 import type { QueueSnapshot, RingQueue, VringSetup } from './ring-queue';
 
 import { BlkRequestParser, MAX_CHAIN_BYTES, MAX_CHAIN_DESCRIPTORS, ParseOutcome, serialId } from './blk-request';
-import { recoverSplitQueue } from './inflight-region';
+import { recoverSplitQueue, type SplitRecovery } from './inflight-region';
 
 /**
  * A batch ends once it holds this many bytes of buffers (native pop), so a front-end waiting on
@@ -211,18 +211,25 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
       return false;
     }
     const usedIdx = this.vq.state().usedIdx;
-    const r = recoverSplitQueue(region.block(this.index), region.queueSize, setup.size, usedIdx, setup.lastAvailIdx);
+    let r: SplitRecovery;
+    try {
+      r = recoverSplitQueue(region.block(this.index), region.queueSize, setup.size, usedIdx, setup.lastAvailIdx);
+      this.vq.setInflight({
+        region: region.table,
+        offset: region.blockOffset(this.index),
+        descNum: region.queueSize,
+        counter: r.counter,
+        lastAvailIdx: r.lastAvailIdx,
+        resubmit: r.resubmit,
+      });
+    } catch (e) {
+      // A region released under us (its views empty) or one the native ring refuses.
+      this.log.error({ queue: this.index, err: e }, 'inflight region not usable: this ring runs untracked');
+      return false;
+    }
     if (r.refused !== null) {
       this.log.error({ queue: this.index, reason: r.refused }, 'inflight region block refused and re-initialised: requests in flight before the restart cannot be resubmitted');
     }
-    this.vq.setInflight({
-      region: region.table,
-      offset: region.blockOffset(this.index),
-      descNum: region.queueSize,
-      counter: r.counter,
-      lastAvailIdx: r.lastAvailIdx,
-      resubmit: r.resubmit,
-    });
     if (!r.fresh) {
       this.log.info(
         { queue: this.index, resubmit: r.resubmit.length, lastAvailIdx: r.lastAvailIdx, usedIdx, batchCleared: r.batchCleared },

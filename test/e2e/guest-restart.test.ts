@@ -17,8 +17,8 @@
  * rings running again.
  *
  * RNULL_RESTART_CYCLES (default 4): kills per `threads` setting; RNULL_RESTART_THREADS
- * (default "1,2"). `npm run test:restart-loop` runs 100 cycles. The results are printed and
- * written to test/e2e/.last-restart.json.
+ * (default "1,2"). `npm run test:restart-loop` runs 100 cycles (50 with each). The results are
+ * printed and written to test/e2e/.last-restart.json.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
