@@ -280,9 +280,11 @@ function qsdArgs(disk, socket, sizeBytes, image, mode) {
   return args;
 }
 
-function rnullArgs(disk, socket, sizeMiB, threads) {
+function rnullArgs(disk, socket, sizeMiB, threads, store) {
+  // A memory-backed disk's store is a fresh file in /dev/shm, as QSD's image (removed after).
+  const storeArgs = store !== null ? ['--store', store, '--store-fresh', 'true'] : [];
   return [RNULL_MAIN, '--socket', socket, '--size', String(sizeMiB), '--blocksize', '512', '--memory-backed', disk === 'mem' ? 'true' : 'false',
-    '--num-queues', '2', '--threads', String(threads), '--log-level', 'warn'];
+    ...storeArgs, '--num-queues', '2', '--threads', String(threads), '--log-level', 'warn'];
 }
 
 /** Waits until `socket` exists (the back-end listens), the child dies, or `ms` passes. */
@@ -315,7 +317,8 @@ async function startBackend(ctx, backend, disk) {
   let cmd;
   let args;
   if (backend === 'rnull') {
-    [cmd, args] = pinned(o, o.backendCpu, process.execPath, rnullArgs(disk, socket, o.size, o.rnullThreads));
+    if (disk === 'mem') image = path.join(ctx.shm, `rnull-bench-${process.pid}-${n}.store`);
+    [cmd, args] = pinned(o, o.backendCpu, process.execPath, rnullArgs(disk, socket, o.size, o.rnullThreads, image));
   } else {
     if (disk === 'mem') {
       image = path.join(ctx.shm, `rnull-bench-${process.pid}-${n}.img`);

@@ -14,6 +14,9 @@ export interface DiskConfig {
   size: number;
   blocksize: number;
   memory_backed: boolean;
+  store: string;
+  store_fresh: boolean;
+  store_remove_on_exit: boolean;
   num_queues: number;
   threads: number;
   read_only: boolean;
@@ -73,6 +76,21 @@ export const diskSchema = {
     doc: 'Keep written data in memory (null_blk "memory_backed"); otherwise reads return zeroes and writes are dropped.',
     format: 'bool',
     default: true,
+  },
+  store: {
+    doc: 'memory_backed: the file on tmpfs that holds the disk\'s data, so that it outlives the daemon (a daemon started again with the same configuration finds it). Default: derived from the socket path, in $RUNTIME_DIRECTORY when systemd sets it, else in /dev/shm/rnull-UID. Sparse: unwritten blocks take no memory.',
+    format: String,
+    default: '',
+  },
+  store_fresh: {
+    doc: 'memory_backed: start the disk empty, dropping what its store held (ignored by disks without a store).',
+    format: 'bool',
+    default: false,
+  },
+  store_remove_on_exit: {
+    doc: 'memory_backed: remove the store when the daemon stops on SIGTERM or SIGINT (by default it is kept for the next start; a crash always keeps it).',
+    format: 'bool',
+    default: false,
   },
   num_queues: {
     doc: 'Largest number of virtqueues (hardware queues) a front-end may use, 1 to 64 (QEMU: num-queues).',

@@ -8,6 +8,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { DEFAULT_COMPLETION_NSEC } from '../drivers/null/null-driver';
 import { addFormats, DiskConfig, diskSchema } from './disk-schema';
+import { defaultStorePath } from './store-path';
 
 export class ConfigError extends Error {
   constructor(message: string) {
@@ -72,6 +73,9 @@ export function loadConfig(file: string | undefined, overrides: DiskOverrides, l
   if (overrides.socket !== undefined && disks.length > 1) {
     throw new ConfigError(`${where}: --socket cannot apply to ${disks.length} disks; give each disk its socket in the file`);
   }
+  if (overrides.store !== undefined && disks.length > 1) {
+    throw new ConfigError(`${where}: --store cannot apply to ${disks.length} disks; give each disk its store in the file`);
+  }
   const out = disks.flatMap((d, i) => expandDevices(loadDisk(d, overrides, `${where}: disks[${i}]`)));
   const shared = out.filter((d) => d.shared_tags);
   if (shared.some((d) => d.hw_queue_depth !== shared[0].hw_queue_depth)) {
@@ -83,6 +87,7 @@ export function loadConfig(file: string | undefined, overrides: DiskOverrides, l
     if (sockets.has(abs)) throw new ConfigError(`${where}: disks[${i}].socket: ${d.socket} is used by another disk`);
     sockets.add(abs);
   }
+  resolveStores(out, where);
   return { log_level: top.get('log_level') as string, management_socket: top.get('management_socket') as string, disks: out };
 }
 
@@ -96,8 +101,27 @@ function expandDevices(d: DiskConfig): DiskConfig[] {
     nr_devices: 1,
     name: `${d.name}${i}`,
     socket: `${base}-${i}${ext}`,
+    store: d.store === '' ? '' : `${d.store}-${i}`,
     serial: `${d.serial.slice(0, 20 - String(i).length - 1)}-${i}`,
   }));
+}
+
+/**
+ * Memory-backed null disks get their store's absolute path (the default one when `store` is
+ * empty); two disks may not share one. Other disks keep '' (and may not give one).
+ */
+function resolveStores(disks: DiskConfig[], where: string): void {
+  const stores = new Map<string, number>();
+  for (const [i, d] of disks.entries()) {
+    if (d.driver === 'nvme' || !d.memory_backed) {
+      if (d.store !== '') throw new ConfigError(`${where}: disks[${i}].store: applies to memory-backed null disks only`);
+      continue;
+    }
+    d.store = d.store === '' ? defaultStorePath(d.socket) : path.resolve(d.store);
+    const other = stores.get(d.store);
+    if (other !== undefined) throw new ConfigError(`${where}: disks[${i}].store: ${d.store} is the store of disks[${other}] too`);
+    stores.set(d.store, i);
+  }
 }
 
 /** Every disk key at its schema default (a disk given no settings; `name` still empty). */
@@ -166,7 +190,7 @@ function checkThreads(d: DiskConfig, where: string): void {
 }
 
 /** Keys that only the null driver has: refused with driver nvme when given. */
-const NULL_ONLY_KEYS: ReadonlyArray<keyof DiskOverrides> = ['size', 'blocksize', 'memory_backed', 'irqmode', 'completion_nsec', 'discard', 'badblocks', 'badblocks_once', 'mbps', 'cache_size'];
+const NULL_ONLY_KEYS: ReadonlyArray<keyof DiskOverrides> = ['size', 'blocksize', 'memory_backed', 'irqmode', 'completion_nsec', 'discard', 'badblocks', 'badblocks_once', 'mbps', 'cache_size', 'store'];
 
 /**
  * driver nvme: pci is required; capacity, block size and the null driver's other settings come

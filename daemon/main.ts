@@ -42,6 +42,9 @@ function buildCli(run: (o: CliOptions) => Promise<void>): Command {
     .option('--size <MiB>', 'capacity in MiB (default 1024)', int('--size'))
     .addOption(new Option('--blocksize <bytes>', 'logical block size (default 512)').choices(['512', '1024', '2048', '4096']).argParser(Number))
     .option('--memory-backed <bool>', 'keep written data (default true)', bool)
+    .option('--store <path>', 'memory-backed: the tmpfs file holding the data, kept across restarts (default: derived from the socket, in $RUNTIME_DIRECTORY or /dev/shm/rnull-UID)')
+    .option('--store-fresh <bool>', 'memory-backed: start the disk empty, dropping what its store held (default false)', bool)
+    .option('--store-remove-on-exit <bool>', 'memory-backed: remove the store on SIGTERM/SIGINT (default false: kept for the next start)', bool)
     .option('--num-queues <n>', 'largest number of virtqueues (default 1)', int('--num-queues'))
     .option('--threads <n>', 'threads serving the hardware queues, at most --num-queues (default 1)', int('--threads'))
     .option('--read-only <bool>', 'offer the disk read-only (default false)', bool)
@@ -97,6 +100,9 @@ export interface CliOptions {
   size?: number;
   blocksize?: number;
   memoryBacked?: boolean;
+  store?: string;
+  storeFresh?: boolean;
+  storeRemoveOnExit?: boolean;
   numQueues?: number;
   threads?: number;
   readOnly?: boolean;
@@ -181,7 +187,7 @@ async function runDaemon(o: CliOptions): Promise<void> {
   } catch (e) {
     starting = Promise.resolve(); // Service.start() closed what it had opened
     log.fatal({ err: e }, `cannot start: ${(e as Error).message}`);
-    if ((e as Error).name === 'NvmeSetupError') {
+    if ((e as Error).name === 'NvmeSetupError' || (e as Error).name === 'StoreError') {
       // Something the user must fix (binding, namespace, memlock): a configuration-like error.
       process.stderr.write(`rnull: ${(e as Error).message}\n`);
       exit(2);
@@ -199,7 +205,7 @@ async function runDaemon(o: CliOptions): Promise<void> {
       continue;
     }
     log.info(
-      { disk: d.config.name, socket: d.config.socket, sizeMiB: d.config.size, blocksize: d.config.blocksize, memoryBacked: d.config.memory_backed, numQueues: d.config.num_queues, threads: d.config.threads, irqmode: d.config.irqmode },
+      { disk: d.config.name, socket: d.config.socket, sizeMiB: d.config.size, blocksize: d.config.blocksize, memoryBacked: d.config.memory_backed, store: d.config.store || undefined, numQueues: d.config.num_queues, threads: d.config.threads, irqmode: d.config.irqmode },
       'serving null disk',
     );
   }

@@ -1,6 +1,8 @@
 /**
  * buildNullDisk: a null_blk disk from its configuration — the NullDriver, its tag set and the
- * Disk — as the main thread and every queue worker thread of that disk build it.
+ * Disk — as the main thread and every queue worker thread of that disk build it. On the main
+ * thread, a memory-backed disk's store file (`store`, resolved by config/load.ts) is opened or
+ * created; worker threads attach to it by id. closeNullDisk ends it at shutdown.
  */
 import type { Logger } from 'pino';
 import { Disk } from '../block/disk';
@@ -8,6 +10,10 @@ import { TagSet } from '../block/tag-set';
 import type { DiskConfig } from '../config/disk-schema';
 import { BadBlocks, parseRange } from '../drivers/null/badblocks';
 import { IrqMode, NullDriver } from '../drivers/null/null-driver';
+import type { PageStore } from '../drivers/null/page-store';
+import { openStoreFile, removeStoreFile } from '../drivers/null/store-file';
+import { defaultStoreDir } from '../config/store-path';
+import * as path from 'path';
 
 const MIB_SECTORS = 2048; // 512-byte sectors per MiB
 
@@ -23,14 +29,26 @@ export interface NullDiskOptions {
   storeId?: number;
 }
 
-/** @throws RangeError for option combinations the driver refuses (config/load.ts checks first). */
+/**
+ * @throws RangeError for option combinations the driver refuses (config/load.ts checks first);
+ * StoreError / Error from openStoreFile for a store file that cannot be used.
+ */
 export function buildNullDisk(config: DiskConfig, log: Logger, options: NullDiskOptions = {}): NullDisk {
   let lateLogged = false;
+  let storeErrorLogged = false;
+  const store = config.memory_backed && options.storeId === undefined && config.store !== '' ? openStore(config, log) : undefined;
   const badblocks = new BadBlocks(config.badblocks_once);
   for (const r of config.badblocks) badblocks.add(...parseRange(r));
   const driver = new NullDriver({
     memoryBacked: config.memory_backed,
     storeId: config.memory_backed ? options.storeId : undefined,
+    store,
+    capacityBytes: config.size * 1048576,
+    onStoreError: (errno) => {
+      if (storeErrorLogged) return;
+      storeErrorLogged = true;
+      log.error({ errno, store: config.store || undefined }, 'a write found no room in the store (its file system is full): it failed with IOERR (logged once)');
+    },
     badblocks,
     mbps: config.mbps,
     // Throttling alone never makes a request time out (nor do the reservations of timed-out ones).
@@ -59,4 +77,32 @@ export function buildNullDisk(config: DiskConfig, log: Logger, options: NullDisk
     ops: driver,
   });
   return { disk, driver };
+}
+
+/** Opens (or creates) the disk's store file and logs what it found. */
+function openStore(config: DiskConfig, log: Logger): PageStore {
+  const bytes = config.size * 1048576;
+  const { store, created } = openStoreFile(config.store, bytes, {
+    fresh: config.store_fresh,
+    privateDir: path.dirname(config.store) === defaultStoreDir(),
+  });
+  const found = store.pageCount * 4096;
+  log.info({ store: config.store, created, fresh: config.store_fresh, foundBytes: found }, created || config.store_fresh ? 'store: the disk starts empty' : `store: found ${found} bytes of data`);
+  return store;
+}
+
+/**
+ * At shutdown, once no request runs (rings stopped, worker threads ended): dirty pages of the
+ * write cache are written back (an orderly stop loses nothing), the store is closed, and with
+ * store_remove_on_exit its file removed.
+ */
+export function closeNullDisk(config: DiskConfig, driver: NullDriver, log: Logger): void {
+  if (driver.store === null) return;
+  const err = driver.cache?.flush() ?? 0;
+  if (err !== 0) log.error({ errno: err, store: config.store }, 'the write cache could not be written back to the store at shutdown');
+  driver.store.close();
+  if (config.store !== '' && config.store_remove_on_exit) {
+    removeStoreFile(config.store);
+    log.info({ store: config.store }, 'store removed');
+  }
 }

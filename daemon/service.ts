@@ -10,7 +10,7 @@ import type { DiskConfig } from '../config/disk-schema';
 import type { NullDriver } from '../drivers/null/null-driver';
 import type { ManagedDisk } from './management/managed-disk';
 import { ManagementServer } from './management/server';
-import { buildNullDisk } from './null-disk';
+import { buildNullDisk, closeNullDisk } from './null-disk';
 import { closeNvmeDisk, openNvmeDisk, type NvmeDisk } from './nvme-disk';
 import { QueueWorkers } from './queue-workers';
 import { VhostUserBlkDevice } from '../vhost/blk-device';
@@ -137,6 +137,7 @@ export class Service {
     this.management = null;
     if (management !== null) await management.close();
     await Promise.all(this.disks.map((d) => d.workers?.close()));
+    for (const d of this.disks) if (d.nvme === undefined && d.config.driver !== 'nvme') closeNullDisk(d.config, d.driver as NullDriver, this.log.child({ disk: d.config.name }));
     await this.closeNvme();
   }
 

@@ -129,17 +129,39 @@ export interface NativeTimer {
 }
 
 /**
- * The memory of a memory-backed disk, shareable by worker threads (native/page_store.h):
- * positions and lengths in bytes; unwritten bytes read as zeroes. RangeError outside the array.
+ * The data of a memory-backed disk (native/page_store.h): a file on tmpfs (or a memfd) mapped
+ * shared, sparse, shareable by worker threads. Positions and lengths in bytes; unwritten bytes
+ * read as zeroes. RangeError outside the array or beyond `size`; Error once closed.
  */
 export interface NativePageStore {
-  /** Process-wide id: `openPageStore(id)` on another thread attaches to this store. */
+  /** Process-wide id: `new PageStore(id)` on another thread attaches to this store. */
   readonly id: number;
+  /** Capacity in bytes (the file's size). */
+  readonly size: number;
+  /** 4 KiB pages the file holds (written and not discarded since). */
   readonly pageCount: number;
+  /** Memory the file takes, in bytes (its st_blocks * 512). */
   readonly bytesAllocated: number;
-  write(pos: number, src: Uint8Array, srcOffset: number, length: number): void;
+  /** Returns 0, or an errno (ENOSPC: the file system is full) when nothing new could be allocated. */
+  write(pos: number, src: Uint8Array, srcOffset: number, length: number): number;
   read(pos: number, dst: Uint8Array, dstOffset: number, length: number): void;
+  /** Whole pages become holes (memory freed), partial pages are zeroed. */
   discard(pos: number, length: number): void;
+  /** Unmaps and closes the file (its lock released); every thread's handle fails after. */
+  close(): void;
+}
+
+/**
+ * How a store is made: `size` bytes (a positive multiple of 4096) in a new memfd, or, with `fd`,
+ * in that file (duplicated, locked with flock; must be a regular file on tmpfs of `size` bytes,
+ * or empty, or any size when `fresh`: it is then emptied). Errors carry `code`: 'ESTORETYPE',
+ * 'ESTOREFS' (not tmpfs), 'ESTORESIZE' (another size), or are SyscallErrors (flock EWOULDBLOCK:
+ * another process holds it).
+ */
+export interface PageStoreSpec {
+  size: number;
+  fd?: number;
+  fresh?: boolean;
 }
 
 export interface NativeFdWatcher {
@@ -219,8 +241,11 @@ interface NativeAddon {
   GuestMemory: new (regions: MemoryRegionSpec[]) => NativeGuestMemory;
   Virtqueue: new () => NativeVirtqueue;
   Timer: new () => NativeTimer;
-  /** No argument: a new store; an id: that store, created on any thread (Error if gone). */
-  PageStore: new (id?: number) => NativePageStore;
+  /**
+   * A spec: a new store (PageStoreSpec); an id: that store, opened on any thread (Error if gone
+   * or closed); nothing: a new memfd store of 64 GiB.
+   */
+  PageStore: new (specOrId?: PageStoreSpec | number) => NativePageStore;
   /** CLOCK_MONOTONIC in nanoseconds. */
   monotonicNs(): number;
   virtqueueConstants: { MAX_QUEUE_SIZE: number; MAX_SEGMENTS: number; SEGMENT_WORDS: number; BATCH_WORDS: number };

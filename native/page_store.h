@@ -1,13 +1,20 @@
-// PageStore: the memory of a memory-backed null disk (null_blk and rnull keep the same shape: a
-// sparse map from page number to a 4 KiB page; pages never written read as zeroes). Native so
-// that the hardware queues of a disk on several threads (`threads` > 1) share one store: a
-// process-wide registry maps a store id to it, and a worker attaches with `new PageStore(id)`
-// (JavaScript has no shared mutable map). Also faster than the JS Map + slab store it replaced
-// (bench, memory-backed 4k randwrite QD32: 262k -> 445k IOPS): one call per guest segment.
+// PageStore: the data of a memory-backed null disk, kept in a file on tmpfs that is mapped
+// MAP_SHARED, so a write is in the file (the page cache, which is the memory) the moment it
+// returns: the data outlives the process, whatever way it ends, and a restarted daemon maps the
+// same file again. Sparse like null_blk's page tree: pages never written take no memory and
+// read as zeroes; discarding whole pages punches holes (fallocate PUNCH_HOLE | KEEP_SIZE).
+// Without a file, the store is a memfd (data dies with the process, tests and tools).
 //
+// The file is mapped in 1 GiB chunks as they are first written (a disk may be larger than the
+// address space). A bitmap per chunk (one bit per 4 KiB page) says which pages the file holds. Reads never touch a hole through the mapping (on tmpfs a read fault on a hole
+// allocates a page); writes allocate a run of holes with fallocate first, so a full file system
+// fails the write with ENOSPC instead of a SIGBUS. Built from SEEK_DATA/SEEK_HOLE at open.
+//
+// Shared by the threads of a disk (`threads` > 1): a process-wide registry maps a store id to
+// it, and a worker attaches with `new PageStore(id)` (JavaScript has no shared mutable map).
 // Consistency: one reader-writer lock per store, held for a whole call (one guest segment):
-// reads share it, writes and discards hold it alone. So a page is never allocated twice or
-// freed under a reader, and a segment's copy is atomic with respect to every other thread's.
+// reads and writes share it (the page cache orders concurrent copies as it would for two
+// processes), discard holds it alone, so a page is never punched under a copy in progress.
 #pragma once
 #include <napi.h>
 
@@ -24,11 +31,13 @@ class PageStore : public Napi::ObjectWrap<PageStore> {
 
  private:
   Napi::Value Id(const Napi::CallbackInfo& info);
+  Napi::Value Size(const Napi::CallbackInfo& info);
   Napi::Value PageCount(const Napi::CallbackInfo& info);
   Napi::Value BytesAllocated(const Napi::CallbackInfo& info);
   Napi::Value Write(const Napi::CallbackInfo& info);
   Napi::Value Read(const Napi::CallbackInfo& info);
   Napi::Value Discard(const Napi::CallbackInfo& info);
+  Napi::Value Close(const Napi::CallbackInfo& info);
   std::shared_ptr<PageMap> map_;
 };
 

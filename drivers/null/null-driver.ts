@@ -1,7 +1,8 @@
 /**
  * The null block driver (after Linux null_blk and the Rust rnull). Memory-backed, it keeps
- * written data in a sparse PageStore for as long as the daemon runs (a guest reconnecting
- * finds its data); otherwise reads return zeroes and writes are dropped.
+ * written data in a sparse PageStore (a file on tmpfs that outlives the daemon when the daemon
+ * gives one, see store-file.ts; else a memfd); otherwise reads return zeroes and writes are
+ * dropped. A write the store has no room for (its file system full) fails with IOERR.
  *
  * Completion modes (null_blk `irqmode`), decided once at construction — queueRq calls the
  * chosen `finish` with no per-request branching on the mode:
@@ -19,7 +20,7 @@ import type { Request } from '../../block/request';
 import { RequestTimer } from '../../block/request-timer';
 import { SEGMENT_WORDS } from '../../native';
 import { BadBlocks } from './badblocks';
-import { openPageStore, type PageStore } from './page-store';
+import { memoryPageStore, openPageStore, type PageStore } from './page-store';
 import { Throttle } from './throttle';
 import { WriteCache } from './write-cache';
 
@@ -37,6 +38,12 @@ export interface NullDriverOptions {
    * a worker thread's driver to share. Not with cacheBytes (the cache is one per disk).
    */
   storeId?: number;
+  /** The store to keep data in (e.g. openStoreFile's); else a new memfd store of capacityBytes. */
+  store?: PageStore;
+  /** Size of the memfd store made when neither store nor storeId is given (default 64 GiB). */
+  capacityBytes?: number;
+  /** Told about each write that failed because the store had no room (errno, e.g. ENOSPC). */
+  onStoreError?: (errno: number) => void;
   /** Completion mode (null_blk irqmode); default None. */
   irqmode?: IrqMode;
   /** Timer mode: delay from start to completion in nanoseconds (null_blk completion_nsec). */
@@ -77,6 +84,7 @@ export class NullDriver implements Operations {
   private readonly finish: (rq: Request) => void;
   private readonly timers: Array<RequestTimer | undefined> = [];
   private readonly onLate: (hctx: number, tag: number) => void;
+  private readonly onStoreError: (errno: number) => void;
 
   /**
    * @throws RangeError for an unknown irqmode, completionNsec outside timer mode, or a cache
@@ -87,7 +95,10 @@ export class NullDriver implements Operations {
     if (cached && (!options.memoryBacked || options.storeId !== undefined)) {
       throw new RangeError('cache_size needs memory_backed and one thread: a disk that keeps nothing has nothing to cache');
     }
-    this.store = options.memoryBacked ? openPageStore(options.storeId) : null;
+    this.store = !options.memoryBacked
+      ? null
+      : (options.store ?? (options.storeId !== undefined || options.capacityBytes === undefined ? openPageStore(options.storeId) : memoryPageStore(options.capacityBytes)));
+    this.onStoreError = options.onStoreError ?? (() => undefined);
     this.cache = cached ? new WriteCache(this.store as PageStore, options.cacheBytes as number) : null;
     this.data = this.cache ?? this.store;
     this.badblocks = options.badblocks ?? new BadBlocks();
@@ -150,7 +161,8 @@ export class NullDriver implements Operations {
         if (this.data !== null) this.transfer(rq, true);
         break;
       case ReqOp.Flush:
-        if (this.cache !== null) this.cache.flush(); // without a cache, memory is as durable as it gets
+        // Without a cache, every write is in the store when it completes.
+        if (this.cache !== null) this.storeFailed(rq, this.cache.flush());
         break;
       case ReqOp.Discard:
       case ReqOp.WriteZeroes:
@@ -184,7 +196,10 @@ export class NullDriver implements Operations {
     if (this.cache !== null) this.cache.setWriteback(writeback);
   }
 
-  /** Copies between the request's guest segments and the cache or store, segment by segment. */
+  /**
+   * Copies between the request's guest segments and the cache or store, segment by segment. A
+   * write the store has no room for ends the request with IOERR (the rest not written).
+   */
   private transfer(rq: Request, write: boolean): void {
     const store = this.data as DataStore;
     const segs = rq.segments;
@@ -193,10 +208,18 @@ export class NullDriver implements Operations {
       const view = rq.memory[segs[w]];
       const off = segs[w + 1];
       const len = segs[w + 2];
-      if (write) store.write(pos, view, off, len);
-      else store.read(pos, view, off, len);
+      if (!write) store.read(pos, view, off, len);
+      else if (this.storeFailed(rq, store.write(pos, view, off, len))) return;
       pos += len;
     }
+  }
+
+  /** errno from the store: 0 is fine; else the request fails with IOERR. Returns whether it failed. */
+  private storeFailed(rq: Request, errno: number): boolean {
+    if (errno === 0) return false;
+    rq.status = BlkStatus.IoErr;
+    this.onStoreError(errno);
+    return true;
   }
 }
 

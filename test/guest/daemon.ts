@@ -138,7 +138,9 @@ export class Daemon {
   /** `node main.js ...args` (rnull). */
   static startRnull(name: string, args: string[], sockets: string[], dir: string, managementSocket?: string): Promise<Daemon> {
     const mgmt = managementSocket !== undefined ? ['--management-socket', managementSocket] : [];
-    return Daemon.spawn({ name, command: process.execPath, args: [DAEMON_MAIN, ...args, ...mgmt], sockets, dir, managementSocket });
+    // Memory-backed stores (in /dev/shm by default) go when the daemon stops with SIGTERM; a
+    // SIGKILL keeps them, as it must (a caller's own --store-remove-on-exit comes later and wins).
+    return Daemon.spawn({ name, command: process.execPath, args: [DAEMON_MAIN, '--store-remove-on-exit', 'true', ...args, ...mgmt], sockets, dir, managementSocket });
   }
 
   /**

@@ -85,7 +85,7 @@ async function startDaemon(dir: string, name: string, memoryBacked: boolean): Pr
   const socket = path.join(dir, `${name}.sock`);
   const proc = spawn(
     process.execPath,
-    [DAEMON, '--socket', socket, '--size', String(DISK_MIB), '--blocksize', '512', '--memory-backed', String(memoryBacked), '--num-queues', '2', '--log-level', 'warn'],
+    [DAEMON, '--socket', socket, '--size', String(DISK_MIB), '--blocksize', '512', '--memory-backed', String(memoryBacked), '--store-remove-on-exit', 'true', '--num-queues', '2', '--log-level', 'warn'],
     { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] },
   );
   const stderr: string[] = [];
