@@ -3,7 +3,8 @@
  * writes with verify=crc32c on a memory-backed rnull disk attached with
  * `-chardev socket,...,reconnect=1`, while the test kills the daemon with SIGKILL at random
  * moments and starts it again the way a systemd unit with Restart=on-failure would: the same
- * command line, after a short delay. Kills land mid-batch (fio keeps 16 requests in flight per
+ * command line, after a short delay; the disk's data lives in its store file (derived from the
+ * socket, in /dev/shm), which each new life maps again. Kills land mid-batch (fio keeps 16 requests in flight per
  * job, on two queues) and, every third one, during QEMU's reconnect handshake: after it handed
  * the inflight region back, while guest memory and the rings are being set up (see killer()).
  *
@@ -28,7 +29,6 @@ import { describeFailure, parseGuestOutput, runGuest, type GuestReport, type Gue
 
 const CYCLES = Number(process.env.RNULL_RESTART_CYCLES ?? 4);
 const THREADS = (process.env.RNULL_RESTART_THREADS ?? '1,2').split(',').map(Number);
-const STANDIN = process.env.RNULL_RESTART_STANDIN === '1'; // TEMPORARY until the store lands
 const RESULTS_FILE = path.join(__dirname, '.last-restart.json');
 
 /** Disk and fio geometry: two jobs (one per vCPU, so both queues), each on its own 48 MiB. */
@@ -199,7 +199,7 @@ function fio(name: string, seed: number, verifyOnly: boolean): string {
   return (
     `fio --name=${name} --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 ` +
     `--size=${JOB_MIB}M --numjobs=${JOBS} --offset_increment=${DISK_MIB / JOBS}M --randseed=${seed} ` +
-    (STANDIN ? '' : `--verify=crc32c --do_verify=1 --verify_fatal=1 ${verifyOnly ? '--verify_only ' : ''}`) +
+    `--verify=crc32c --do_verify=1 --verify_fatal=1 ${verifyOnly ? '--verify_only ' : ''}` +
     `--group_reporting --output-format=json > /tmp/${name}.json 2>/tmp/${name}.err`
   );
 }
@@ -283,7 +283,10 @@ describe.each(THREADS)('threads %i', (threads) => {
       // Requests end 1 ms after they start (timer mode), so most kills find some in flight.
       const d = new ServiceDaemon(
         `t${threads}`,
-        ['--size', String(DISK_MIB), '--num-queues', '2', '--threads', String(threads), '--memory-backed', STANDIN ? 'false' : 'true', '--irqmode', '2', '--completion-nsec', '1000000'],
+        ['--size', String(DISK_MIB), '--num-queues', '2', '--threads', String(threads), '--memory-backed', 'true', '--irqmode', '2', '--completion-nsec', '1000000',
+          // The store (in /dev/shm by default, derived from the socket) outlives every SIGKILL;
+          // the last SIGTERM removes it.
+          '--store-remove-on-exit', 'true'],
         run.dir,
       );
       await d.start();
