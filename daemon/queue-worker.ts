@@ -10,6 +10,7 @@ import { hctxOf } from '../block/disk';
 import type { ThreadReply, ThreadRequest } from '../vhost/thread-messages';
 import { VirtioBlkQueue } from '../virtqueue/blk-queue';
 import { GuestMemoryMap } from '../virtqueue/guest-memory';
+import { InflightRegion } from '../virtqueue/inflight-region';
 import { logUnhandledRejections, StdoutLog } from './logging';
 import { logStream } from './log-format';
 import { buildNullDisk } from './null-disk';
@@ -31,6 +32,8 @@ interface Served {
 const served = new Map<number, Served>();
 for (const q of data.queues) served.set(q, { queue: new VirtioBlkQueue(q, hctxOf(disk, q), disk, log) });
 let memory: GuestMemoryMap | null = null;
+/** This thread's mapping of the inflight region (its queues write only their own blocks). */
+let inflight: InflightRegion | null = null;
 
 function queueOf(index: number): Served {
   const s = served.get(index);
@@ -47,6 +50,15 @@ function releaseMemory(): void {
   memory = null;
 }
 
+/** Unmaps the inflight region; refused while a ring still tracks into it. */
+function releaseInflight(): void {
+  for (const [index, s] of served) {
+    if (s.queue.isRunning) throw new Error(`inflight region kept: ring ${index} still runs`);
+  }
+  if (inflight !== null) inflight.release();
+  inflight = null;
+}
+
 async function handle(m: ThreadRequest): Promise<unknown> {
   switch (m.op) {
     case 'memory':
@@ -57,10 +69,17 @@ async function handle(m: ThreadRequest): Promise<unknown> {
     case 'release':
       releaseMemory();
       return undefined;
+    case 'inflight':
+      releaseInflight();
+      inflight = new InflightRegion(m.fd, m.description, data.config.num_queues);
+      return undefined;
+    case 'releaseInflight':
+      releaseInflight();
+      return undefined;
     case 'start': {
       const s = queueOf(m.queue);
       if (memory === null) throw new Error(`ring ${m.queue} started before its thread mapped guest memory`);
-      s.queue.start({ ...m.setup, memory }, m.enabled); // all or nothing
+      s.queue.start({ ...m.setup, memory, inflight }, m.enabled); // all or nothing
       return undefined;
     }
     case 'enable':

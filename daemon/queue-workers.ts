@@ -18,6 +18,7 @@ import type { DiskConfig } from '../config/disk-schema';
 import { native } from '../native';
 import { closeFd } from '../vhost/vring';
 import type { MemRegion } from '../virtqueue/guest-memory';
+import type { InflightDescription } from '../virtqueue/inflight-region';
 import { RemoteQueue } from '../vhost/remote-queue';
 import type { QueueThreads } from '../vhost/queue-threads';
 import type { RingQueue } from '../virtqueue/ring-queue';
@@ -48,6 +49,8 @@ function fdsOf(r: ThreadRequest): number[] {
   switch (r.op) {
     case 'memory':
       return r.fds;
+    case 'inflight':
+      return [r.fd];
     case 'start':
       return [r.setup.kickFd, r.setup.callFd];
     case 'call':
@@ -200,6 +203,24 @@ export class QueueWorkers implements QueueThreads {
         }
       }),
     );
+  }
+
+  /** @throws (rejects) SyscallError when the fd cannot be duplicated; the worker's error otherwise. */
+  async mapInflight(fd: number, description: InflightDescription): Promise<void> {
+    await Promise.all(
+      this.channels.map(async (c) => {
+        const [dup] = dupAll([fd]);
+        try {
+          await c.call({ op: 'inflight', fd: dup, description });
+        } finally {
+          c.giveBack([dup]); // mapped (or refused): the worker needs it no more
+        }
+      }),
+    );
+  }
+
+  async releaseInflight(): Promise<void> {
+    await Promise.all(this.channels.map((c) => c.call({ op: 'releaseInflight' })));
   }
 
   async releaseMemory(): Promise<void> {

@@ -70,6 +70,28 @@ export interface VirtqueueState {
   pollNs: number;
   spins: number;
   spinHits: number;
+  /** An inflight region block is attached (setInflight). */
+  inflightTracked: boolean;
+  /** Heads to resubmit that pop() has not returned yet. */
+  resubmitPending: number;
+  /** The next inflight counter value. */
+  inflightCounter: number;
+}
+
+/** Virtqueue.setInflight options (vhost-user.rst "Inflight I/O tracking", split layout). */
+export interface InflightAttach {
+  /** The mapped inflight region: a GuestMemory of exactly one region. */
+  region: NativeGuestMemory;
+  /** Byte offset of this queue's block in the region (a multiple of 64). */
+  offset: number;
+  /** Entries in the block (desc_num), at least the ring size. */
+  descNum: number;
+  /** Next counter value, 1 .. 2^53 - 1. */
+  counter: number;
+  /** Where the avail ring goes on. */
+  lastAvailIdx: number;
+  /** Heads to resubmit before any avail entry, oldest first (distinct, below the ring size). */
+  resubmit: Uint16Array;
 }
 
 export interface NativeVirtqueue {
@@ -79,9 +101,17 @@ export interface NativeVirtqueue {
   setPolling(maxNs: number): void;
   /**
    * Chains popped into the batch (0: none), or -1 once the queue is broken. pop(n) first
-   * publishes used[0..n) as push(n) does (info[1] = how many); pop(n, max) pops at most max.
+   * publishes used[0..n) as push(n) does (info[1] = how many); pop(n, max) pops at most max;
+   * pop(n, max, true) pops only heads still to resubmit (setInflight), never from the avail ring.
    */
-  pop(publish?: number, max?: number): number;
+  pop(publish?: number, max?: number, resubmitOnly?: boolean): number;
+  /**
+   * Tracks the ring in an inflight region from now on (after configure, before any pop).
+   * @throws RangeError when the block does not fit the region or the ring (nothing changes).
+   */
+  setInflight(options: InflightAttach): void;
+  /** Signals the call eventfd once. */
+  signal(): void;
   /** Publishes used[0..n); returns how many were published. */
   push(n: number): number;
   /** Stops the ring; returns the next avail index (for GET_VRING_BASE). */

@@ -80,6 +80,9 @@ const char* SplitRing::Configure(const RegionTable* memory, uint32_t size, uint6
   indirect_ = indirect;
   inflight_.assign(size_, 0);
   inflightCount_ = 0;
+  inflightBlock_ = nullptr;
+  resubmit_.clear();
+  resubmitPos_ = 0;
   broken_ = false;
   brokenReason_.clear();
   ready_ = true;
@@ -101,6 +104,9 @@ void SplitRing::Stop() {
   segments_ = batch_ = usedBuf_ = nullptr;
   inflight_.clear();
   inflightCount_ = 0;
+  inflightBlock_ = nullptr;
+  resubmit_.clear();
+  resubmitPos_ = 0;
 }
 
 void SplitRing::MarkBroken(const std::string& reason) {
@@ -232,8 +238,48 @@ uint32_t SplitRing::Walk(uint16_t head, uint32_t* seg, uint32_t* nseg) {
   return err;
 }
 
+// Walks head's chain into its segment slot and appends it to the batch.
+void SplitRing::EmitChain(uint16_t head, uint32_t* count, uint64_t* bytes) {
+  uint32_t* seg = segments_ + static_cast<size_t>(head) * kMaxSegments * kSegmentWords;
+  uint32_t nseg = 0;
+  uint32_t err = Walk(head, seg, &nseg);
+  uint32_t* b = batch_ + (*count) * kBatchWords;
+  b[0] = head;
+  b[1] = nseg;
+  b[2] = err;
+  (*count)++;
+  for (uint32_t k = 0; k < nseg; k++) *bytes += seg[k * kSegmentWords + 2];
+}
+
+// Inflight region entry of a head just taken from the avail ring: counter first, then the
+// inflight flag (vhost-user.rst "When receiving available buffers"). A crash in between leaves
+// inflight = 0: the avail entry is then popped again after the restart.
+void SplitRing::MarkInflight(uint16_t head) {
+  uint8_t* e = inflightBlock_ + kInflightHeaderBytes + kInflightDescBytes * static_cast<size_t>(head);
+  __atomic_store_n(reinterpret_cast<uint64_t*>(e + 8), counter_++, __ATOMIC_RELAXED);
+  __atomic_store_n(e, static_cast<uint8_t>(1), __ATOMIC_RELEASE);
+}
+
+void SplitRing::PopResubmits(uint32_t max, uint64_t batchBytes, uint32_t* count, uint64_t* bytes) {
+  while (resubmitPos_ < resubmit_.size() && *count < max) {
+    EmitChain(resubmit_[resubmitPos_++], count, bytes);
+    if (batchBytes != 0 && *bytes >= batchBytes) break;
+  }
+  if (resubmitPos_ == resubmit_.size()) {
+    resubmit_.clear();
+    resubmitPos_ = 0;
+  }
+}
+
 uint16_t SplitRing::PopChains(uint16_t availIdx, uint32_t max, uint64_t batchBytes, uint32_t* count, uint64_t* bytes) {
   const uint32_t mask = size_ - 1;
+  // Requests in flight before a restart go first, oldest first, before any new avail entry.
+  if (!resubmit_.empty()) {
+    PopResubmits(max, batchBytes, count, bytes);
+    if (!resubmit_.empty() || *count >= max || (batchBytes != 0 && *bytes >= batchBytes)) {
+      return static_cast<uint16_t>(availIdx - lastAvail_) <= size_ ? static_cast<uint16_t>(availIdx - lastAvail_) : 0;
+    }
+  }
   uint16_t pending = static_cast<uint16_t>(availIdx - lastAvail_);
   if (pending > size_) {
     MarkBroken("avail index " + std::to_string(availIdx) + " is more than the ring size ahead of " + std::to_string(lastAvail_));
@@ -249,24 +295,48 @@ uint16_t SplitRing::PopChains(uint16_t availIdx, uint32_t max, uint64_t batchByt
       MarkBroken("avail ring offers head " + std::to_string(head) + " which is still in flight");
       break;
     }
-    uint32_t* seg = segments_ + static_cast<size_t>(head) * kMaxSegments * kSegmentWords;
-    uint32_t nseg = 0;
-    uint32_t err = Walk(head, seg, &nseg);
-    uint32_t* b = batch_ + (*count) * kBatchWords;
-    b[0] = head;
-    b[1] = nseg;
-    b[2] = err;
+    EmitChain(head, count, bytes);
+    if (inflightBlock_ != nullptr) MarkInflight(head);
     inflight_[head] = 1;
     inflightCount_++;
     lastAvail_++;
     pending--;
-    (*count)++;
-    if (batchBytes != 0) {
-      for (uint32_t k = 0; k < nseg; k++) *bytes += seg[k * kSegmentWords + 2];
-      if (*bytes >= batchBytes) break;
-    }
+    if (batchBytes != 0 && *bytes >= batchBytes) break;
   }
   return pending;
+}
+
+const char* SplitRing::AttachInflight(uint8_t* block, uint32_t descNum, uint64_t counter, const uint16_t* resubmit,
+                                      uint32_t n, uint16_t lastAvail) {
+  if (!ready_) return "ring not configured";
+  if (block == nullptr || descNum < size_) return "inflight block has fewer entries than the ring";
+  if (inflightCount_ != 0) return "requests are in flight already";
+  if (n > size_) return "more heads to resubmit than the ring holds";
+  for (uint32_t k = 0; k < n; k++) {
+    if (resubmit[k] >= size_) return "head to resubmit outside the ring";
+    if (inflight_[resubmit[k]]) {
+      for (uint32_t j = 0; j < k; j++) inflight_[resubmit[j]] = 0;
+      return "head to resubmit listed twice";
+    }
+    inflight_[resubmit[k]] = 1;
+  }
+  inflightBlock_ = block;
+  counter_ = counter;
+  resubmit_.assign(resubmit, resubmit + n);
+  resubmitPos_ = 0;
+  inflightCount_ = n;
+  lastBatchHead_ = 0;
+  batchHeads_.assign(size_, 0);
+  lastAvail_ = lastAvail;
+  if (eventIdx_) {
+    __atomic_store_n(reinterpret_cast<volatile uint16_t*>(used_ + 4 + 8 * size_), lastAvail_, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  }
+  return nullptr;
+}
+
+void SplitRing::DetachInflight() {
+  inflightBlock_ = nullptr;
 }
 
 void SplitRing::SuppressKicks() {
@@ -290,6 +360,7 @@ uint32_t SplitRing::PublishUsed(uint32_t n, bool* signal) {
   const uint32_t mask = size_ - 1;
   uint16_t old = usedIdx_;
   uint32_t published = 0;
+  uint8_t* const block = inflightBlock_;
   for (uint32_t k = 0; k < n; k++) {
     uint32_t head = usedBuf_[2 * k];
     uint32_t len = usedBuf_[2 * k + 1];
@@ -297,13 +368,30 @@ uint32_t SplitRing::PublishUsed(uint32_t n, bool* signal) {
     volatile uint32_t* elem = reinterpret_cast<volatile uint32_t*>(used_ + 4 + 8 * (usedIdx_ & mask));
     elem[0] = head;
     elem[1] = len;
+    if (block != nullptr) {
+      // "When supplying used buffers": desc[head].next = last_batch_head; last_batch_head = head.
+      uint8_t* e = block + kInflightHeaderBytes + kInflightDescBytes * static_cast<size_t>(head);
+      __atomic_store_n(reinterpret_cast<uint16_t*>(e + 6), lastBatchHead_, __ATOMIC_RELAXED);
+      lastBatchHead_ = static_cast<uint16_t>(head);
+      batchHeads_[published] = static_cast<uint16_t>(head);
+    }
     inflight_[head] = 0;
     inflightCount_--;
     usedIdx_++;
     published++;
   }
   if (published == 0) return 0;
+  if (block != nullptr) __atomic_store_n(reinterpret_cast<uint16_t*>(block + 12), lastBatchHead_, __ATOMIC_RELEASE);
+  // The commit point, for the guest and for recovery alike.
   __atomic_store_n(reinterpret_cast<volatile uint16_t*>(used_ + 2), usedIdx_, __ATOMIC_RELEASE);
+  if (block != nullptr) {
+    // The batch reached the guest: its entries are no longer in flight, then used_idx says so.
+    for (uint32_t k = 0; k < published; k++) {
+      __atomic_store_n(block + kInflightHeaderBytes + kInflightDescBytes * static_cast<size_t>(batchHeads_[k]),
+                       static_cast<uint8_t>(0), __ATOMIC_RELEASE);
+    }
+    __atomic_store_n(reinterpret_cast<uint16_t*>(block + 14), usedIdx_, __ATOMIC_RELEASE);
+  }
   // Order the used->idx store before reading the driver's suppression fields (2.7.7, 2.7.10).
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
   if (eventIdx_) {

@@ -28,6 +28,11 @@ constexpr uint64_t kRingChunkBytes = uint64_t(1) << kRingChunkShift;
 // 2.7.4: "the total length of a descriptor chain MUST NOT exceed 2^32" — and the used length
 // is 32 bits: no chain above this many bytes is ever accepted, whatever the configured limit.
 constexpr uint64_t kMaxChainBytes = 0xffffffffull;
+// Inflight region, split queue (vhost-user.rst "Inflight I/O tracking"): QueueRegionSplit is a
+// 16-byte header {u64 features, u16 version, u16 desc_num, u16 last_batch_head, u16 used_idx}
+// followed by DescStateSplit entries {u8 inflight, u8 padding[5], u16 next, u64 counter}.
+constexpr size_t kInflightHeaderBytes = 16;
+constexpr size_t kInflightDescBytes = 16;
 
 // Chain errors reported in batch[2]. "Soft" errors leave the chain structure intact, so the
 // status byte (the last byte of the last descriptor, if device-writable) is still reported as
@@ -131,7 +136,27 @@ class SplitRing {
   // Publishes used[0..n) = [head, bytesWritten]: heads not in flight are skipped. Entries
   // first, then a release store of used->idx. Returns the number published; *signal tells
   // whether the driver asked to be called (2.7.7, 2.7.10), checked after a full fence.
+  // With an inflight block attached, the batch is linked there (desc[head].next,
+  // last_batch_head) before the used->idx store and cleared (inflight = 0, then used_idx)
+  // after it.
   uint32_t PublishUsed(uint32_t n, bool* signal);
+
+  // Inflight I/O tracking (vhost-user.rst "Inflight I/O tracking", split queue region):
+  // `block` is this queue's QueueRegionSplit (16-byte header, then descNum 16-byte
+  // DescStateSplit entries), already checked and recovered by the caller; descNum >= size().
+  // From here on every popped head gets desc[head].counter = counter++ and then inflight = 1
+  // before it is returned. `resubmit` (heads < size(), distinct, oldest first) are in flight
+  // again: PopChains returns them before any avail entry; lastAvail is where the avail ring
+  // goes on. Returns nullptr, or why nothing changed. Only the thread serving the ring writes
+  // the block (one writer per queue); nothing is read back from it (the front-end can write it).
+  const char* AttachInflight(uint8_t* block, uint32_t descNum, uint64_t counter, const uint16_t* resubmit, uint32_t n,
+                             uint16_t lastAvail);
+  void DetachInflight();
+  bool hasInflight() const { return inflightBlock_ != nullptr; }
+  uint32_t resubmitPending() const { return static_cast<uint32_t>(resubmit_.size() - resubmitPos_); }
+  uint64_t inflightCounter() const { return counter_; }
+  // Pops only the resubmitted heads still pending (GET_VRING_BASE drains them too).
+  void PopResubmits(uint32_t max, uint64_t batchBytes, uint32_t* count, uint64_t* bytes);
 
  private:
   struct Desc {
@@ -144,6 +169,8 @@ class SplitRing {
   void MarkBroken(const std::string& reason);
   bool AddBuffer(uint64_t addr, uint32_t len, uint32_t flags, uint32_t* seg, uint32_t* nseg, uint32_t* err);
   bool LastByteInMemory(uint64_t addr, uint32_t len) const;
+  void EmitChain(uint16_t head, uint32_t* count, uint64_t* bytes);
+  void MarkInflight(uint16_t head);
 
   const RegionTable* memory_ = nullptr;
   const uint8_t* desc_ = nullptr;
@@ -163,6 +190,15 @@ class SplitRing {
   std::string brokenReason_;
   std::vector<uint8_t> inflight_;
   uint32_t inflightCount_ = 0;
+  // Inflight region block of this queue (nullptr: not tracked), its global counter, the heads
+  // to resubmit (oldest first) and how many of them were popped, and the heads of the batch
+  // being published (to clear after used->idx).
+  uint8_t* inflightBlock_ = nullptr;
+  uint64_t counter_ = 0;
+  std::vector<uint16_t> resubmit_;
+  size_t resubmitPos_ = 0;
+  std::vector<uint16_t> batchHeads_;
+  uint16_t lastBatchHead_ = 0;
 };
 
 }  // namespace rnull

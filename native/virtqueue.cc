@@ -56,6 +56,8 @@ void Virtqueue::Init(Napi::Env env, Napi::Object exports) {
                                      InstanceMethod<&Virtqueue::Push>("push"),
                                      InstanceMethod<&Virtqueue::Stop>("stop"),
                                      InstanceMethod<&Virtqueue::State>("state"),
+                                     InstanceMethod<&Virtqueue::SetInflight>("setInflight"),
+                                     InstanceMethod<&Virtqueue::Signal>("signal"),
                                  });
   exports.Set("Virtqueue", f);
   Napi::Object c = Napi::Object::New(env);
@@ -226,9 +228,18 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
     if (m < 0) m = 0;
     if (m < static_cast<int64_t>(max)) max = static_cast<uint32_t>(m);
   }
+  CheckInflightMapping();
   if (ring_.broken()) return Napi::Number::New(env, -1);
   if (!Usable() || max == 0) return Napi::Number::New(env, 0);
   if (info_ != nullptr) info_[0] = static_cast<double>(NowNs());
+  // pop(n, max, true): only requests resubmitted after a restart (GET_VRING_BASE drains them
+  // before answering; nothing new is taken from the avail ring).
+  if (info.Length() > 2 && info[2].ToBoolean().Value()) {
+    uint32_t count = 0;
+    uint64_t bytes = 0;
+    ring_.PopResubmits(max, batchBytes_, &count, &bytes);
+    return Napi::Number::New(env, count);
+  }
   if (sleeping_) {
     sleeping_ = false;
     // Woken by a kick within the limit: a spin of twice this idle gap would have caught it,
@@ -299,6 +310,7 @@ Napi::Value Virtqueue::Push(const Napi::CallbackInfo& info) {
 }
 
 uint32_t Virtqueue::PublishUsed(uint32_t n) {
+  CheckInflightMapping();
   bool signal = false;
   uint32_t published = ring_.PublishUsed(n, &signal);
   if (signal) Notify();
@@ -335,6 +347,8 @@ Napi::Value Virtqueue::Stop(const Napi::CallbackInfo& info) {
   if (!infoRef_.IsEmpty()) infoRef_.Reset();
   info_ = nullptr;
   callFd_ = -1;
+  inflightMem_ = nullptr;
+  if (!inflightRef_.IsEmpty()) inflightRef_.Reset();
   return Napi::Number::New(info.Env(), lastAvail);
 }
 
@@ -352,7 +366,89 @@ Napi::Value Virtqueue::State(const Napi::CallbackInfo& info) {
   o.Set("pollNs", static_cast<double>(pollNs_));
   o.Set("spins", spins_);
   o.Set("spinHits", spinHits_);
+  o.Set("inflightTracked", ring_.hasInflight());
+  o.Set("resubmitPending", ring_.resubmitPending());
+  o.Set("inflightCounter", static_cast<double>(ring_.inflightCounter()));
   return o;
+}
+
+void Virtqueue::CheckInflightMapping() {
+  if (inflightMem_ != nullptr && !inflightMem_->mapped()) {
+    ring_.DetachInflight();
+    inflightMem_ = nullptr;
+    inflightRef_.Reset();
+  }
+}
+
+// setInflight({ region, offset, descNum, counter, lastAvailIdx, resubmit }): tracks this ring
+// in an inflight region (vhost-user.rst "Inflight I/O tracking", split layout; see
+// SplitRing::AttachInflight). region is a GuestMemory of one region (the mapped inflight fd);
+// offset is the byte offset of this queue's block in it; descNum its entry count (>= ring
+// size); counter the next counter value (1 .. 2^53); resubmit a Uint16Array of heads to resubmit,
+// oldest first; lastAvailIdx where the avail ring goes on. Call after configure() and before
+// any pop(). Throws TypeError for bad argument types, RangeError when the block does not fit
+// the region or the ring (nothing changes then).
+Napi::Value Virtqueue::SetInflight(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsObject()) {
+    ThrowTypeError(env, "expected an options object");
+    return Napi::Value();
+  }
+  Napi::Object o = info[0].As<Napi::Object>();
+  AddonData* data = env.GetInstanceData<AddonData>();
+  Napi::Value rv = o.Get("region");
+  if (!rv.IsObject() || !rv.As<Napi::Object>().InstanceOf(data->guestMemoryCtor.Value())) {
+    ThrowTypeError(env, "region must be a GuestMemory");
+    return Napi::Value();
+  }
+  Napi::Object regionObj = rv.As<Napi::Object>();
+  GuestMemory* region = GuestMemory::Unwrap(regionObj);
+  uint64_t offset, descNum, counter, lastAvail;
+  if (!GetSafeU64(o, "offset", &offset) || !GetSafeU64(o, "descNum", &descNum) || !GetSafeU64(o, "counter", &counter) ||
+      !GetSafeU64(o, "lastAvailIdx", &lastAvail)) {
+    ThrowTypeError(env, "offset, descNum, counter, lastAvailIdx must be safe non-negative integers");
+    return Napi::Value();
+  }
+  Napi::Value resv = o.Get("resubmit");
+  if (!resv.IsTypedArray() || resv.As<Napi::TypedArray>().TypedArrayType() != napi_uint16_array) {
+    ThrowTypeError(env, "resubmit must be a Uint16Array");
+    return Napi::Value();
+  }
+  Napi::Uint16Array res = resv.As<Napi::Uint16Array>();
+  if (!region->mapped() || region->regions().size() != 1) {
+    ThrowRangeError(env, "inflight region is not one mapped region");
+    return Napi::Value();
+  }
+  const GuestRegion& g = region->regions()[0];
+  if (descNum == 0 || descNum > 0xffff || lastAvail > 0xffff || counter == 0) {
+    ThrowRangeError(env, "descNum, lastAvailIdx must fit 16 bits and counter must be above 0");
+    return Napi::Value();
+  }
+  uint64_t blockBytes = kInflightHeaderBytes + kInflightDescBytes * descNum;
+  if (offset % 64 != 0 || offset > g.size || blockBytes > g.size - offset) {
+    ThrowRangeError(env, "inflight block outside the region (or not 64-byte aligned)");
+    return Napi::Value();
+  }
+  if (!Usable()) {
+    ThrowRangeError(env, "ring not configured");
+    return Napi::Value();
+  }
+  const char* why = ring_.AttachInflight(g.host + offset, static_cast<uint32_t>(descNum), counter, res.Data(),
+                                         static_cast<uint32_t>(res.ElementLength()), static_cast<uint16_t>(lastAvail));
+  if (why != nullptr) {
+    ThrowRangeError(env, why);
+    return Napi::Value();
+  }
+  inflightMem_ = region;
+  inflightRef_ = Napi::Persistent(regionObj);
+  return env.Undefined();
+}
+
+// signal(): signals the call eventfd once (after a restart: the guest may wait on completions
+// whose interrupt was lost with the previous back-end).
+Napi::Value Virtqueue::Signal(const Napi::CallbackInfo& info) {
+  if (ring_.ready()) Notify();
+  return info.Env().Undefined();
 }
 
 }  // namespace rnull

@@ -49,6 +49,10 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   Napi::Value Push(const Napi::CallbackInfo& info);
   Napi::Value Stop(const Napi::CallbackInfo& info);
   Napi::Value State(const Napi::CallbackInfo& info);
+  Napi::Value SetInflight(const Napi::CallbackInfo& info);
+  Napi::Value Signal(const Napi::CallbackInfo& info);
+  // Drops the inflight block if its mapping went away (the ring then runs untracked).
+  void CheckInflightMapping();
 
   bool Usable() const { return ring_.ready() && !ring_.broken() && memory_ != nullptr && memory_->mapped(); }
   uint32_t PublishUsed(uint32_t n);
@@ -60,6 +64,8 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   SplitRing ring_;
   Napi::Reference<Napi::Uint32Array> segRef_, batchRef_, usedRef_;
   Napi::Reference<Napi::Float64Array> infoRef_;
+  GuestMemory* inflightMem_ = nullptr;  // the inflight region's mapping (setInflight), or none
+  Napi::ObjectReference inflightRef_;
   double* info_ = nullptr;   // [0] monotonic ns of the last pop, [1] published by the last pop(n)
   uint64_t batchBytes_ = 0;  // a batch ends once its chains hold this many bytes (0: no limit)
   int callFd_ = -1;

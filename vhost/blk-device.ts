@@ -29,6 +29,8 @@ import {
 import { bit, Feature, hasBit, ProtocolFeature, Req } from './protocol';
 import type { QueueThreads } from './queue-threads';
 import { closeFd, Vring } from './vring';
+import { getInflightFd, setInflightFd, type InflightTarget } from './inflight-fd';
+import type { InflightRegion } from '../virtqueue/inflight-region';
 
 export class VhostUserError extends Error {
   constructor(message: string) {
@@ -38,13 +40,20 @@ export class VhostUserError extends Error {
 }
 
 /** Protocol features offered (GET_PROTOCOL_FEATURES). */
-export const PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG);
+export const PROTOCOL_FEATURES =
+  bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG) | bit(ProtocolFeature.INFLIGHT_SHMFD);
 
 /**
  * A handler's answer: a payload for messages that have their own reply, `undefined` for
  * success without one, or `false` for a refusal that keeps the connection (REPLY_ACK failure).
  */
-export type HandlerResult = Buffer | undefined | false;
+export type HandlerResult = Buffer | undefined | false | FdReply;
+
+/** A reply payload with fds riding along (GET_INFLIGHT_FD); the connection closes them once sent. */
+export interface FdReply {
+  payload: Buffer;
+  fds: number[];
+}
 
 type Handler = (msg: Message) => HandlerResult | Promise<HandlerResult>;
 
@@ -66,6 +75,8 @@ export class VhostUserBlkDevice {
   private features = 0n;
   private protocolFeatures = 0n;
   private memory: GuestMemoryMap | null = null;
+  /** The inflight region (GET/SET_INFLIGHT_FD) the rings track their requests in, if any. */
+  private inflight: InflightRegion | null = null;
   /**
    * Bumped when the front-end goes away (detach) and by reset: a handler that awaited something
    * checks it before acting, so a message still pending when its connection closed neither
@@ -125,6 +136,8 @@ export class VhostUserBlkDevice {
     def(Req.SET_VRING_CALL, this.setVringCall, false, true);
     def(Req.SET_VRING_ERR, this.setVringErr, false, true);
     def(Req.SET_VRING_ENABLE, this.setVringEnable);
+    def(Req.GET_INFLIGHT_FD, this.getInflightFd, true);
+    def(Req.SET_INFLIGHT_FD, this.setInflightFd, false, true);
     this.specs = s;
     threads?.onLost((e) => this.onFailure?.(e));
   }
@@ -170,7 +183,11 @@ export class VhostUserBlkDevice {
         (this.disk.ops.setWriteCache as (on: boolean) => void)(true);
         this.config[OFF_WRITEBACK] = 1;
       }
-      await this.releaseMemory();
+      try {
+        await this.releaseMemory();
+      } finally {
+        await this.dropInflight();
+      }
     }
   }
 
@@ -294,6 +311,46 @@ export class VhostUserBlkDevice {
     }
   }
 
+  // --- inflight region (vhost-user.rst "Inflight I/O tracking"; inflight-fd.ts) ----------
+
+  private readonly inflightTarget: InflightTarget = {
+    numQueues: 0,
+    adopt: async (region, fd) => {
+      if (this.threads !== null) await this.threads.mapInflight?.(fd, region.description);
+      this.inflight = region;
+    },
+    drop: () => this.dropInflight(),
+  };
+
+  private async dropInflight(): Promise<void> {
+    if (this.inflight !== null) {
+      this.inflight.release();
+      this.inflight = null;
+    }
+    if (this.threads !== null) await this.threads.releaseInflight?.();
+  }
+
+  /** Refuses a new region while a ring tracks into the current one (QEMU sends it before rings start). */
+  private checkNoRingRuns(what: string): void {
+    const r = this.vrings.find((v) => v.queue.isRunning);
+    if (r !== undefined) throw new VhostUserError(`${what} while ring ${r.index} runs`);
+  }
+
+  private async getInflightFd(msg: Message): Promise<HandlerResult> {
+    this.checkNoRingRuns('GET_INFLIGHT_FD');
+    return getInflightFd(msg, { ...this.inflightTarget, numQueues: this.numQueues }, this.log);
+  }
+
+  private async setInflightFd(msg: Message): Promise<HandlerResult> {
+    try {
+      this.checkNoRingRuns('SET_INFLIGHT_FD');
+    } catch (e) {
+      for (const fd of msg.fds.splice(0)) closeFd(fd);
+      throw e;
+    }
+    return (await setInflightFd(msg, { ...this.inflightTarget, numQueues: this.numQueues }, this.log)) ? undefined : false;
+  }
+
   // --- rings -------------------------------------------------------------------------------
 
   private ring(index: number, what: string): Vring {
@@ -405,6 +462,7 @@ export class VhostUserBlkDevice {
           kickFd: r.kickFd,
           callFd: r.callFd,
           pollUs: this.pollUs,
+          inflight: this.inflight,
         },
         this.ringEnabled(r),
       );

@@ -134,9 +134,20 @@ export class VhostUserConnection {
       if (!spec.fds && msg.fds.length > 0) throw new MessageError(`${name} carries ${msg.fds.length} fds, expected none`);
       this.log.trace({ request: name, size: msg.payload.length, fds: msg.fds.length }, 'message');
       const result: HandlerResult = await spec.handler(msg);
-      if (this.closing !== null) return;
+      if (this.closing !== null) {
+        if (result !== false && result !== undefined && !Buffer.isBuffer(result)) for (const fd of result.fds) closeFd(fd);
+        return;
+      }
       if (spec.hasReply) {
-        this.reply(msg.request, result === false || result === undefined ? Buffer.alloc(0) : result);
+        if (result !== false && result !== undefined && !Buffer.isBuffer(result)) {
+          try {
+            this.reply(msg.request, result.payload, result.fds);
+          } finally {
+            for (const fd of result.fds) closeFd(fd);
+          }
+        } else {
+          this.reply(msg.request, result === false || result === undefined ? Buffer.alloc(0) : result);
+        }
       } else if ((msg.flags & FLAG_NEED_REPLY) !== 0 && this.device.replyAck) {
         const ack = Buffer.alloc(8);
         ack.writeBigUInt64LE(result === false ? 1n : 0n);
@@ -160,13 +171,13 @@ export class VhostUserConnection {
    * does), so a socket that cannot take one at once belongs to a front-end that does not read:
    * the connection ends (a half-sent reply would leave the stream unusable anyway).
    */
-  private reply(request: number, payload: Buffer): void {
+  private reply(request: number, payload: Buffer, fds: number[] = []): void {
     writeHeader(this.outBuf, request, FLAG_VERSION | FLAG_REPLY, payload.length);
     payload.copy(this.outBuf, HEADER_SIZE);
     const length = HEADER_SIZE + payload.length;
     let sent: number;
     try {
-      sent = native.sendMessage(this.fd, this.outBuf, length);
+      sent = fds.length > 0 ? native.sendMessage(this.fd, this.outBuf, length, fds) : native.sendMessage(this.fd, this.outBuf, length);
     } catch (e) {
       void this.close(`cannot send the ${requestName(request)} reply: ${(e as Error).message}`);
       return;

@@ -3,6 +3,7 @@
  * device sees them (daemon/QueueWorkers implements it).
  */
 import type { MemRegion } from '../virtqueue/guest-memory';
+import type { InflightDescription } from '../virtqueue/inflight-region';
 import type { RingQueue } from '../virtqueue/ring-queue';
 
 export interface QueueThreads {
@@ -15,6 +16,13 @@ export interface QueueThreads {
   mapMemory(regions: readonly MemRegion[], fds: readonly number[]): Promise<void>;
   /** Every worker unmaps its guest memory (rings stopped first). */
   releaseMemory(): Promise<void>;
+  /**
+   * SET/GET_INFLIGHT_FD: every worker maps the inflight region from its own duplicate of `fd`
+   * (the caller keeps and closes fd). Call only while no worker ring runs.
+   */
+  mapInflight?(fd: number, description: InflightDescription): Promise<void>;
+  /** Every worker unmaps its inflight region, if any. */
+  releaseInflight?(): Promise<void>;
   /** `handler` hears of each worker thread lost (its rings' state with it). */
   onLost(handler: (error: Error) => void): void;
 }

@@ -37,7 +37,7 @@ export class RemoteQueue implements RingQueue {
       native.close(kickFd); // nothing was handed over yet
       throw e;
     }
-    const { memory: _memory, ...rest } = setup;
+    const { memory: _memory, inflight: _inflight, ...rest } = setup; // the worker maps its own
     // Running from here: a reply that never comes (worker lost) still needs stop() to clean up.
     this.running = true;
     this.startedOn = this.channel.incarnation;

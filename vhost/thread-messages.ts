@@ -9,14 +9,17 @@
  */
 import type { VringSetup } from '../virtqueue/ring-queue';
 import type { MemRegion } from '../virtqueue/guest-memory';
+import type { InflightDescription } from '../virtqueue/inflight-region';
 import type { QueueSnapshot } from '../virtqueue/ring-queue';
 
 /** A VringSetup without the memory (the worker maps its own), with the worker's own kick/call fds. */
-export type RemoteVringSetup = Omit<VringSetup, 'memory'>;
+export type RemoteVringSetup = Omit<VringSetup, 'memory' | 'inflight'>;
 
 export type ThreadRequest =
   | { op: 'memory'; regions: MemRegion[]; fds: number[] }
   | { op: 'release' }
+  | { op: 'inflight'; fd: number; description: InflightDescription }
+  | { op: 'releaseInflight' }
   | { op: 'start'; queue: number; setup: RemoteVringSetup; enabled: boolean }
   | { op: 'enable'; queue: number; enabled: boolean }
   | { op: 'call'; queue: number; fd: number }
@@ -28,6 +31,8 @@ export type ThreadRequest =
 export interface ThreadResults {
   memory: undefined;
   release: undefined;
+  inflight: undefined;
+  releaseInflight: undefined;
   start: undefined;
   enable: undefined;
   call: undefined;

@@ -22,6 +22,7 @@ import { BATCH_WORDS, MAX_SEGMENTS, native, NativeFdWatcher, NativeVirtqueue, SE
 import type { QueueSnapshot, RingQueue, VringSetup } from './ring-queue';
 
 import { BlkRequestParser, MAX_CHAIN_BYTES, MAX_CHAIN_DESCRIPTORS, ParseOutcome, serialId } from './blk-request';
+import { recoverSplitQueue, type SplitRecovery } from './inflight-region';
 
 /**
  * A batch ends once it holds this many bytes of buffers (native pop), so a front-end waiting on
@@ -93,6 +94,8 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
   private running = false;
   /** stop() is waiting for the in-flight requests. */
   private stopping = false;
+  /** stop() pops the heads still to resubmit after a restart (nothing from the avail ring). */
+  private flushResubmits = false;
   private enabled = false;
   private brokenLogged = false;
   private lastNoiseLog = 0;
@@ -184,7 +187,56 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
     this.running = true;
     this.brokenLogged = false;
     this.kickWatcher = watcher;
+    const restarted = this.attachInflight(setup);
     this.setEnabled(enabled);
+    // After a restart the guest may wait for an interrupt the previous back-end never sent.
+    if (restarted) this.vq.signal();
+  }
+
+  /**
+   * start(): recovers this queue's inflight block (inflight-region.ts) and tracks the ring in it.
+   * Returns true when the block was in use before (a restart, or a ring stopped and started
+   * again): the caller then signals the guest once. A block that cannot serve this ring (none
+   * for this queue, too few entries) leaves the ring untracked; a block refused by the recovery
+   * checks is re-initialised. Either is logged; neither stops the ring.
+   */
+  private attachInflight(setup: VringSetup): boolean {
+    const region = setup.inflight;
+    if (region === undefined || region === null) return false;
+    if (this.index >= region.numQueues || region.queueSize < setup.size) {
+      this.log.error(
+        { queue: this.index, regionQueues: region.numQueues, regionQueueSize: region.queueSize, ringSize: setup.size },
+        'inflight region has no block for this ring: its requests are not tracked (a restart loses them)',
+      );
+      return false;
+    }
+    const usedIdx = this.vq.state().usedIdx;
+    let r: SplitRecovery;
+    try {
+      r = recoverSplitQueue(region.block(this.index), region.queueSize, setup.size, usedIdx, setup.lastAvailIdx);
+      this.vq.setInflight({
+        region: region.table,
+        offset: region.blockOffset(this.index),
+        descNum: region.queueSize,
+        counter: r.counter,
+        lastAvailIdx: r.lastAvailIdx,
+        resubmit: r.resubmit,
+      });
+    } catch (e) {
+      // A region released under us (its views empty) or one the native ring refuses.
+      this.log.error({ queue: this.index, err: e }, 'inflight region not usable: this ring runs untracked');
+      return false;
+    }
+    if (r.refused !== null) {
+      this.log.error({ queue: this.index, reason: r.refused }, 'inflight region block refused and re-initialised: requests in flight before the restart cannot be resubmitted');
+    }
+    if (!r.fresh) {
+      this.log.info(
+        { queue: this.index, resubmit: r.resubmit.length, lastAvailIdx: r.lastAvailIdx, usedIdx, batchCleared: r.batchCleared },
+        r.resubmit.length > 0 ? 'inflight region: resubmitting requests in flight before the restart' : 'inflight region: nothing was in flight',
+      );
+    }
+    return !r.fresh;
   }
 
   /** start(): the native ring's configuration (may throw, nothing is watched yet). */
@@ -238,9 +290,19 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
   async stop(): Promise<number> {
     this.stopping = true; // drain() takes nothing more, not even when a tag frees up
     this.stopWatching();
-    if (this.inflight > 0) {
-      await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
+    // Requests resubmitted after a restart are in flight too: they run before the answer.
+    this.flushResubmits = this.vq.state().resubmitPending > 0;
+    for (;;) {
+      const batches = this.stats.batches;
+      if (this.flushResubmits) this.drain();
+      if (this.inflight > 0) {
+        await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
+        continue;
+      }
+      // Out of drain budget with resubmits left: go on (a broken ring pops nothing: stop).
+      if (!this.flushResubmits || this.stats.batches === batches || this.vq.state().resubmitPending === 0) break;
     }
+    this.flushResubmits = false;
     this.publish();
     this.stopping = false;
     this.running = false;
@@ -261,8 +323,10 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
    * on at the next turn of the event loop.
    */
   drain(): void {
-    if (!this.running || !this.enabled || this.draining || this.stopping) return;
+    if (!this.running || this.draining) return;
+    if ((!this.enabled || this.stopping) && !this.flushResubmits) return;
     this.draining = true;
+    const resubmitOnly = this.flushResubmits;
     const parser = this.parser as BlkRequestParser;
     const requests = this.hctx.requests;
     const batch = this.batch;
@@ -280,7 +344,7 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
         }
         const toPublish = this.usedCount;
         this.usedCount = 0;
-        const n = this.vq.pop(toPublish, room);
+        const n = resubmitOnly ? this.vq.pop(toPublish, room, true) : this.vq.pop(toPublish, room);
         if (toPublish > 0) this.published(this.info[1]);
         if (n <= 0) {
           if (n < 0) this.reportBroken();

@@ -3,6 +3,7 @@
  * it runs on this thread (VirtioBlkQueue) or on a worker thread (vhost/RemoteQueue).
  */
 import type { GuestMemoryMap } from './guest-memory';
+import type { InflightRegion } from './inflight-region';
 
 /** What a queue needs to serve one split virtqueue: the mapped memory, the ring's guest-physical
  * addresses (virtio 1.2 2.7), its size in descriptors, the negotiated ring features and fds. */
@@ -20,6 +21,11 @@ export interface VringSetup {
   callFd: number;
   /** Busy-poll limit after a batch, in microseconds (0: none). */
   pollUs: number;
+  /**
+   * The inflight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) that tracks this queue's requests
+   * in its block `index`, recovered when the ring starts; absent or null: not tracked.
+   */
+  inflight?: InflightRegion | null;
 }
 
 /** A queue's counters and native ring state (management API `rnull ctl stats`). */

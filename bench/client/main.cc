@@ -83,7 +83,8 @@ Device handshake(VhostUserConn& c, const Options& o) {
 
   if (d.features_acked & bit(F_PROTOCOL_FEATURES)) {
     d.proto_offered = c.get_u64(VU_GET_PROTOCOL_FEATURES);
-    d.proto_acked = d.proto_offered & (bit(VU_PROTO_MQ) | bit(VU_PROTO_REPLY_ACK) | bit(VU_PROTO_CONFIG));
+    d.proto_acked = d.proto_offered & (bit(VU_PROTO_MQ) | bit(VU_PROTO_REPLY_ACK) | bit(VU_PROTO_CONFIG) |
+                                       (o.inflight ? bit(VU_PROTO_INFLIGHT_SHMFD) : 0));
     c.set_u64(VU_SET_PROTOCOL_FEATURES, d.proto_acked);
     c.use_reply_ack((d.proto_acked & bit(VU_PROTO_REPLY_ACK)) != 0);
     if (d.proto_acked & bit(VU_PROTO_MQ)) d.queues_supported = c.get_u64(VU_GET_QUEUE_NUM);
@@ -177,6 +178,19 @@ int run(const Options& o) {
     workers.push_back(std::make_unique<QueueWorker>(o, q, mem, layouts[q], std::move(w), quota, ctl));
   }
 
+  // The inflight region, as QEMU's device start does (GET once, SET back); kept open until the end.
+  int inflight_fd = -1;
+  if (dev.proto_acked & bit(VU_PROTO_INFLIGHT_SHMFD)) {
+    VuInflight d{};
+    inflight_fd = conn.get_inflight_fd(uint16_t(o.queues), uint16_t(o.ring_size), &d);
+    if (inflight_fd >= 0) conn.set_inflight_fd(inflight_fd, d);
+  }
+  struct FdCloser {
+    int fd;
+    ~FdCloser() {
+      if (fd >= 0) close(fd);
+    }
+  } inflight_closer{inflight_fd};
   conn.set_mem_table({mem.region()}, {mem.fd()});
   const bool enable_needed = (dev.features_acked & bit(F_PROTOCOL_FEATURES)) != 0;
   for (auto& w : workers) {
@@ -336,6 +350,7 @@ int run(const Options& o) {
     j.num("ramp_s", o.ramp_s);
     j.str("wait", o.wait == WaitMode::Call ? "call" : "poll");
     j.boolean("event_idx", o.event_idx);
+    j.boolean("inflight", (dev.proto_acked & bit(VU_PROTO_INFLIGHT_SHMFD)) != 0);
     j.num("ring_size", o.ring_size);
     j.boolean("indirect", o.use_indirect());
     j.open_array("pin");

@@ -26,6 +26,7 @@ const char* kHelp =
     "  --ramp SEC             warm-up before measuring (default 0)\n"
     "  --wait call|poll       sleep on the call eventfd, or busy-poll the used ring (default call)\n"
     "  --event-idx on|off     negotiate VIRTIO_F_RING_EVENT_IDX (default on)\n"
+    "  --inflight on|off      negotiate VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD when offered, as QEMU does (default on)\n"
     "  --ring-size N          virtqueue size, power of two (default 256)\n"
     "  --indirect on|off|auto indirect descriptor tables; auto = only when 3*qd > ring size (default auto)\n"
     "  --pin CPULIST          pin queue thread i to the i-th cpu of the list (wraps), e.g. 1 or 2,3 or 0-3\n"
@@ -157,6 +158,8 @@ Options parse_options(int argc, char** argv) {
       else throw Error("--wait expects call or poll, got \"" + v + "\"");
     } else if (name == "--event-idx") {
       o.event_idx = parse_onoff(name, need());
+    } else if (name == "--inflight") {
+      o.inflight = parse_onoff(name, need());
     } else if (name == "--ring-size") {
       o.ring_size = uint32_t(parse_u64(name, need(), 1, 32768));
       if (!is_pow2(o.ring_size)) throw Error("--ring-size must be a power of two");

@@ -23,6 +23,9 @@ struct Options {
   double ramp_s = 0.0;
   WaitMode wait = WaitMode::Call;
   bool event_idx = true;
+  // Negotiate VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD when offered (as QEMU does): the back-end then
+  // tracks every request in the inflight region.
+  bool inflight = true;
   uint32_t ring_size = 256;
   Indirect indirect = Indirect::Auto;
   std::vector<int> pin;  // cpu per queue thread (wraps)

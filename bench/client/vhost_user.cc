@@ -156,7 +156,9 @@ void VhostUserConn::send_msg(uint32_t req, bool need_reply, const void* payload,
   }
 }
 
-void VhostUserConn::read_full(void* buf, size_t len, uint32_t req) {
+// Reads len bytes; with fd_out, an fd riding on them (SCM_RIGHTS) is returned there (else -1).
+void VhostUserConn::read_full(void* buf, size_t len, uint32_t req, int* fd_out) {
+  if (fd_out != nullptr) *fd_out = -1;
   uint8_t* p = static_cast<uint8_t*>(buf);
   const uint64_t deadline = now_ns() + uint64_t(timeout_ms_) * 1000000ull;
   while (len > 0) {
@@ -167,7 +169,29 @@ void VhostUserConn::read_full(void* buf, size_t len, uint32_t req) {
     if (r < 0 && errno == EINTR) continue;
     if (r < 0) throw sys_error("poll", errno);
     if (r == 0) continue;
-    ssize_t n = recv(fd_, p, len, 0);
+    ssize_t n;
+    if (fd_out != nullptr) {
+      iovec iov{p, len};
+      alignas(cmsghdr) char ctl[CMSG_SPACE(sizeof(int) * kMaxFds)];
+      msghdr mh{};
+      mh.msg_iov = &iov;
+      mh.msg_iovlen = 1;
+      mh.msg_control = ctl;
+      mh.msg_controllen = sizeof ctl;
+      n = recvmsg(fd_, &mh, MSG_CMSG_CLOEXEC);
+      for (cmsghdr* c = n > 0 ? CMSG_FIRSTHDR(&mh) : nullptr; c != nullptr; c = CMSG_NXTHDR(&mh, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        size_t nfds = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t k = 0; k < nfds; k++) {
+          int fd;
+          std::memcpy(&fd, CMSG_DATA(c) + k * sizeof(int), sizeof(int));
+          if (*fd_out < 0) *fd_out = fd;
+          else close(fd);  // only one is expected
+        }
+      }
+    } else {
+      n = recv(fd_, p, len, 0);
+    }
     if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
     if (n < 0) throw sys_error(std::string("recv reply to ") + vu_req_name(req), errno);
     if (n == 0) throw Error(std::string("back-end closed the connection while answering ") + vu_req_name(req));
@@ -193,6 +217,37 @@ std::vector<uint8_t> VhostUserConn::recv_reply(uint32_t req, uint32_t expect_siz
                 std::to_string(expect_size));
   }
   return payload;
+}
+
+int VhostUserConn::get_inflight_fd(uint16_t num_queues, uint16_t queue_size, VuInflight* out) {
+  uint8_t p[24] = {};
+  std::memcpy(p + 16, &num_queues, 2);
+  std::memcpy(p + 18, &queue_size, 2);
+  send_msg(VU_GET_INFLIGHT_FD, false, p, sizeof p, nullptr, 0);
+  Header h;
+  int fd = -1;
+  read_full(&h, sizeof(h), VU_GET_INFLIGHT_FD, &fd);
+  if (h.request != VU_GET_INFLIGHT_FD || (h.flags & 0x3) != kFlagVersion || !(h.flags & kFlagReply) || h.size != 24) {
+    if (fd >= 0) close(fd);
+    throw Error("bad reply to GET_INFLIGHT_FD");
+  }
+  uint8_t r[24];
+  read_full(r, sizeof r, VU_GET_INFLIGHT_FD);
+  std::memcpy(&out->mmap_size, r, 8);
+  std::memcpy(&out->mmap_offset, r + 8, 8);
+  std::memcpy(&out->num_queues, r + 16, 2);
+  std::memcpy(&out->queue_size, r + 18, 2);
+  if (out->mmap_size != 0 && fd < 0) throw Error("GET_INFLIGHT_FD reply without an fd");
+  return fd;
+}
+
+void VhostUserConn::set_inflight_fd(int fd, const VuInflight& d) {
+  uint8_t p[24] = {};
+  std::memcpy(p, &d.mmap_size, 8);
+  std::memcpy(p + 8, &d.mmap_offset, 8);
+  std::memcpy(p + 16, &d.num_queues, 2);
+  std::memcpy(p + 18, &d.queue_size, 2);
+  send_set(VU_SET_INFLIGHT_FD, p, sizeof p, &fd, 1);
 }
 
 uint64_t VhostUserConn::recv_u64(uint32_t req) {

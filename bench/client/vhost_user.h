@@ -26,12 +26,23 @@ enum VuReq : uint32_t {
   VU_GET_QUEUE_NUM = 17,
   VU_SET_VRING_ENABLE = 18,
   VU_GET_CONFIG = 24,
+  VU_GET_INFLIGHT_FD = 31,
+  VU_SET_INFLIGHT_FD = 32,
 };
 
 // Protocol feature bits.
 constexpr unsigned VU_PROTO_MQ = 0;
 constexpr unsigned VU_PROTO_REPLY_ACK = 3;
 constexpr unsigned VU_PROTO_CONFIG = 9;
+constexpr unsigned VU_PROTO_INFLIGHT_SHMFD = 12;
+
+// The inflight description of GET/SET_INFLIGHT_FD (24 bytes on the wire).
+struct VuInflight {
+  uint64_t mmap_size;
+  uint64_t mmap_offset;
+  uint16_t num_queues;
+  uint16_t queue_size;
+};
 
 // One entry of SET_MEM_TABLE.
 struct VuRegion {
@@ -65,13 +76,17 @@ class VhostUserConn {
   void set_mem_table(const std::vector<VuRegion>& regions, const std::vector<int>& fds);
   // GET_CONFIG of `size` bytes from offset 0; an empty reply payload is an Error.
   std::vector<uint8_t> get_config(uint32_t size);
+  // GET_INFLIGHT_FD for num_queues x queue_size: the region's description and its fd (the
+  // caller closes it; -1 with mmap_size 0 when the back-end has none). SET_INFLIGHT_FD hands it back.
+  int get_inflight_fd(uint16_t num_queues, uint16_t queue_size, VuInflight* out);
+  void set_inflight_fd(int fd, const VuInflight& d);
 
  private:
   void send_msg(uint32_t req, bool need_reply, const void* payload, uint32_t size, const int* fds, int nfds);
   // Reads one reply for `req`; returns its payload (checked against `expect_size` unless 0).
   std::vector<uint8_t> recv_reply(uint32_t req, uint32_t expect_size);
   uint64_t recv_u64(uint32_t req);
-  void read_full(void* buf, size_t len, uint32_t req);
+  void read_full(void* buf, size_t len, uint32_t req, int* fd_out = nullptr);
   void send_set(uint32_t req, const void* payload, uint32_t size, const int* fds = nullptr, int nfds = 0);
 
   int fd_ = -1;

@@ -5,7 +5,10 @@
  * with the avail ring refilled in-process — no socket, no eventfds, no second process.
  * It gives the per-request floor of the data path; `npm run bench` measures the real thing.
  *
- *   node bench/micro/dispatch.js [--requests N] [--batch N] [--memory-backed] [--write] [--bs BYTES]
+ *   node bench/micro/dispatch.js [--requests N] [--batch N] [--memory-backed] [--write] [--bs BYTES] [--inflight]
+ *
+ * --inflight tracks the queue in an inflight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), as a
+ * front-end that negotiated it gets: the per-request cost of the bookkeeping.
  */
 'use strict';
 const path = require('path');
@@ -26,6 +29,7 @@ const REQUESTS = opt('--requests', 5_000_000);
 const BATCH = opt('--batch', 32);
 const BS = opt('--bs', 4096);
 const MEMORY_BACKED = args.includes('--memory-backed');
+const INFLIGHT = args.includes('--inflight');
 const WRITE = args.includes('--write');
 const SIZE = 256;
 
@@ -65,7 +69,15 @@ const driver = new NullDriver({ memoryBacked: MEMORY_BACKED });
 const disk = new Disk({ name: 'micro', capacitySectors: 2048 * 1024, logicalBlockSize: 512, readOnly: false, serial: 'm', flush: true, tagSet, ops: driver });
 const q = new VirtioBlkQueue(0, disk.hwQueues[0], disk, log);
 const kick = native.eventfd();
-q.start({ memory: memoryMap, size: SIZE, descAddr: UADDR + DESC, availAddr: UADDR + AVAIL, usedAddr: UADDR + USED, lastAvailIdx: 0, eventIdx: true, indirect: true, kickFd: kick, callFd: -1, pollUs: 0 }, true);
+let inflight = null;
+let inflightFd = -1;
+if (INFLIGHT) {
+  const { InflightRegion, createInflightFd } = require(path.join(dist, 'virtqueue', 'inflight-region'));
+  const c = createInflightFd(1, SIZE, 1);
+  inflightFd = c.fd;
+  inflight = new InflightRegion(c.fd, c.description, 1);
+}
+q.start({ memory: memoryMap, size: SIZE, descAddr: UADDR + DESC, availAddr: UADDR + AVAIL, usedAddr: UADDR + USED, lastAvailIdx: 0, eventIdx: true, indirect: true, kickFd: kick, callFd: -1, pollUs: 0, inflight }, true);
 
 let availIdx = 0;
 let next = 0;
@@ -95,6 +107,7 @@ const done = run(REQUESTS);
 const ns = Number(process.hrtime.bigint() - t0);
 const cpu = process.cpuUsage(cpu0);
 const st = q.state();
+if (INFLIGHT && !st.inflightTracked) throw new Error('the ring is not tracked in the inflight region');
 if (st.inflight !== 0 || q.stats.failedRequests !== 0 || q.stats.badChains !== 0) throw new Error(`unexpected state ${JSON.stringify(st)} ${JSON.stringify(q.stats)}`);
 const res = {
   requests: done,
@@ -102,6 +115,7 @@ const res = {
   bs: BS,
   memoryBacked: MEMORY_BACKED,
   write: WRITE,
+  inflight: INFLIGHT,
   nsPerRequest: +(ns / done).toFixed(1),
   cpuNsPerRequest: +(((cpu.user + cpu.system) * 1000) / done).toFixed(1),
   mrps: +((done / ns) * 1000).toFixed(3),
@@ -109,6 +123,10 @@ const res = {
 console.log(JSON.stringify(res));
 void q.stop().then(() => {
   native.close(kick);
+  if (inflight !== null) {
+    inflight.release();
+    native.close(inflightFd);
+  }
   mem.unmap();
   native.close(fd);
 });

@@ -29,6 +29,11 @@ export interface VhostUserBlkDisk {
   socketPath: string;
   /** Queues offered to the guest; the guest uses min(numQueues, cpus). */
   numQueues: number;
+  /**
+   * Seconds between QEMU's attempts to reconnect to the socket after the back-end went away
+   * (`-chardev socket,...,reconnect=N`); default: no reconnect.
+   */
+  reconnect?: number;
 }
 
 export interface GuestRunOptions {
@@ -205,7 +210,7 @@ function qemuArgs(opts: GuestRunOptions, files: { script: string; console: strin
     ...(opts.disk === undefined
       ? []
       : [
-          '-chardev', `socket,id=vub0,path=${opts.disk.socketPath}`,
+          '-chardev', `socket,id=vub0,path=${opts.disk.socketPath}${opts.disk.reconnect !== undefined ? `,reconnect=${opts.disk.reconnect}` : ''}`,
           '-device', `vhost-user-blk-pci,chardev=vub0,num-queues=${opts.disk.numQueues}`,
         ]),
     ...(opts.extraDisks ?? []).flatMap((disk, i) => [

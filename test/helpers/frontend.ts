@@ -15,6 +15,8 @@ export interface Reply {
   request: number;
   flags: number;
   payload: Buffer;
+  /** fds that came with the reply (GET_INFLIGHT_FD): the caller owns and closes them. */
+  fds: number[];
 }
 
 export interface SetupOptions {
@@ -61,14 +63,15 @@ export class TestFrontend {
         this.markClosed(new Error('back-end closed the connection'));
         return;
       }
-      for (const fd of r.fds) native.close(fd);
       const reply: Reply = {
         request: this.buf.readUInt32LE(0),
         flags: this.buf.readUInt32LE(4),
         payload: Buffer.from(this.buf.subarray(HDR, r.length)),
+        fds: r.fds,
       };
       const w = this.waiting.shift();
       if (w !== undefined) w.resolve(reply);
+      else for (const fd of r.fds) native.close(fd);
     }
   }
 

@@ -26,7 +26,7 @@ describe('negotiation and config space', () => {
     const f = await fe.getU64(Req.GET_FEATURES);
     for (const b of [32, 29, 28, 2, 6, 9, 10, 12, 30]) expect(f & bitOf(b)).toBe(bitOf(b));
     for (const b of [5, 13, 14, 11]) expect(f & bitOf(b)).toBe(0n); // RO, DISCARD, WRITE_ZEROES, CONFIG_WCE
-    expect(await fe.getU64(Req.GET_PROTOCOL_FEATURES)).toBe(bitOf(0) | bitOf(3) | bitOf(9));
+    expect(await fe.getU64(Req.GET_PROTOCOL_FEATURES)).toBe(bitOf(0) | bitOf(3) | bitOf(9) | bitOf(12)); // MQ, REPLY_ACK, CONFIG, INFLIGHT_SHMFD
     expect(await fe.getU64(Req.GET_QUEUE_NUM)).toBe(3n);
   });
 
