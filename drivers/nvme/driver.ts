@@ -51,8 +51,11 @@ const DSM_ATTR_DEALLOCATE = 1 << 2;
 const WZ_DEAC = 1 << 25;
 /** Bounce buffers per queue pair. */
 export const BOUNCE_SLOTS = 4;
-/** Times a request starts over (controller resets, statuses without DNR) before it fails with IOERR. */
-export const MAX_RETRIES = 3;
+/**
+ * Times a request starts over (controller resets, statuses without DNR) before it fails with
+ * IOERR: Linux's nvme_max_retries default.
+ */
+export const MAX_RETRIES = 5;
 /** Status field (CQE DW3 bits 31:17): Do Not Retry. */
 export const STATUS_DNR = 1 << 14;
 
@@ -356,18 +359,25 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
     this.reap(q);
     if (rq.refcount === 0 || nq.ref[tag] !== rq.ref) return 'done';
     if (nq.aborted[tag] === 0) {
+      // At most the controller's Abort Command Limit in flight; the others wait a timeout more.
+      if (this.abortsInFlight >= (this.controller.identity.abortLimit ?? 1)) return 'reset';
       nq.aborted[tag] = 1;
       const qp = q.pair.qp;
       const cmd = qp.busyTags().find((t) => q.cmdRef[t] === rq.ref && q.cmdNs[t] === ns.index);
       if (cmd === undefined) return 'reset'; // waiting for a command id: nothing to abort yet
       const cid = qp.cidOf(cmd);
       q.stats.aborts++;
+      this.abortsInFlight++;
       this.log('warn', `${this.controller.bdf}: queue ${qp.qid}: namespace ${ns.nsid} request tag ${tag} timed out; sending Abort for command 0x${cid.toString(16)}`);
       this.controller.adminCommand({ opcode: AdminOpcode.Abort, cdw10: (qp.qid | (cid << 16)) >>> 0 }, `Abort of queue ${qp.qid} command 0x${cid.toString(16)}`).then(
         (c) => {
+          this.abortsInFlight--;
           if ((c.dw0 & 1) !== 0) void this.resetController(`Abort of command 0x${cid.toString(16)} answered "not aborted"`);
         },
-        (err: Error) => void this.resetController(`Abort failed: ${err.message}`),
+        (err: Error) => {
+          this.abortsInFlight--;
+          void this.resetController(`Abort failed: ${err.message}`);
+        },
       );
       return 'reset';
     }
@@ -395,6 +405,7 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
     try {
       await this.controller.reset(() => this.requeueAll());
       this.resetting = false;
+      this.rearmRequeued();
       for (const q of this.queues) {
         q.stats.resets++;
         this.reap(q);
@@ -413,6 +424,28 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
             const rq = hctx.reclaim(nq.ref[tag] as number);
             if (rq !== null) rq.end(BlkStatus.IoErr);
           }
+        }
+      }
+    }
+  }
+
+  /** Aborts sent and not answered yet (the reset fails them: the admin queue starts over). */
+  private abortsInFlight = 0;
+
+  /**
+   * After a reset, the controller back: each requeued request's timeout starts now, when it is
+   * resubmitted (bringing the controller back took part of the timeout armed at the requeue).
+   */
+  private rearmRequeued(): void {
+    const now = native.monotonicNs();
+    for (const ns of this.namespaces) {
+      for (const nq of ns.queues) {
+        const hctx = nq.hctx;
+        if (hctx === null) continue;
+        for (let tag = 0; tag < MAX_QUEUE_SIZE; tag++) {
+          if (nq.waiting[tag] === 0) continue;
+          const rq = hctx.reclaim(nq.ref[tag] as number);
+          if (rq !== null) rq.startNs = now;
         }
       }
     }

@@ -116,19 +116,20 @@ async function main() {
   const child = cp.spawn(process.execPath, [path.join(dist, 'daemon/main.js'), ...args], { stdio: ['ignore', out, out] });
   fs.closeSync(out);
   const exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
-  const ram = new GuestRam([{ gpa: 0, size: 16 << 20, uaddr: 0x7f0000000000 }]);
+  const ram = new GuestRam([{ gpa: 0, size: 32 << 20, uaddr: 0x7f0000000000 }]);
   let fe = null;
   try {
     await waitFor(() => fs.existsSync('/run/t.sock'), 30000, 'the daemon\'s socket');
     fe = new TestFrontend('/run/t.sock', ram);
-    await fe.setup({ queues: 1, queueSize: 256 });
+    await fe.setup({ queues: 1, queueSize: 512 }); // a burst of B chains of 3 descriptors
     // 1. Light load: one at a time, each well under the timeout.
     let lightMax = 0;
     const lightBase = plan.baseSector + plan.burst * 8 + 64;
     for (let i = 0; i < plan.light; i++) {
       const t = Date.now();
       const s = await fe.blk(0, T_OUT, lightBase + i * 8, { data: patterned(100 + i, BLOCK) });
-      lightMax = Math.max(lightMax, Date.now() - t);
+      if (i === 0) val('light_first_ms', Date.now() - t); // includes the front-end's warm-up
+      else lightMax = Math.max(lightMax, Date.now() - t);
       if (s.status !== 0) val(`light_status_${i}`, s.status);
     }
     val('light_max_ms', lightMax);

@@ -10,7 +10,7 @@ import { HwQueue, type CompletionSink } from '../../block/hw-queue';
 import { BlkStatus, ReqOp } from '../../block/operations';
 import type { Request } from '../../block/request';
 import type { NvmeController } from '../../drivers/nvme/controller';
-import { NvmeDriver } from '../../drivers/nvme/driver';
+import { MAX_RETRIES, NvmeDriver } from '../../drivers/nvme/driver';
 import type { IdentifyNamespace } from '../../drivers/nvme/identify';
 import type { NativeGuestMemory } from '../../native';
 import { FakeController } from '../helpers/fake-nvme';
@@ -199,8 +199,8 @@ test('a second expiry after an Abort resets; a completion from before the reset 
 test('a request reset more than MAX_RETRIES times fails with IOERR', async () => {
   const { hw, driver, hctx, ended } = await setup();
   submit(hctx, 2, ReqOp.Read, 0, [[0, 512]]);
-  for (let i = 0; i < 4; i++) await driver.resetController('test');
-  expect(hw.resets).toBe(4);
+  for (let i = 0; i <= MAX_RETRIES; i++) await driver.resetController('test');
+  expect(hw.resets).toBe(MAX_RETRIES + 1);
   expect(ended).toEqual([[2, BlkStatus.IoErr]]);
 });
 

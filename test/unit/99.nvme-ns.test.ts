@@ -174,6 +174,37 @@ describe('several namespaces of one controller, one set of queue pairs', () => {
     expect(driver.stats()[0]).toMatchObject({ timeouts: 1, aborts: 1, resets: 1, retries: 2 });
   });
 
+  test('Aborts in flight stay within the Abort Command Limit; the others wait a timeout more', async () => {
+    const { hw, driver, a, b } = await setup();
+    hw.abortDw0 = 0; // "aborted" (no reset), the commands themselves never complete here
+    const rqA = submit(a, 1, ReqOp.Read, 0, [[0, 512]], false);
+    const rqB = submit(b, 1, ReqOp.Read, 0, [[0, 4096]], true);
+    hw.fetch();
+    expect(a.ns.timeout(rqA)).toBe('reset');
+    expect(b.ns.timeout(rqB)).toBe('reset'); // limit 1 (the fake's ACL): no second Abort yet
+    expect(hw.admin).toHaveLength(1);
+    await tick(); // the first Abort answered
+    expect(b.ns.timeout(rqB)).toBe('reset');
+    expect(hw.admin).toHaveLength(2);
+    expect(driver.stats()[0]).toMatchObject({ aborts: 2, timeouts: 3, resets: 0 });
+  });
+
+  test('after a reset, the resubmitted requests\' timeouts start when the controller is back', async () => {
+    const { hw, driver, a } = await setup();
+    const rq = submit(a, 2, ReqOp.Read, 0, [[0, 512]]);
+    hw.fetch();
+    let armedAtRequeue = 0;
+    const reset = hw.reset.bind(hw);
+    hw.reset = async (whileDisabled: () => void): Promise<void> => {
+      await reset(whileDisabled);
+      armedAtRequeue = rq.startNs;
+      await new Promise((r) => setTimeout(r, 20)); // bringing the controller back takes a while
+    };
+    await driver.resetController('test');
+    expect(armedAtRequeue).toBeGreaterThan(0);
+    expect(rq.startNs - armedAtRequeue).toBeGreaterThanOrEqual(15e6);
+  });
+
   test('a controller that does not come back from a reset breaks every disk on it', async () => {
     const { hw, driver, a, b } = await setup();
     submit(a, 1, ReqOp.Read, 0, [[0, 512]]);
