@@ -5,7 +5,8 @@
  * namespace's geometry (512-byte and 4096-byte logical blocks). Run by
  * test/guest/nvme-ns-check.js in a TCG guest (emulated Intel IOMMU, controller on vfio-pci).
  *
- * Asserted: two vhost-bench --verify runs at once (one per disk) find every read as written;
+ * Asserted: two vhost-bench --verify runs at once (one per disk) find every read as written,
+ * with a controller reset (`rnull ctl reset` of one disk) in the middle of both;
  * two test front-ends at once, with the same guest-physical addresses, write patterns the host
  * finds in each namespace's backing file at the right offsets; one bring-up and one shutdown
  * for the two disks; `rnull ctl stats` shows the same queue pairs for both; no DMAR fault.
@@ -69,7 +70,7 @@ describe('two namespaces of one NVMe controller served as two disks in a TCG gue
     const v = (n: string): string => report.values.get(n) ?? '?';
     console.log(
       `guest-nvme-ns timings: guest boot+run ${Date.now() - t} ms, node in guest ${v('node_seconds')} s, daemon start ${v('start_ms')} ms, ` +
-        `two verify runs at once ${v('benches_ms')} ms (${disks.map((d) => `${d.key} ${v(`${d.key}_bench_ios`)} I/Os ${v(`${d.key}_bench_iops`)} IOPS`).join(', ')}), two front-ends at once ${v('frontends_ms')} ms`,
+        `two verify runs at once with a reset ${v('benches_ms')} ms (${disks.map((d) => `${d.key} ${v(`${d.key}_bench_ios`)} I/Os ${v(`${d.key}_bench_iops`)} IOPS`).join(', ')}), two front-ends at once ${v('frontends_ms')} ms`,
     );
   }, GUEST_TIMEOUT_MS + 120_000);
 
@@ -92,7 +93,19 @@ describe('two namespaces of one NVMe controller served as two disks in a TCG gue
     // vhost-bench and the test front-end on each disk: four memory tables mapped.
     expect(count(report, 'dma_mapped_logged')).toBe(4);
     expect(count(report, 'errors_logged')).toBe(0);
-    expect(count(report, 'warnings_logged')).toBe(0);
+    // Warnings: only the requested reset's two lines (management request, driver).
+    expect(count(report, 'reset_warning_logged')).toBe(1);
+    expect(count(report, 'warnings_logged')).toBe(2);
+  });
+
+  test('a controller reset through one disk while both disks\' verify runs go: the shared queue pairs reset once, nothing lost on either disk', () => {
+    expect(count(report, 'reset_status')).toBe(0);
+    expect(count(report, 'reset_mid_run')).toBe(1);
+    for (const d of disks) {
+      expect(count(report, `${d.key}_ctl_resets`)).toBe(2); // once on each of the 2 shared queue pairs
+      expect(count(report, `${d.key}_bench_mismatches`)).toBe(0);
+      expect(count(report, `${d.key}_bench_errors`)).toBe(0);
+    }
   });
 
   test.each(disks.map((d) => [d.key, d] as const))('%s: geometry and serial from its namespace', (k, d) => {
@@ -104,7 +117,7 @@ describe('two namespaces of one NVMe controller served as two disks in a TCG gue
 
   test.each(disks.map((d) => [d.key, d] as const))('%s: vhost-bench --verify, run at the same time as the other disk\'s, reads back every write', (k) => {
     expect(count(report, `${k}_bench_status`)).toBe(0);
-    expect(count(report, `${k}_bench_ios`)).toBe(2000);
+    expect(count(report, `${k}_bench_ios`)).toBeGreaterThan(1000);
     expect(count(report, `${k}_bench_verified`)).toBeGreaterThan(0);
     expect(count(report, `${k}_bench_mismatches`)).toBe(0);
     expect(count(report, `${k}_bench_errors`)).toBe(0);
@@ -134,9 +147,9 @@ describe('two namespaces of one NVMe controller served as two disks in a TCG gue
       expect(count(report, `${d.key}_ctl_stale`)).toBe(0);
       expect(count(report, `${d.key}_ctl_in_flight`)).toBe(0);
     }
-    // The queue pairs' counters are one set: both disks' commands (2 x 2000 from the benches, plus
-    // the front-ends') on each disk's view.
+    // The queue pairs' counters are one set: both disks' commands (both benches', plus the
+    // front-ends') on each disk's view.
     expect(count(report, 'ns1_ctl_commands')).toBe(count(report, 'ns2_ctl_commands'));
-    expect(count(report, 'ns1_ctl_commands')).toBeGreaterThan(4000);
+    expect(count(report, 'ns1_ctl_commands')).toBeGreaterThan(count(report, 'ns1_bench_ios') + count(report, 'ns2_bench_ios'));
   });
 });

@@ -7,6 +7,8 @@
 //  - two test front-ends at once, one per disk, whose guest memory has the SAME guest-physical
 //    addresses (so only distinct IOVAs keep them apart): patterned writes the host test then
 //    finds in each namespace's backing file, read back byte for byte;
+//    with `rnull ctl reset` of the first disk while both run (the shared controller is reset:
+//    both disks' requests in flight are resubmitted);
 //  - `rnull ctl stats` of both disks (the same queue pairs);
 //  - SIGTERM: one clean controller shutdown.
 //
@@ -53,13 +55,16 @@ async function waitFor(cond, ms, what) {
 }
 
 function bench(plan, d) {
-  const args = ['--socket', `/run/${d.key}.sock`, '--queues', '2', '--qd', '16', '--bs', '4096', '--rw', 'randrw', '--verify', '--ios', '2000', '--disk-size', String(16 << 20), '--timeout-ms', '20000', '--seed', String(d.nsid + 10), '--json', `/run/${d.key}-bench.json`, '--quiet'];
+  const args = ['--socket', `/run/${d.key}.sock`, '--queues', '2', '--qd', '16', '--bs', '4096', '--rw', 'randrw', '--verify', '--runtime', '20', '--disk-size', String(16 << 20), '--timeout-ms', '20000', '--seed', String(d.nsid + 10), '--json', `/run/${d.key}-bench.json`, '--quiet'];
   const t = Date.now();
   const child = cp.spawn(plan.bench, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   child.stdout.on('data', (x) => (out += x));
   child.stderr.on('data', (x) => (out += x));
-  const done = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ status: code, signal })));
+  const done = new Promise((resolve) => child.on('exit', (code, signal) => {
+    d.exitAt = Date.now();
+    resolve({ status: code, signal });
+  }));
   return Promise.race([done, deadline(240000).then(() => ({ status: 'hung' }))]).then((r) => {
     if (r.status === 'hung') child.kill('SIGKILL');
     val(`${d.key}_bench_status`, r.status);
@@ -118,8 +123,23 @@ async function main() {
     val('start_ms', Date.now() - t0);
     // Both disks at once: two verify runs, then two front-ends with the same guest-physical addresses.
     const t1 = Date.now();
-    await Promise.all(plan.disks.map((d) => bench(plan, d)));
+    const benches = Promise.all(plan.disks.map((d) => bench(plan, d)));
+    // A controller reset (through the first disk) while both disks' verify runs are going.
+    await sleep(1000); // starting `rnull ctl` takes seconds more in the TCG guest
+    const r = await new Promise((resolve) => cp.execFile(process.execPath, [path.join(dist, 'daemon/main.js'), 'ctl', '-m', '/run/ns.mgmt', 'reset', plan.disks[0].key], { timeout: 60000 }, (err, stdout, stderr) => resolve({ code: err ? err.code ?? 1 : 0, out: stdout + stderr })));
+    val('reset_status', r.code);
+    if (r.code !== 0) process.stdout.write(`ctl reset: ${r.out}\n`);
+    await benches;
     val('benches_ms', Date.now() - t1);
+    {
+      // Landed while both ran: after both benches' memory tables were mapped, before either exited.
+      const lines = fs.readFileSync(logFile, 'utf8').split('\n');
+      const at = (re) => lines.filter((l) => re.test(l)).map((l) => JSON.parse(l).time);
+      const done = at(/controller reset done/);
+      const mapped = at(/guest memory mapped for DMA/);
+      const firstExit = Math.min(...plan.disks.map((d) => d.exitAt ?? Infinity));
+      val('reset_mid_run', done.length === 1 && mapped.length >= 2 && mapped[1] < done[0] && done[0] < firstExit ? 1 : 0);
+    }
     const t2 = Date.now();
     await Promise.all(plan.disks.map((d) => frontend(d)));
     val('frontends_ms', Date.now() - t2);
@@ -130,7 +150,7 @@ async function main() {
         const queues = JSON.parse(ctl.stdout).queues;
         const sum = (f) => queues.reduce((n, q) => n + Number((q.nvme || {})[f] || 0), 0);
         val(`${d.key}_ctl_qids`, queues.map((q) => (q.nvme || {}).qid).join(','));
-        for (const f of ['commands', 'errors', 'late', 'stale', 'in_flight']) val(`${d.key}_ctl_${f}`, sum(f));
+        for (const f of ['commands', 'resets', 'retries', 'errors', 'late', 'stale', 'in_flight']) val(`${d.key}_ctl_${f}`, sum(f));
       } catch {
         process.stdout.write(`ctl stats: ${ctl.stdout} ${ctl.stderr}\n`);
       }
@@ -147,6 +167,7 @@ async function main() {
     val('dma_mapped_logged', (log.match(/guest memory mapped for DMA/g) || []).length);
     val('errors_logged', (log.match(/"level":50/g) || []).length);
     val('warnings_logged', (log.match(/"level":40/g) || []).length);
+    val('reset_warning_logged', (log.match(/resetting the controller: requested by rnull ctl/g) || []).length);
     const lines = log.split('\n');
     process.stdout.write(`--- daemon log: warnings and errors ---\n${lines.filter((l) => /"level":[4-6]0/.test(l)).slice(0, 20).join('\n')}\n--- daemon log (head) ---\n${lines.slice(0, 12).join('\n')}\n`);
   }
