@@ -11,7 +11,7 @@ import type { NullDriver } from '../drivers/null/null-driver';
 import type { ManagedDisk } from './management/managed-disk';
 import { ManagementServer } from './management/server';
 import { buildNullDisk, closeNullDisk } from './null-disk';
-import { closeNvmeDisk, openNvmeDisk, type NvmeDisk } from './nvme-disk';
+import { closeNvmeDisk, openNvmeDisk, openNvmeDisks, type NvmeDisk } from './nvme-disk';
 import { QueueWorkers } from './queue-workers';
 import { VhostUserBlkDevice } from '../vhost/blk-device';
 import { VhostUserServer } from '../vhost/server';
@@ -45,8 +45,12 @@ export function createDisk(config: DiskConfig, log: Logger, sharedTagSet?: TagSe
 
 /** Builds a disk served from an NVMe namespace (driver "nvme"): opens its controller first. */
 export async function createNvmeDisk(config: DiskConfig, log: Logger): Promise<ServedDisk> {
+  return serveNvmeDisk(config, await openNvmeDisk(config, log.child({ disk: config.name })), log);
+}
+
+/** The vhost-user device and server (not yet listening) of a disk opened by openNvmeDisks. */
+export function serveNvmeDisk(config: DiskConfig, nvme: NvmeDisk, log: Logger): ServedDisk {
   const dlog = log.child({ disk: config.name });
-  const nvme = await openNvmeDisk(config, dlog);
   const device = new VhostUserBlkDevice(nvme.disk, config.num_queues, dlog, config.poll_us, null);
   const server = new VhostUserServer(config.socket, device, dlog, { mode: config.socket_mode, group: config.socket_group });
   return { config, disk: nvme.disk, driver: nvme.driver, nvme, device, server, workers: null };
@@ -90,13 +94,15 @@ export class Service {
    * listens on every disk socket, then the management socket (if configured).
    */
   async start(): Promise<void> {
-    const pcis = new Set<string>();
-    for (const c of this.nvmeConfigs) {
-      if (pcis.has(c.pci)) throw new Error(`disk "${c.name}": controller ${c.pci} already serves another disk; several namespaces of one controller are not supported yet`);
-      pcis.add(c.pci);
-    }
+    // Disks naming the same controller are its namespaces: one bring-up, shared queue pairs and tags.
+    const byPci = new Map<string, DiskConfig[]>();
+    for (const c of this.nvmeConfigs) byPci.set(c.pci, [...(byPci.get(c.pci) ?? []), c]);
     try {
-      for (const c of this.nvmeConfigs) this.disks.push(await createNvmeDisk(c, this.log));
+      for (const group of byPci.values()) {
+        const first = group[0] as DiskConfig;
+        const opened = await openNvmeDisks(group, group.length === 1 ? this.log.child({ disk: first.name }) : this.log.child({ pci: first.pci }));
+        group.forEach((c, i) => this.disks.push(serveNvmeDisk(c, opened[i] as NvmeDisk, this.log)));
+      }
     } catch (e) {
       await this.closeNvme();
       throw e;

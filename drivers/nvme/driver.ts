@@ -1,8 +1,11 @@
 /**
- * NvmeDriver: the Operations of a disk served from one NVMe namespace (issue 10). One I/O queue
- * pair per hardware queue (qid = hardware queue index + 1), created at open; the front-end's
- * guest memory is mapped for DMA once per memory table (memoryMapped), so commands carry PRPs
- * straight into guest memory: no copy, no mapping per request.
+ * NvmeDriver: the I/O queue pairs of one NVMe controller and the disks served from its namespaces
+ * (issue 10). One I/O queue pair per hardware queue (qid = hardware queue index + 1), created at
+ * open and shared by every namespace opened with it (NvmeNamespace, the Operations of one disk),
+ * as the kernel's nvme driver shares one tag set per controller: commands carry each disk's
+ * NSID. Each front-end's guest memory is mapped for DMA once per memory table (the namespace's
+ * memoryMapped), so commands carry PRPs straight into guest memory: no copy, no mapping per
+ * request. The driver is also the Operations of its first namespace (one disk per controller).
  *
  * Data path (no allocation per request): queueRq records the request's progress in typed
  * arrays indexed by its tag and builds as many commands as its data needs (PrpBuilder: a cut
@@ -23,15 +26,20 @@
  * volatile write cache), DISCARD -> Dataset Management (deallocate; its range in the command's
  * PRP list page), WRITE_ZEROES -> Write Zeroes (Deallocate when the guest allows unmapping and
  * DLFEAT says deallocated blocks read as zeroes).
+ *
+ * Errors: a command that fails with a status without DNR (Do Not Retry; e.g. "Command Abort
+ * Requested" after a successful Abort, or a transient status) makes its request start over once
+ * its other commands are done, within MAX_RETRIES starts per request (controller resets count
+ * too); a status with DNR, or one beyond the budget, ends the request with IOERR.
  */
 import type { HwQueue } from '../../block/hw-queue';
 import { BlkStatus, ReqOp, type Operations } from '../../block/operations';
 import type { Request } from '../../block/request';
 import { MAX_QUEUE_SIZE, native, type NativeFdWatcher, type NativeGuestMemory } from '../../native/index';
-import { vfioConstants } from '../../native/vfio';
 import { AdminOpcode, NvmOpcode } from './command';
 import type { DmaRegion, IoQueuePair, LogFn, NvmeController } from './controller';
 import type { IdentifyNamespace } from './identify';
+import { NvmeNamespace, type NsQueue, type NvmeQueueOwner } from './namespace';
 import { PRP_LIST_ENTRIES, PRP_PAGE, PrpBuilder } from './prp';
 
 const TAG_SPACE = 1 << 16; // block/request.ts TAG_BITS
@@ -43,8 +51,13 @@ const DSM_ATTR_DEALLOCATE = 1 << 2;
 const WZ_DEAC = 1 << 25;
 /** Bounce buffers per queue pair. */
 export const BOUNCE_SLOTS = 4;
-/** Controller resets a request goes through before it fails with IOERR. */
-export const MAX_RETRIES = 3;
+/**
+ * Times a request starts over (controller resets, statuses without DNR) before it fails with
+ * IOERR: Linux's nvme_max_retries default.
+ */
+export const MAX_RETRIES = 5;
+/** Status field (CQE DW3 bits 31:17): Do Not Retry. */
+export const STATUS_DNR = 1 << 14;
 
 /** Counters of one I/O queue pair (`rnull ctl stats`). */
 export interface NvmeQueueStats {
@@ -68,33 +81,25 @@ export interface NvmeQueueStats {
   timeouts: number;
   /** Commands sent through a bounce buffer (chains PRPs cannot describe even when cut). */
   bounces: number;
-  /** Aborts sent (timeout ladder), controller resets seen, requests resubmitted after a reset. */
+  /** Aborts sent (timeout ladder), controller resets seen, requests started over (after a reset or a status without DNR). */
   aborts: number;
   resets: number;
   retries: number;
 }
 
-/** One hardware queue's NVMe state. */
+/** One I/O queue pair's state, shared by the namespaces' hardware queues of the same index. */
 class IoQueue {
-  hctx: HwQueue | null = null;
   readonly prp: PrpBuilder;
   readonly list: Uint32Array;
   readonly listIova: number;
   readonly stats: NvmeQueueStats = { requests: 0, commands: 0, splits: 0, unmapped: 0, waits: 0, errors: 0, late: 0, interrupts: 0, timeouts: 0, bounces: 0, aborts: 0, resets: 0, retries: 0 };
-  // Per request tag: its progress.
-  readonly ref = new Float64Array(MAX_QUEUE_SIZE);
-  readonly lba = new Float64Array(MAX_QUEUE_SIZE);
-  readonly left = new Float64Array(MAX_QUEUE_SIZE);
-  readonly seg = new Int32Array(MAX_QUEUE_SIZE);
-  readonly off = new Float64Array(MAX_QUEUE_SIZE);
-  readonly outstanding = new Int32Array(MAX_QUEUE_SIZE);
-  readonly failed = new Uint8Array(MAX_QUEUE_SIZE);
-  readonly waiting = new Uint8Array(MAX_QUEUE_SIZE);
-  /** FIFO of request tags waiting for command ids. */
-  readonly waitRing = new Int32Array(MAX_QUEUE_SIZE);
+  /** FIFO of requests waiting for command ids or bounce slots: namespace index x MAX_QUEUE_SIZE + tag. */
+  readonly waitRing: Int32Array;
   waitHead = 0;
   waitCount = 0;
   watcher: NativeFdWatcher | null = null;
+  /** Hardware queues (one per namespace) attached to this queue pair. */
+  attached = 0;
   polling = false;
   // Bounce buffers: BOUNCE_SLOTS slots of `slotBytes`; per slot the request data range it holds.
   readonly bounce: Buffer;
@@ -108,17 +113,16 @@ class IoQueue {
   readonly slotRead = new Uint8Array(BOUNCE_SLOTS);
   /** Per command tag: its bounce slot, or -1. */
   readonly cmdSlot: Int32Array;
-  /** Per command tag: the request (ref) it belongs to. */
+  /** Per command tag: the request (ref) it belongs to, and that request's namespace index. */
   readonly cmdRef: Float64Array;
-  /** Per request tag: an Abort was sent for it; resets it went through. */
-  readonly aborted = new Uint8Array(MAX_QUEUE_SIZE);
-  readonly retries = new Uint8Array(MAX_QUEUE_SIZE);
+  readonly cmdNs: Uint8Array;
 
   constructor(
     readonly pair: IoQueuePair<number>,
     readonly lists: DmaRegion,
     bounce: DmaRegion,
     maxBytes: number,
+    namespaces: number,
   ) {
     this.prp = new PrpBuilder(maxBytes);
     this.list = new Uint32Array(lists.bytes.buffer, lists.bytes.byteOffset, lists.bytes.byteLength / 4);
@@ -129,6 +133,8 @@ class IoQueue {
     for (let i = 0; i < BOUNCE_SLOTS; i++) this.freeSlots[i] = i;
     this.cmdSlot = new Int32Array(pair.qp.capacity).fill(-1);
     this.cmdRef = new Float64Array(pair.qp.capacity);
+    this.cmdNs = new Uint8Array(pair.qp.capacity);
+    this.waitRing = new Int32Array(namespaces * MAX_QUEUE_SIZE);
   }
 
   /** Every bounce slot free (after a controller reset). */
@@ -139,10 +145,19 @@ class IoQueue {
   }
 }
 
-export interface NvmeDriverOptions {
-  controller: NvmeController;
+/** One namespace a driver serves. */
+export interface NvmeNamespaceSpec {
   nsid: number;
   namespace: IdentifyNamespace;
+}
+
+export interface NvmeDriverOptions {
+  controller: NvmeController;
+  /** The namespace of a driver serving one disk (or the first of `namespaces`). */
+  nsid?: number;
+  namespace?: IdentifyNamespace;
+  /** Several namespaces sharing the queue pairs (one disk each); overrides nsid/namespace. */
+  namespaces?: NvmeNamespaceSpec[];
   /** Hardware queues (I/O queue pairs 1..n). */
   queues: number;
   /** Slots per I/O queue pair (commands in flight + 1). */
@@ -152,53 +167,67 @@ export interface NvmeDriverOptions {
   log: LogFn;
 }
 
-export class NvmeDriver implements Operations {
+/** Most namespaces one driver serves (command contexts keep the index in a byte). */
+export const MAX_NAMESPACES = 255;
+
+export class NvmeDriver implements Operations, NvmeQueueOwner {
   readonly controller: NvmeController;
-  readonly nsid: number;
-  readonly blockSize: number;
-  /** Capacity in logical blocks. */
-  readonly blocks: number;
   /** Bytes per command: MDTS, at most one PRP list page of entries. */
   readonly maxTransferBytes: number;
   /** NVMe Flush is needed (a volatile write cache is present). */
   readonly volatileWriteCache: boolean;
   /** Dataset Management and Write Zeroes are both supported (ONCS). */
   readonly discard: boolean;
-  /** Write Zeroes may deallocate (DLFEAT: deallocated blocks read as zeroes). */
-  readonly deallocateZeroes: boolean;
   readonly poll: boolean;
   readonly queues: IoQueue[] = [];
-  /** IOVA of each guest memory chunk's first byte (NaN: none), for the current memory table. */
-  private chunkIova = new Float64Array(0);
-  /** IOVAs where guest memory regions are mapped. */
-  private guestMaps: number[] = [];
-  private memory: NativeGuestMemory | null = null;
-  private readonly log: LogFn;
-  private readonly blockShift: number;
+  /** The disks: one per namespace, in the order given at open. */
+  readonly namespaces: NvmeNamespace[] = [];
+  readonly log: LogFn;
   private readonly lateLogged = { done: false };
   private readonly completeFns: Array<(ref: number, status: number, dw0: number, cmdTag: number) => void> = [];
   private readonly pollFns: Array<() => void> = [];
 
   private constructor(o: NvmeDriverOptions) {
     this.controller = o.controller;
-    this.nsid = o.nsid;
-    this.blockSize = o.namespace.blockSize;
-    this.blockShift = Math.log2(this.blockSize / 512);
-    this.blocks = o.namespace.nsze;
     const mdts = o.controller.maxTransferBytes;
     this.maxTransferBytes = Math.min(mdts, PRP_LIST_ENTRIES * PRP_PAGE);
     const id = o.controller.identity;
     this.volatileWriteCache = id.volatileWriteCache;
     this.discard = (id.oncs & 0x4) !== 0 && (id.oncs & 0x8) !== 0;
-    this.deallocateZeroes = o.namespace.dlfeat === 1;
     this.poll = o.poll;
     this.log = o.log;
+    const specs = o.namespaces ?? (o.nsid !== undefined && o.namespace !== undefined ? [{ nsid: o.nsid, namespace: o.namespace }] : []);
+    if (specs.length === 0 || specs.length > MAX_NAMESPACES) throw new RangeError(`an NVMe driver serves 1 to ${MAX_NAMESPACES} namespaces, got ${specs.length}`);
+    const seen = new Set<number>();
+    specs.forEach((s, i) => {
+      if (seen.has(s.nsid)) throw new RangeError(`namespace ${s.nsid} given twice`);
+      seen.add(s.nsid);
+      this.namespaces.push(new NvmeNamespace(this, i, s.nsid, s.namespace, o.queues));
+    });
+  }
+
+  /** The first namespace (the disk of a one-namespace driver). */
+  get first(): NvmeNamespace {
+    return this.namespaces[0] as NvmeNamespace;
+  }
+  get nsid(): number {
+    return this.first.nsid;
+  }
+  get blockSize(): number {
+    return this.first.blockSize;
+  }
+  /** Capacity of the first namespace in logical blocks. */
+  get blocks(): number {
+    return this.first.blocks;
+  }
+  get deallocateZeroes(): boolean {
+    return this.first.deallocateZeroes;
   }
 
   /**
    * Creates the driver's I/O queue pairs (CQ then SQ each, with one PRP list page per command
-   * id) on an open controller. Throws what the controller's admin commands throw; the queues
-   * created so far are deleted then.
+   * id) on an open controller. Throws what the controller's admin commands throw (the queues
+   * created so far are deleted then), RangeError for no namespace or one given twice.
    */
   static async open(o: NvmeDriverOptions): Promise<NvmeDriver> {
     const d = new NvmeDriver(o);
@@ -208,7 +237,7 @@ export class NvmeDriver implements Operations {
         const pair = await c.createIoQueuePair<number>(i + 1, o.entries, o.poll ? 'poll' : 'interrupt');
         const lists = c.dma.alloc(pair.qp.capacity * PRP_PAGE);
         const bounce = c.dma.alloc(BOUNCE_SLOTS * d.maxTransferBytes);
-        d.queues.push(new IoQueue(pair, lists, bounce, d.maxTransferBytes));
+        d.queues.push(new IoQueue(pair, lists, bounce, d.maxTransferBytes, d.namespaces.length));
         d.completeFns.push((ref, status, _dw0, cmdTag) => d.completed(i, ref, status, cmdTag));
         d.pollFns.push(() => d.pollTick(i));
       }
@@ -219,71 +248,39 @@ export class NvmeDriver implements Operations {
     return d;
   }
 
-  // --- memory -------------------------------------------------------------------------------
+  // --- Operations of the first namespace -------------------------------------------------------
 
-  /**
-   * Maps every region of the front-end's memory table for DMA (VFIO_IOMMU_MAP_DMA) at IOVAs from
-   * the controller's allocator, and records each chunk's IOVA. Throws (nothing left mapped) if
-   * the IOVA space or the memlock limit is exhausted.
-   */
   memoryMapped(memory: NativeGuestMemory): void {
-    if (this.memory !== null) this.memoryReleased(this.memory);
-    const layout = memory.regionLayout();
-    const chunks = layout.reduce((n, r) => Math.max(n, r.firstChunk + Math.ceil(r.size / 2 ** 30)), 0);
-    const chunkIova = new Float64Array(chunks).fill(NaN);
-    const dev = this.controller.dev;
-    const alloc = this.controller.dma.iova;
-    const maps: number[] = [];
-    try {
-      layout.forEach((r, i) => {
-        const bytes = Math.ceil((r.hostPageOffset + r.size) / vfioConstants.PAGE_SIZE) * vfioConstants.PAGE_SIZE;
-        const iova = alloc.alloc(bytes);
-        try {
-          dev.dmaMapGuest(memory, i, iova);
-        } catch (err) {
-          alloc.release(iova);
-          throw err;
-        }
-        maps.push(iova);
-        const first = iova + r.hostPageOffset;
-        for (let c = 0; c * 2 ** 30 < r.size; c++) chunkIova[r.firstChunk + c] = first + c * 2 ** 30;
-      });
-    } catch (err) {
-      for (const iova of maps) {
-        dev.dmaUnmapGuest(iova);
-        alloc.release(iova);
-      }
-      throw new Error(`cannot map guest memory for DMA: ${(err as Error).message}${/ENOMEM|EAGAIN|EPERM/.test((err as Error).message) ? ' (is the memlock limit, ulimit -l, at least the guest memory size?)' : ''}`);
-    }
-    this.memory = memory;
-    this.guestMaps = maps;
-    this.chunkIova = chunkIova;
-    this.log('info', `guest memory mapped for DMA: ${layout.length} regions, IOVAs ${maps.map((v) => '0x' + v.toString(16)).join(', ')}`);
+    this.first.memoryMapped(memory);
   }
-
-  /** Unmaps the table's DMA mappings (no request using it is in flight). */
   memoryReleased(memory: NativeGuestMemory): void {
-    if (this.memory !== memory) return;
-    const dev = this.controller.dev;
-    for (const iova of this.guestMaps) {
-      try {
-        dev.dmaUnmapGuest(iova);
-      } catch (err) {
-        this.log('warn', `unmapping guest memory at IOVA 0x${iova.toString(16)}: ${(err as Error).message}`);
-      }
-      this.controller.dma.iova.release(iova);
-    }
-    this.guestMaps = [];
-    this.chunkIova = new Float64Array(0);
-    this.memory = null;
+    this.first.memoryReleased(memory);
+  }
+  initHctx(hctx: HwQueue): void {
+    this.attachHctx(this.first, hctx);
+  }
+  exitHctx(hctx: HwQueue): void {
+    this.detachHctx(this.first, hctx);
+  }
+  queueRq(rq: Request, isLast: boolean): BlkStatus {
+    return this.submitRq(this.first, rq, isLast);
+  }
+  commitRqs(hctx: HwQueue): void {
+    this.commitHctx(hctx);
+  }
+  timeout(rq: Request): 'done' | 'reset' {
+    return this.timeoutRq(this.first, rq);
   }
 
-  // --- Operations ------------------------------------------------------------------------------
+  // --- the namespaces' operations ---------------------------------------------------------------
 
-  initHctx(hctx: HwQueue): void {
+  /** A namespace's hardware queue starts: its queue pair's MSI-X eventfd is watched while any is attached. */
+  attachHctx(ns: NvmeNamespace, hctx: HwQueue): void {
     const q = this.queues[hctx.index];
-    if (q === undefined) throw new RangeError(`hardware queue ${hctx.index} has no NVMe queue pair (${this.queues.length} created)`);
-    q.hctx = hctx;
+    const nq = ns.queues[hctx.index];
+    if (q === undefined || nq === undefined) throw new RangeError(`hardware queue ${hctx.index} has no NVMe queue pair (${this.queues.length} created)`);
+    if (nq.hctx === null) q.attached++;
+    nq.hctx = hctx;
     if (!this.poll && q.watcher === null) {
       const i = hctx.index;
       q.watcher = new native.FdWatcher(q.pair.eventfd as number, () => this.onInterrupt(i), true);
@@ -291,25 +288,28 @@ export class NvmeDriver implements Operations {
     }
   }
 
-  exitHctx(hctx: HwQueue): void {
+  detachHctx(ns: NvmeNamespace, hctx: HwQueue): void {
     const q = this.queues[hctx.index];
-    if (q === undefined) return;
+    const nq = ns.queues[hctx.index];
+    if (q === undefined || nq === undefined || nq.hctx === null) return;
+    nq.hctx = null;
+    if (--q.attached > 0) return;
     q.watcher?.stop();
     q.watcher = null;
-    q.hctx = null;
   }
 
-  queueRq(rq: Request, isLast: boolean): BlkStatus {
+  submitRq(ns: NvmeNamespace, rq: Request, isLast: boolean): BlkStatus {
     const q = this.queues[rq.hctx.index] as IoQueue;
+    const nq = ns.queues[rq.hctx.index] as NsQueue;
     const tag = rq.tag;
     q.stats.requests++;
     if (this.broken) {
       rq.end(BlkStatus.IoErr);
       return BlkStatus.Ok;
     }
-    q.ref[tag] = rq.leak();
-    q.aborted[tag] = 0;
-    q.retries[tag] = 0;
+    nq.ref[tag] = rq.leak();
+    nq.aborted[tag] = 0;
+    nq.retries[tag] = 0;
     switch (rq.op) {
       case ReqOp.Read:
       case ReqOp.Write:
@@ -326,14 +326,14 @@ export class NvmeDriver implements Operations {
         rq.end(BlkStatus.Unsupp);
         return BlkStatus.Ok;
     }
-    this.restart(q, rq);
-    if (q.waitCount > 0 || this.resetting) this.enqueue(q, tag);
-    else this.pump(q, rq);
+    this.restart(ns, nq, rq);
+    if (q.waitCount > 0 || this.resetting) this.enqueue(q, ns, nq, tag);
+    else this.pump(q, ns, nq, rq);
     if (isLast) this.commit(q);
     return BlkStatus.Ok;
   }
 
-  commitRqs(hctx: HwQueue): void {
+  commitHctx(hctx: HwQueue): void {
     this.commit(this.queues[hctx.index] as IoQueue);
   }
 
@@ -342,11 +342,12 @@ export class NvmeDriver implements Operations {
    * now; else the CQ is reaped once (a missed interrupt); else one Abort is sent for one of its
    * commands and the request gets another full timeout. An Abort that fails or answers "not
    * aborted" (CDW0 bit 0; QEMU 7.2 always does), or a second expiry, resets the controller,
-   * which resubmits every outstanding request (resetController). Never ends a request whose
-   * commands the controller may still be working on.
+   * which resubmits every outstanding request of every namespace (resetController). Never ends
+   * a request whose commands the controller may still be working on.
    */
-  timeout(rq: Request): 'done' | 'reset' {
+  timeoutRq(ns: NvmeNamespace, rq: Request): 'done' | 'reset' {
     const q = this.queues[rq.hctx.index] as IoQueue;
+    const nq = ns.queues[rq.hctx.index] as NsQueue;
     const tag = rq.tag;
     q.stats.timeouts++;
     if (this.resetting) return 'reset';
@@ -356,38 +357,46 @@ export class NvmeDriver implements Operations {
       return 'reset';
     }
     this.reap(q);
-    if (rq.refcount === 0 || q.ref[tag] !== rq.ref) return 'done';
-    if (q.aborted[tag] === 0) {
-      q.aborted[tag] = 1;
+    if (rq.refcount === 0 || nq.ref[tag] !== rq.ref) return 'done';
+    if (nq.aborted[tag] === 0) {
+      // At most the controller's Abort Command Limit in flight; the others wait a timeout more.
+      if (this.abortsInFlight >= (this.controller.identity.abortLimit ?? 1)) return 'reset';
+      nq.aborted[tag] = 1;
       const qp = q.pair.qp;
-      const cmd = qp.busyTags().find((t) => q.cmdRef[t] === rq.ref);
+      const cmd = qp.busyTags().find((t) => q.cmdRef[t] === rq.ref && q.cmdNs[t] === ns.index);
       if (cmd === undefined) return 'reset'; // waiting for a command id: nothing to abort yet
       const cid = qp.cidOf(cmd);
       q.stats.aborts++;
-      this.log('warn', `${this.controller.bdf}: queue ${qp.qid}: request tag ${tag} timed out; sending Abort for command 0x${cid.toString(16)}`);
+      this.abortsInFlight++;
+      this.log('warn', `${this.controller.bdf}: queue ${qp.qid}: namespace ${ns.nsid} request tag ${tag} timed out; sending Abort for command 0x${cid.toString(16)}`);
       this.controller.adminCommand({ opcode: AdminOpcode.Abort, cdw10: (qp.qid | (cid << 16)) >>> 0 }, `Abort of queue ${qp.qid} command 0x${cid.toString(16)}`).then(
         (c) => {
+          this.abortsInFlight--;
           if ((c.dw0 & 1) !== 0) void this.resetController(`Abort of command 0x${cid.toString(16)} answered "not aborted"`);
         },
-        (err: Error) => void this.resetController(`Abort failed: ${err.message}`),
+        (err: Error) => {
+          this.abortsInFlight--;
+          void this.resetController(`Abort failed: ${err.message}`);
+        },
       );
       return 'reset';
     }
-    void this.resetController(`request tag ${tag} on queue ${q.pair.qp.qid} timed out again after its Abort`);
+    void this.resetController(`namespace ${ns.nsid} request tag ${tag} on queue ${q.pair.qp.qid} timed out again after its Abort`);
     return 'reset';
   }
 
   /** A controller reset is under way: nothing is submitted or reaped. */
   resetting = false;
-  /** The controller did not come back from a reset: every request fails with IOERR. */
+  /** The controller did not come back from a reset: every request of every namespace fails with IOERR. */
   broken = false;
 
   /**
    * Resets the controller (NvmeController.reset) with nothing lost: submission and reaping stop;
-   * once the controller is disabled (no more DMA), every request the driver owns is set back to
-   * its start, its timeout re-armed, and queued again (up to MAX_RETRIES resets each; then IOERR); after the queues
-   * are created again the requests are resubmitted. If the controller does not come back the
-   * disk is broken: every request fails with IOERR from then on. Resolves when done.
+   * once the controller is disabled (no more DMA), every request of every namespace the driver
+   * owns is set back to its start, its timeout re-armed, and queued again (up to MAX_RETRIES
+   * starts each; then IOERR); after the queues are created again the requests are resubmitted.
+   * If the controller does not come back every disk on it is broken: every request fails with
+   * IOERR from then on. Resolves when done.
    */
   async resetController(why: string): Promise<void> {
     if (this.resetting || this.broken) return;
@@ -396,6 +405,7 @@ export class NvmeDriver implements Operations {
     try {
       await this.controller.reset(() => this.requeueAll());
       this.resetting = false;
+      this.rearmRequeued();
       for (const q of this.queues) {
         q.stats.resets++;
         this.reap(q);
@@ -403,15 +413,39 @@ export class NvmeDriver implements Operations {
     } catch (err) {
       this.broken = true;
       this.resetting = false;
-      this.log('error', `${this.controller.bdf}: the controller did not come back from a reset (${(err as Error).message}); every request of this disk now fails with IOERR`);
-      for (const q of this.queues) {
-        q.waitCount = 0;
-        const hctx = q.hctx;
+      this.log('error', `${this.controller.bdf}: the controller did not come back from a reset (${(err as Error).message}); every request of its ${this.namespaces.length === 1 ? 'disk' : `${this.namespaces.length} disks (namespaces ${this.namespaces.map((n) => n.nsid).join(', ')})`} now fails with IOERR`);
+      for (const q of this.queues) q.waitCount = 0;
+      for (const ns of this.namespaces) {
+        for (const nq of ns.queues) {
+          const hctx = nq.hctx;
+          nq.waiting.fill(0);
+          if (hctx === null) continue;
+          for (let tag = 0; tag < MAX_QUEUE_SIZE; tag++) {
+            const rq = hctx.reclaim(nq.ref[tag] as number);
+            if (rq !== null) rq.end(BlkStatus.IoErr);
+          }
+        }
+      }
+    }
+  }
+
+  /** Aborts sent and not answered yet (the reset fails them: the admin queue starts over). */
+  private abortsInFlight = 0;
+
+  /**
+   * After a reset, the controller back: each requeued request's timeout starts now, when it is
+   * resubmitted (bringing the controller back took part of the timeout armed at the requeue).
+   */
+  private rearmRequeued(): void {
+    const now = native.monotonicNs();
+    for (const ns of this.namespaces) {
+      for (const nq of ns.queues) {
+        const hctx = nq.hctx;
         if (hctx === null) continue;
         for (let tag = 0; tag < MAX_QUEUE_SIZE; tag++) {
-          q.waiting[tag] = 0;
-          const rq = hctx.reclaim(q.ref[tag] as number);
-          if (rq !== null) rq.end(BlkStatus.IoErr);
+          if (nq.waiting[tag] === 0) continue;
+          const rq = hctx.reclaim(nq.ref[tag] as number);
+          if (rq !== null) rq.startNs = now;
         }
       }
     }
@@ -424,38 +458,44 @@ export class NvmeDriver implements Operations {
       q.freeAllSlots();
       q.waitCount = 0;
       q.waitHead = 0;
-      q.waiting.fill(0);
-      const hctx = q.hctx;
-      if (hctx === null) continue;
-      for (let tag = 0; tag < MAX_QUEUE_SIZE; tag++) {
-        const rq = hctx.reclaim(q.ref[tag] as number);
-        if (rq === null) continue;
-        if (++q.retries[tag]! > MAX_RETRIES) {
-          this.log('warn', `${this.controller.bdf}: queue ${q.pair.qp.qid}: request tag ${tag} failed after ${MAX_RETRIES} controller resets`);
-          rq.end(BlkStatus.IoErr);
-          continue;
+    }
+    for (const ns of this.namespaces) {
+      ns.queues.forEach((nq, i) => {
+        const q = this.queues[i] as IoQueue;
+        nq.waiting.fill(0);
+        const hctx = nq.hctx;
+        if (hctx === null) return;
+        for (let tag = 0; tag < MAX_QUEUE_SIZE; tag++) {
+          const rq = hctx.reclaim(nq.ref[tag] as number);
+          if (rq === null) continue;
+          if (++nq.retries[tag]! > MAX_RETRIES) {
+            this.log('warn', `${this.controller.bdf}: queue ${q.pair.qp.qid}: namespace ${ns.nsid} request tag ${tag} failed after ${MAX_RETRIES} controller resets or retries`);
+            rq.end(BlkStatus.IoErr);
+            continue;
+          }
+          q.stats.retries++;
+          nq.aborted[tag] = 0;
+          rq.startNs = now; // a resubmitted request gets a full io_timeout again
+          this.restart(ns, nq, rq);
+          this.enqueue(q, ns, nq, tag);
         }
-        q.stats.retries++;
-        q.aborted[tag] = 0;
-        rq.startNs = now; // a resubmitted request gets a full io_timeout again
-        this.restart(q, rq);
-        this.enqueue(q, tag);
-      }
+      });
     }
   }
 
   /** Sets a request's progress to its start: no command sent, all its data still to go. */
-  private restart(q: IoQueue, rq: Request): void {
+  private restart(ns: NvmeNamespace, nq: NsQueue, rq: Request): void {
     const tag = rq.tag;
-    q.lba[tag] = rq.sector / (1 << this.blockShift);
-    q.outstanding[tag] = 0;
-    q.failed[tag] = 0;
-    q.seg[tag] = 0;
-    q.off[tag] = 0;
-    q.left[tag] = rq.op === ReqOp.Flush ? 1 : rq.bytes;
+    nq.lba[tag] = rq.sector / (1 << ns.blockShift);
+    nq.outstanding[tag] = 0;
+    nq.failed[tag] = 0;
+    nq.retry[tag] = 0;
+    nq.seg[tag] = 0;
+    nq.off[tag] = 0;
+    nq.left[tag] = rq.op === ReqOp.Flush ? 1 : rq.bytes;
   }
 
-  /** Per-queue counters with the queue pair's own. */
+  /** Per-queue-pair counters with the queue pair's own (shared by every namespace on it). */
   stats(): Array<NvmeQueueStats & { qid: number; submitted: number; completed: number; stale: number; sqDoorbells: number; cqDoorbells: number; inFlight: number }> {
     return this.queues.map((q) => ({ qid: q.pair.qp.qid, ...q.stats, ...q.pair.qp.stats, inFlight: q.pair.qp.inFlight }));
   }
@@ -477,11 +517,11 @@ export class NvmeDriver implements Operations {
     }
   }
 
-  private enqueue(q: IoQueue, tag: number): void {
-    if (q.waiting[tag] === 1) return;
-    q.waiting[tag] = 1;
+  private enqueue(q: IoQueue, ns: NvmeNamespace, nq: NsQueue, tag: number): void {
+    if (nq.waiting[tag] === 1) return;
+    nq.waiting[tag] = 1;
     q.stats.waits++;
-    q.waitRing[(q.waitHead + q.waitCount) % MAX_QUEUE_SIZE] = tag;
+    q.waitRing[(q.waitHead + q.waitCount) % q.waitRing.length] = ns.index * MAX_QUEUE_SIZE + tag;
     q.waitCount++;
   }
 
@@ -489,18 +529,19 @@ export class NvmeDriver implements Operations {
    * Submits the commands of `rq` from where it stopped until its data is covered or the queue
    * pair is full (then it waits in the FIFO). Returns false if it had to wait.
    */
-  private pump(q: IoQueue, rq: Request): boolean {
+  private pump(q: IoQueue, ns: NvmeNamespace, nq: NsQueue, rq: Request): boolean {
     const tag = rq.tag;
     const qp = q.pair.qp;
-    const ref = q.ref[tag] as number;
-    const bs = this.blockSize;
-    while ((q.left[tag] as number) > 0) {
+    const ref = nq.ref[tag] as number;
+    const bs = ns.blockSize;
+    const nsid = ns.nsid;
+    while ((nq.left[tag] as number) > 0) {
       const cmdTag = qp.nextTag;
       if (cmdTag < 0 || this.resetting) {
-        this.enqueue(q, tag);
+        this.enqueue(q, ns, nq, tag);
         return false;
       }
-      const lba = q.lba[tag] as number;
+      const lba = nq.lba[tag] as number;
       const lbaLo = lba % 0x100000000;
       const lbaHi = Math.floor(lba / 0x100000000);
       const listWord = cmdTag * (PRP_PAGE / 4);
@@ -511,67 +552,85 @@ export class NvmeDriver implements Operations {
         case ReqOp.Read:
         case ReqOp.Write: {
           const p = q.prp;
-          p.seg = q.seg[tag] as number;
-          p.off = q.off[tag] as number;
-          let bytes = p.next(this.chunkIova, rq.segments, rq.segBase, rq.segCount, q.left[tag] as number, bs, q.list, listWord, listIova);
+          p.seg = nq.seg[tag] as number;
+          p.off = nq.off[tag] as number;
+          let bytes = p.next(ns.chunkIova, rq.segments, rq.segBase, rq.segCount, nq.left[tag] as number, bs, q.list, listWord, listIova);
           if (bytes < 0) {
             q.stats.unmapped++;
-            this.log('warn', `${this.controller.bdf}: queue ${qp.qid}: request tag ${tag}: guest memory not mapped for DMA; failed with IOERR`);
-            q.failed[tag] = 1;
-            q.left[tag] = 0;
+            this.log('warn', `${this.controller.bdf}: queue ${qp.qid}: namespace ${nsid} request tag ${tag}: guest memory not mapped for DMA; failed with IOERR`);
+            nq.failed[tag] = 1;
+            nq.left[tag] = 0;
             break;
           }
           if (bytes === 0) {
             // No PRP description from here: the next command goes through a bounce buffer.
             if (q.freeSlotCount === 0) {
-              this.enqueue(q, tag);
+              this.enqueue(q, ns, nq, tag);
               return false;
             }
-            bytes = this.bounceCommand(q, rq, cmdTag, listWord, listIova);
+            bytes = this.bounceCommand(q, nq, rq, cmdTag, listWord, listIova);
           } else {
-            q.seg[tag] = p.seg;
-            q.off[tag] = p.off;
+            nq.seg[tag] = p.seg;
+            nq.off[tag] = p.off;
           }
           blocks = bytes / bs;
-          qp.submitIo(rq.op === ReqOp.Read ? NvmOpcode.Read : NvmOpcode.Write, this.nsid, p.prp1, p.prp2, lbaLo, lbaHi, blocks - 1, 0, ref);
-          q.left[tag] = (q.left[tag] as number) - bytes;
+          qp.submitIo(rq.op === ReqOp.Read ? NvmOpcode.Read : NvmOpcode.Write, nsid, p.prp1, p.prp2, lbaLo, lbaHi, blocks - 1, 0, ref);
+          nq.left[tag] = (nq.left[tag] as number) - bytes;
           break;
         }
         case ReqOp.Flush:
-          qp.submitIo(NvmOpcode.Flush, this.nsid, 0, 0, 0, 0, 0, 0, ref);
-          q.left[tag] = 0;
+          qp.submitIo(NvmOpcode.Flush, nsid, 0, 0, 0, 0, 0, 0, ref);
+          nq.left[tag] = 0;
           sent = true;
           break;
         case ReqOp.WriteZeroes:
-          blocks = Math.min((q.left[tag] as number) / bs, WZ_MAX_BLOCKS);
-          qp.submitIo(NvmOpcode.WriteZeroes, this.nsid, 0, 0, lbaLo, lbaHi, ((blocks - 1) | (rq.unmap && this.deallocateZeroes ? WZ_DEAC : 0)) >>> 0, 0, ref);
-          q.left[tag] = (q.left[tag] as number) - blocks * bs;
+          blocks = Math.min((nq.left[tag] as number) / bs, WZ_MAX_BLOCKS);
+          qp.submitIo(NvmOpcode.WriteZeroes, nsid, 0, 0, lbaLo, lbaHi, ((blocks - 1) | (rq.unmap && ns.deallocateZeroes ? WZ_DEAC : 0)) >>> 0, 0, ref);
+          nq.left[tag] = (nq.left[tag] as number) - blocks * bs;
           break;
         case ReqOp.Discard: {
-          blocks = Math.min((q.left[tag] as number) / bs, DSM_MAX_BLOCKS);
+          blocks = Math.min((nq.left[tag] as number) / bs, DSM_MAX_BLOCKS);
           // The one range (context attributes, length in blocks, starting LBA) in this command's list page.
           q.list[listWord] = 0;
           q.list[listWord + 1] = blocks;
           q.list[listWord + 2] = lbaLo;
           q.list[listWord + 3] = lbaHi;
-          qp.submitIo(NvmOpcode.DatasetManagement, this.nsid, listIova, 0, 0, DSM_ATTR_DEALLOCATE, 0, 0, ref);
-          q.left[tag] = (q.left[tag] as number) - blocks * bs;
+          qp.submitIo(NvmOpcode.DatasetManagement, nsid, listIova, 0, 0, DSM_ATTR_DEALLOCATE, 0, 0, ref);
+          nq.left[tag] = (nq.left[tag] as number) - blocks * bs;
           break;
         }
         default:
-          q.failed[tag] = 1;
-          q.left[tag] = 0;
+          nq.failed[tag] = 1;
+          nq.left[tag] = 0;
       }
       if (blocks > 0 || sent) {
         q.cmdRef[cmdTag] = ref;
-        if (q.outstanding[tag]! > 0) q.stats.splits++;
-        q.outstanding[tag]!++;
+        q.cmdNs[cmdTag] = ns.index;
+        if (nq.outstanding[tag]! > 0) q.stats.splits++;
+        nq.outstanding[tag]!++;
         q.stats.commands++;
-        q.lba[tag] = lba + blocks;
+        nq.lba[tag] = lba + blocks;
       }
     }
-    if (q.outstanding[tag] === 0) rq.end(q.failed[tag] === 1 ? BlkStatus.IoErr : BlkStatus.Ok);
+    if (nq.outstanding[tag] === 0) this.finish(q, ns, nq, rq);
     return true;
+  }
+
+  /**
+   * Every command of `rq` is done: ends it (IOERR if one failed for good), or starts it over
+   * when one failed with a status worth retrying (and the budget allows).
+   */
+  private finish(q: IoQueue, ns: NvmeNamespace, nq: NsQueue, rq: Request): void {
+    const tag = rq.tag;
+    if (nq.failed[tag] === 0 && nq.retry[tag] === 1) {
+      nq.retries[tag]!++;
+      q.stats.retries++;
+      this.restart(ns, nq, rq);
+      if (q.waitCount > 0 || this.resetting) this.enqueue(q, ns, nq, tag);
+      else this.pump(q, ns, nq, rq);
+      return;
+    }
+    rq.end(nq.failed[tag] === 1 ? BlkStatus.IoErr : BlkStatus.Ok);
   }
 
   /**
@@ -580,12 +639,12 @@ export class NvmeDriver implements Operations {
    * PrpBuilder's prp1/prp2 (entries 2..n in the command's list page); the cursor moved on.
    * Returns the command's bytes.
    */
-  private bounceCommand(q: IoQueue, rq: Request, cmdTag: number, listWord: number, listIova: number): number {
+  private bounceCommand(q: IoQueue, nq: NsQueue, rq: Request, cmdTag: number, listWord: number, listIova: number): number {
     const tag = rq.tag;
     const slot = q.freeSlots[--q.freeSlotCount] as number;
-    const bytes = Math.min(q.left[tag] as number, q.slotBytes);
-    const seg = q.seg[tag] as number;
-    const off = q.off[tag] as number;
+    const bytes = Math.min(nq.left[tag] as number, q.slotBytes);
+    const seg = nq.seg[tag] as number;
+    const off = nq.off[tag] as number;
     q.slotSeg[slot] = seg;
     q.slotOff[slot] = off;
     q.slotLen[slot] = bytes;
@@ -593,8 +652,8 @@ export class NvmeDriver implements Operations {
     q.cmdSlot[cmdTag] = slot;
     const at = slot * q.slotBytes;
     const end = this.copySegments(rq, seg, off, bytes, q.bounce, at, rq.op === ReqOp.Write);
-    q.seg[tag] = end.seg;
-    q.off[tag] = end.off;
+    nq.seg[tag] = end.seg;
+    nq.off[tag] = end.off;
     const iova = q.bounceIova + at;
     const p = q.prp;
     p.prp1 = iova;
@@ -661,33 +720,38 @@ export class NvmeDriver implements Operations {
     if (this.resetting) return; // the queues are being reset: nothing there is valid
     const fn = this.completeFns[q.pair.qp.qid - 1] as (ref: number, status: number, dw0: number, cmdTag: number) => void;
     while (q.pair.qp.reap(fn) > 0);
-    const hctx = q.hctx;
-    while (q.waitCount > 0 && q.pair.qp.nextTag >= 0 && hctx !== null) {
-      const tag = q.waitRing[q.waitHead] as number;
-      q.waitHead = (q.waitHead + 1) % MAX_QUEUE_SIZE;
+    const i = q.pair.qp.qid - 1;
+    while (q.waitCount > 0 && q.pair.qp.nextTag >= 0 && !this.resetting) {
+      const entry = q.waitRing[q.waitHead] as number;
+      q.waitHead = (q.waitHead + 1) % q.waitRing.length;
       q.waitCount--;
-      q.waiting[tag] = 0;
-      const rq = hctx.reclaim(q.ref[tag] as number);
+      const ns = this.namespaces[Math.floor(entry / MAX_QUEUE_SIZE)] as NvmeNamespace;
+      const tag = entry % MAX_QUEUE_SIZE;
+      const nq = ns.queues[i] as NsQueue;
+      nq.waiting[tag] = 0;
+      const rq = nq.hctx?.reclaim(nq.ref[tag] as number) ?? null;
       if (rq === null) continue; // ended meanwhile (timed out)
-      if (!this.pump(q, rq)) break;
+      if (!this.pump(q, ns, nq, rq)) break;
     }
     this.commit(q);
   }
 
   private completed(i: number, ref: number, status: number, cmdTag: number): void {
     const q = this.queues[i] as IoQueue;
+    const ns = this.namespaces[q.cmdNs[cmdTag] as number] as NvmeNamespace;
+    const nq = ns.queues[i] as NsQueue;
     const tag = ref % TAG_SPACE;
-    const rq = q.hctx?.reclaim(ref) ?? null;
+    const rq = nq.hctx?.reclaim(ref) ?? null;
     const slot = q.cmdSlot[cmdTag] as number;
     if (slot >= 0) {
       // A bounced read: the data goes to the guest now (unless the request ended meanwhile).
       q.cmdSlot[cmdTag] = -1;
-      if (rq !== null && q.ref[tag] === ref && status === 0 && q.slotRead[slot] === 1) {
+      if (rq !== null && nq.ref[tag] === ref && status === 0 && q.slotRead[slot] === 1) {
         this.copySegments(rq, q.slotSeg[slot] as number, q.slotOff[slot] as number, q.slotLen[slot] as number, q.bounce, slot * q.slotBytes, false);
       }
       q.freeSlots[q.freeSlotCount++] = slot;
     }
-    if (rq === null || q.ref[tag] !== ref) {
+    if (rq === null || nq.ref[tag] !== ref) {
       q.stats.late++;
       if (!this.lateLogged.done) {
         this.lateLogged.done = true;
@@ -697,10 +761,15 @@ export class NvmeDriver implements Operations {
     }
     if (status !== 0) {
       q.stats.errors++;
-      q.failed[tag] = 1;
-      this.log('warn', `${this.controller.bdf}: queue ${i + 1}: command of request tag ${tag} failed: status 0x${status.toString(16)} (SCT ${(status >>> 8) & 7}, SC 0x${(status & 0xff).toString(16)})`);
+      const again = (status & STATUS_DNR) === 0 && (nq.retries[tag] as number) < MAX_RETRIES;
+      if (again) nq.retry[tag] = 1;
+      else nq.failed[tag] = 1;
+      this.log(
+        'warn',
+        `${this.controller.bdf}: queue ${i + 1}: namespace ${ns.nsid} command of request tag ${tag} failed: status 0x${status.toString(16)} (SCT ${(status >>> 8) & 7}, SC 0x${(status & 0xff).toString(16)}${(status & STATUS_DNR) !== 0 ? ', DNR' : ''}); ${again ? 'the request starts over' : 'IOERR'}`,
+      );
     }
-    q.outstanding[tag]!--;
-    if (q.outstanding[tag] === 0 && q.left[tag] === 0 && q.waiting[tag] === 0) rq.end(q.failed[tag] === 1 ? BlkStatus.IoErr : BlkStatus.Ok);
+    nq.outstanding[tag]!--;
+    if (nq.outstanding[tag] === 0 && nq.left[tag] === 0 && nq.waiting[tag] === 0) this.finish(q, ns, nq, rq);
   }
 }

@@ -217,20 +217,34 @@ async function runCase(plan, c) {
     val(`${k}_start_ms`, Date.now() - t0);
     const t1 = Date.now();
     // vhost-bench --verify; with c.resetDuringBench, `rnull ctl reset` in the middle of it.
-    const benchArgs = ['--socket', sock, '--queues', '2', '--qd', '16', '--bs', String(Math.max(4096, c.blockSize)), '--rw', 'randrw', '--verify', ...(c.resetDuringBench ? ['--runtime', '14'] : ['--ios', '3000']), '--disk-size', String(16 << 20), '--timeout-ms', '20000', '--seed', '7', '--json', `/run/${k}-bench.json`, '--quiet'];
+    const benchArgs = ['--socket', sock, '--queues', '2', '--qd', '16', '--bs', String(Math.max(4096, c.blockSize)), '--rw', 'randrw', '--verify', ...(c.resetDuringBench ? ['--runtime', '30'] : ['--ios', '3000']), '--disk-size', String(16 << 20), '--timeout-ms', '20000', '--seed', '7', '--json', `/run/${k}-bench.json`, '--quiet'];
     const child = cp.spawn(plan.bench, benchArgs, { stdio: ['ignore', 'pipe', 'pipe'] });
     let benchOut = '';
     child.stdout.on('data', (d) => (benchOut += d));
     child.stderr.on('data', (d) => (benchOut += d));
-    const benchDone = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ status: code, signal })));
+    let benchExitAt = Infinity;
+    const benchDone = new Promise((resolve) => child.on('exit', (code, signal) => {
+      benchExitAt = Date.now();
+      resolve({ status: code, signal });
+    }));
     if (c.resetDuringBench) {
-      await sleep(3000);
+      await sleep(1000); // starting `rnull ctl` takes seconds more in the TCG guest
       const r = await new Promise((resolve) => cp.execFile(process.execPath, [path.join(dist, 'daemon/main.js'), 'ctl', '-m', `/run/${k}.mgmt`, 'reset', k], { timeout: 60000 }, (err, stdout, stderr) => resolve({ code: err ? err.code ?? 1 : 0, out: stdout + stderr })));
       val(`${k}_reset_status`, r.code);
-      val(`${k}_reset_bench_running`, child.exitCode === null ? 1 : 0);
       if (r.code !== 0) process.stdout.write(`ctl reset: ${r.out}\n`);
     }
     const bench = await Promise.race([benchDone, deadline(180000).then(() => ({ status: 'hung' }))]);
+    if (c.resetDuringBench) {
+      // Landed mid-run: the daemon logged the reset done before the bench exited (starting
+      // `rnull ctl` in a loaded TCG guest takes seconds, so its own return time says little).
+      // Mid-run: after the bench's memory table was mapped, before it exited.
+      const lines = fs.readFileSync(logFile, 'utf8').split('\n');
+      const at = (re) => lines.filter((l) => re.test(l)).map((l) => JSON.parse(l).time);
+      const done = at(/controller reset done/);
+      const mapped = at(/guest memory mapped for DMA/);
+      val(`${k}_reset_bench_running`, done.length === 1 && mapped.length >= 1 && mapped[0] < done[0] && done[0] < benchExitAt ? 1 : 0);
+      if (done.length === 1) val(`${k}_reset_ms_before_bench_exit`, benchExitAt - done[0]);
+    }
     if (bench.status === 'hung') child.kill('SIGKILL');
     bench.stdout = benchOut;
     bench.stderr = '';

@@ -25,6 +25,8 @@ export interface NvmeNamespaceSpec {
   sizeBytes: number;
   /** Logical block size: 512 or 4096. */
   blockSize: 512 | 4096;
+  /** More `-drive` options for the backing drive, e.g. "throttling.iops-total=40". */
+  driveOptions?: string[];
 }
 
 /** One emulated NVMe controller at a fixed PCI slot. */
@@ -85,7 +87,7 @@ export function nvmeQemuArgs(controllers: NvmeControllerSpec[]): string[] {
     args.push('-device', [`nvme`, `id=${c.id}`, `serial=${c.serial}`, `addr=0x${c.slot.toString(16)}`, ...(c.properties ?? [])].join(','));
     for (const ns of c.namespaces) {
       const drive = `${c.id}n${ns.nsid}`;
-      args.push('-drive', `file=${ns.file},if=none,id=${drive},format=raw,cache=writeback,discard=unmap`);
+      args.push('-drive', [`file=${ns.file},if=none,id=${drive},format=raw,cache=writeback,discard=unmap`, ...(ns.driveOptions ?? [])].join(','));
       args.push(
         '-device',
         `nvme-ns,drive=${drive},bus=${c.id},nsid=${ns.nsid},logical_block_size=${ns.blockSize},physical_block_size=${ns.blockSize}`,

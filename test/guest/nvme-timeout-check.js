@@ -1,0 +1,177 @@
+#!/usr/bin/env node
+// Runs INSIDE the NVMe test guest (nvme-guest.ts): the timeout ladder against QEMU's emulated
+// controller whose backing drive is throttled (-drive throttling.iops-total=R, set by the host
+// test). The daemon serves the namespace with a short io_timeout T on one queue; the project's
+// test front-end then
+//  1. writes a few blocks one at a time (light load: each waits ~1/R s, well under T);
+//  2. offers a burst of B writes at once (B/R s for the last, well over T): the oldest requests
+//     time out -> CSTS read, CQ reaped, Abort (QEMU 7.2 answers "not aborted") -> controller
+//     reset (CC.EN=0, RDY=0; QEMU finishes the throttled commands first) -> every outstanding
+//     request resubmitted with a fresh timeout; the rest fits under T;
+//  3. checks the used ring: every head of the burst exactly once, status OK, and nothing more
+//     after a quiet period (none completed twice);
+//  4. the same burst as reads, each block's data checked; then every block read back one at a
+//     time (the verify run);
+//  5. `rnull ctl stats`: timeouts, aborts, resets, retries; SIGTERM, clean shutdown.
+//
+//   node test/guest/nvme-timeout-check.js '<json plan>'
+// plan: { bdf, nsid, ioTimeoutMs, burst, light, baseSector }
+// Output: "@@VAL name value" lines.
+'use strict';
+const cp = require('child_process');
+const fs = require('fs');
+const path = require('path');
+
+const ROOT = path.join(__dirname, '..', '..');
+const dist = path.join(ROOT, 'dist');
+const { TestFrontend } = require(path.join(dist, 'test/helpers/frontend.js'));
+const { GuestRam } = require(path.join(dist, 'test/helpers/guest-ram.js'));
+const { blkHeader } = require(path.join(dist, 'test/helpers/driver-ring.js'));
+
+const T_IN = 0;
+const T_OUT = 1;
+const BLOCK = 4096;
+
+function val(name, value) {
+  process.stdout.write(`\n@@VAL ${name} ${value}\n`);
+}
+
+/** The byte pattern; test/e2e/guest-nvme-timeout.test.ts has the same function. */
+function pattern(seed, i) {
+  return (i * 7 + seed * 13 + (i >>> 9) * 3 + 1) & 0xff;
+}
+function patterned(seed, n) {
+  const b = Buffer.alloc(n);
+  for (let i = 0; i < n; i++) b[i] = pattern(seed, i);
+  return b;
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const deadline = (ms) => new Promise((r) => setTimeout(r, ms).unref());
+
+async function waitFor(cond, ms, what) {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await sleep(50);
+  }
+}
+
+/**
+ * Offers `n` requests at once (one kick): block i at sector base + 8i, written with pattern
+ * seed i (write) or read into its own buffer (read). Waits for n used entries, then a quiet
+ * period; returns what the used ring held, statuses and read data.
+ */
+async function burst(fe, k, write, n, base) {
+  const ram = fe.ram;
+  const ring = fe.rings[0];
+  ring.takeUsed();
+  const start = ring.usedIdx();
+  const reqs = [];
+  for (let i = 0; i < n; i++) {
+    const hdr = ram.alloc(16);
+    ram.bytes(hdr, 16).set(blkHeader(write ? T_OUT : T_IN, base + i * 8));
+    const data = ram.alloc(BLOCK, 4096);
+    if (write) ram.bytes(data, BLOCK).set(patterned(i, BLOCK));
+    else ram.bytes(data, BLOCK).fill(0xee);
+    const st = ram.alloc(1, 1);
+    ram.bytes(st, 1)[0] = 0xff;
+    const head = ring.addChain([{ addr: hdr, len: 16 }, { addr: data, len: BLOCK, write: !write }, { addr: st, len: 1, write: true }]);
+    reqs.push({ head, data, st });
+  }
+  const t = Date.now();
+  fe.kick(0);
+  await fe.waitUsedIdx(0, (start + n) & 0xffff, 120000);
+  val(`${k}_ms`, Date.now() - t);
+  await sleep(3000); // anything completed twice would show up as more used entries
+  const used = ring.takeUsed();
+  val(`${k}_used`, used.length);
+  const heads = new Map(reqs.map((r) => [r.head, 0]));
+  let unknown = 0;
+  for (const u of used) {
+    if (heads.has(u.id)) heads.set(u.id, heads.get(u.id) + 1);
+    else unknown++;
+  }
+  val(`${k}_heads_once`, [...heads.values()].filter((c) => c === 1).length);
+  val(`${k}_heads_twice`, [...heads.values()].filter((c) => c > 1).length + unknown);
+  val(`${k}_status_ok`, reqs.filter((r) => ram.bytes(r.st, 1)[0] === 0).length);
+  if (!write) val(`${k}_data_ok`, reqs.filter((r, i) => Buffer.from(ram.bytes(r.data, BLOCK)).equals(patterned(i, BLOCK))).length);
+}
+
+function stats(k) {
+  const ctl = cp.spawnSync(process.execPath, [path.join(dist, 'daemon/main.js'), 'ctl', '-m', '/run/t.mgmt', 'stats', 't'], { encoding: 'utf8', timeout: 30000 });
+  try {
+    const q = JSON.parse(ctl.stdout).queues[0].nvme;
+    for (const f of ['commands', 'timeouts', 'aborts', 'resets', 'retries', 'errors', 'late', 'stale', 'in_flight']) val(`${k}_${f}`, q[f]);
+  } catch {
+    process.stdout.write(`ctl stats: ${ctl.status} ${ctl.stdout} ${ctl.stderr}\n`);
+  }
+}
+
+async function main() {
+  const plan = JSON.parse(process.argv[2]);
+  const logFile = '/run/t.log';
+  const out = fs.openSync(logFile, 'w');
+  const args = ['--driver', 'nvme', '--pci', plan.bdf, '--nsid', String(plan.nsid), '--socket', '/run/t.sock', '--num-queues', '1', '--io-timeout', String(plan.ioTimeoutMs), '--management-socket', '/run/t.mgmt'];
+  const child = cp.spawn(process.execPath, [path.join(dist, 'daemon/main.js'), ...args], { stdio: ['ignore', out, out] });
+  fs.closeSync(out);
+  const exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+  const ram = new GuestRam([{ gpa: 0, size: 32 << 20, uaddr: 0x7f0000000000 }]);
+  let fe = null;
+  try {
+    await waitFor(() => fs.existsSync('/run/t.sock'), 30000, 'the daemon\'s socket');
+    fe = new TestFrontend('/run/t.sock', ram);
+    await fe.setup({ queues: 1, queueSize: 512 }); // a burst of B chains of 3 descriptors
+    // 1. Light load: one at a time, each well under the timeout.
+    let lightMax = 0;
+    const lightBase = plan.baseSector + plan.burst * 8 + 64;
+    for (let i = 0; i < plan.light; i++) {
+      const t = Date.now();
+      const s = await fe.blk(0, T_OUT, lightBase + i * 8, { data: patterned(100 + i, BLOCK) });
+      if (i === 0) val('light_first_ms', Date.now() - t); // includes the front-end's warm-up
+      else lightMax = Math.max(lightMax, Date.now() - t);
+      if (s.status !== 0) val(`light_status_${i}`, s.status);
+    }
+    val('light_max_ms', lightMax);
+    stats('after_light');
+    // 2./3. A burst of writes over the timeout.
+    await burst(fe, 'wburst', true, plan.burst, plan.baseSector);
+    stats('after_wburst');
+    // 4. The same burst as reads; then the verify run, one block at a time.
+    await burst(fe, 'rburst', false, plan.burst, plan.baseSector);
+    stats('after_rburst');
+    let same = 0;
+    for (let i = 0; i < plan.burst; i++) {
+      const r = await fe.blk(0, T_IN, plan.baseSector + i * 8, { readLen: BLOCK });
+      if (r.status === 0 && r.data.equals(patterned(i, BLOCK))) same++;
+    }
+    for (let i = 0; i < plan.light; i++) {
+      const r = await fe.blk(0, T_IN, lightBase + i * 8, { readLen: BLOCK });
+      if (r.status === 0 && r.data.equals(patterned(100 + i, BLOCK))) same++;
+    }
+    val('verified_same', same);
+    stats('final');
+  } finally {
+    if (fe !== null) fe.close();
+    child.kill('SIGTERM');
+    const r = await Promise.race([exited, deadline(30000).then(() => ({ code: 'hung' }))]);
+    if (r.code === 'hung') child.kill('SIGKILL');
+    val('exit', r.code);
+    const log = fs.readFileSync(logFile, 'utf8');
+    val('abort_logged', (log.match(/sending Abort/g) || []).length);
+    val('not_aborted_logged', (log.match(/answered \\"not aborted\\"/g) || []).length);
+    val('reset_logged', (log.match(/resetting the controller/g) || []).length);
+    val('reset_done_logged', (log.match(/controller reset done/g) || []).length);
+    val('failed_logged', (log.match(/failed after \d+ controller resets/g) || []).length);
+    val('shutdown_logged', /NVMe controller shut down/.test(log) ? 1 : 0);
+    val('errors_logged', (log.match(/"level":50/g) || []).length);
+    const lines = log.split('\n');
+    process.stdout.write(`--- daemon log: warnings and errors ---\n${lines.filter((l) => /"level":[4-6]0/.test(l)).slice(0, 30).join('\n')}\n`);
+  }
+  val('done', 1);
+}
+
+main().catch((err) => {
+  process.stdout.write(`nvme-timeout-check failed: ${err.stack}\n`);
+  process.exitCode = 1;
+});
