@@ -193,6 +193,9 @@ export class Service {
       const n = d.nvme;
       d.nvme = undefined;
       await closeNvmeDisk(n, this.log.child({ disk: name }));
+    } else if (d.config.driver !== 'nvme') {
+      // Writes the cache back and unlocks the store, so the disk can be added again.
+      closeNullDisk(d.config, d.driver as NullDriver, this.log.child({ disk: name }));
     }
     return true;
   }

@@ -184,3 +184,36 @@ test('a disk the new file adds on a socket in use fails alone; the rest of the r
   d.proc.kill('SIGTERM');
   expect(await d.exit).toBe(0);
 });
+
+test('a memory-backed disk removed by a reload and added back by the next finds its data (its store was closed and unlocked)', async () => {
+  const sock = path.join(dir, 'm.sock');
+  const store = path.join('/dev/shm', `rnull-reload-${process.pid}-${path.basename(dir)}.store`);
+  const cfg = path.join(dir, 'vm.json');
+  const disk = { name: 'm', socket: sock, size: 4, store };
+  const keep = { name: 'k', socket: path.join(dir, 'k.sock'), size: 4, memory_backed: false };
+  fs.writeFileSync(cfg, JSON.stringify({ disks: [keep, disk] }));
+  d = start(['--config', cfg]);
+  try {
+    await until(() => fs.existsSync(sock), 'socket', 15000);
+    const fe = new TestFrontend(sock);
+    fes.push(fe);
+    await fe.setup({ queues: 1 });
+    const data = Buffer.alloc(4096, 0x5a);
+    expect((await fe.blk(0, 1, 64, { data })).status).toBe(0);
+
+    fs.writeFileSync(cfg, JSON.stringify({ disks: [keep] }));
+    expect(await reload(d)).toMatchObject({ added: [], removed: ['m'], failed: [] });
+    await fe.waitClosed(10000);
+
+    fs.writeFileSync(cfg, JSON.stringify({ disks: [keep, disk] }));
+    expect(await reload(d)).toMatchObject({ added: ['m'], removed: [], failed: [] });
+    const fe2 = new TestFrontend(sock);
+    fes.push(fe2);
+    await fe2.setup({ queues: 1 });
+    expect((await fe2.blk(0, IN, 64, { readLen: 4096 })).data!.equals(data)).toBe(true);
+    d.proc.kill('SIGTERM');
+    expect(await d.exit).toBe(0);
+  } finally {
+    fs.rmSync(store, { force: true });
+  }
+});
