@@ -34,6 +34,7 @@ function usage() {
   --backends LIST     comma-separated, from ${BACKENDS.join(', ')} (default rnull,qsd,ceiling)
   --size MIB          namespace size (default 1024; a sparse host file)
   --node-flags FLAGS  extra node flags for rnull in the guest (space-separated, e.g. "--jitless")
+  --rnull-args ARGS   extra rnull arguments in the guest (space-separated, e.g. "--poll-us 0")
   --cpu-prof          profile rnull in round 1 (node --cpu-prof in the guest) and print its top functions
   --timeout S         hard limit for the guest boot (default: estimated from the plan)
   --no-build          do not build dist/, vhost-bench, vhost-ceiling
@@ -41,7 +42,7 @@ function usage() {
 }
 
 function parseArgs(argv) {
-  const o = { rounds: 3, runtime: 4, ramp: 1, workloads: WORKLOADS.map((w) => w.id), backends: ['rnull', 'qsd', 'ceiling'], size: 1024, cpuProf: false, nodeFlags: [], timeout: 0, build: true, keep: false };
+  const o = { rounds: 3, runtime: 4, ramp: 1, workloads: WORKLOADS.map((w) => w.id), backends: ['rnull', 'qsd', 'ceiling'], size: 1024, cpuProf: false, nodeFlags: [], rnullArgs: [], timeout: 0, build: true, keep: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = () => {
@@ -61,6 +62,7 @@ function parseArgs(argv) {
     else if (a === '--workloads') o.workloads = next().split(',');
     else if (a === '--backends') o.backends = next().split(',');
     else if (a === '--cpu-prof') o.cpuProf = true;
+    else if (a === '--rnull-args') o.rnullArgs = next().split(' ').filter((x) => x !== '');
     else if (a === '--node-flags') o.nodeFlags = next().split(' ').filter((x) => x !== '');
     else if (a === '--no-build') o.build = false;
     else if (a === '--keep') o.keep = true;
@@ -200,6 +202,7 @@ async function main() {
     qsdAttempts: 3,
     cpuProf: opts.cpuProf,
     nodeFlags: opts.nodeFlags,
+    rnullArgs: opts.rnullArgs,
   };
   const runsTotal = opts.rounds * workloads.length * opts.backends.length;
   const timeoutS = opts.timeout || 180 + runsTotal * (opts.runtime + opts.ramp + 30);

@@ -11,7 +11,7 @@
 //
 //   node test/guest/nvme-bench.js '<json plan>'
 // plan: { bench, ceiling, bdf, nsid, sizeMiB, backends: [name], workloads: [{ id, args: [..] }],
-//         rounds, runtime, ramp, qsdStartMs, qsdAttempts, cpuProf, nodeFlags: [rnull's node flags] }
+//         rounds, runtime, ramp, qsdStartMs, qsdAttempts, cpuProf, nodeFlags: [rnull's node flags], rnullArgs: [more daemon arguments] }
 // Output: one "@@RUN <json>" line per run, "@@VAL name value" lines, and with cpuProf a
 // "@@BEGIN profile_<workload>" block per rnull run of round 1 (top functions by self time).
 'use strict';
@@ -20,6 +20,7 @@ const fs = require('fs');
 const path = require('path');
 
 const ROOT = path.join(__dirname, '..', '..');
+const MGMT = '/run/nb-mgmt.sock';
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const deadline = (ms) => new Promise((r) => setTimeout(r, ms).unref());
 
@@ -39,6 +40,7 @@ function backendCommand(plan, name, sock, profDir) {
         path.join(ROOT, 'dist', 'daemon', 'main.js'),
         '--driver', 'nvme', '--pci', plan.bdf, '--nsid', String(plan.nsid), '--socket', sock,
         '--num-queues', '2', '--nvme-poll', name === 'rnull-poll' ? 'true' : 'false', '--log-level', 'warn',
+        '--management-socket', MGMT, ...(plan.rnullArgs ?? []),
       ];
     case 'qsd':
       return [
@@ -106,6 +108,20 @@ function runBench(plan, w, sock, pid, json) {
   });
 }
 
+/** rnull's per-queue NVMe counters (rnull ctl stats), summed over the queues; null if unavailable. */
+function nvmeStats(disk) {
+  const r = cp.spawnSync('taskset', ['-c', '1', process.execPath, path.join(ROOT, 'dist', 'daemon', 'main.js'), 'ctl', '-m', MGMT, 'stats', disk], { encoding: 'utf8', timeout: 60000 });
+  try {
+    const j = JSON.parse(r.stdout);
+    const sum = {};
+    for (const q of j.queues ?? [])
+      for (const [k, v] of Object.entries(q.nvme ?? {})) if (typeof v === 'number' && k !== 'qid') sum[k] = (sum[k] ?? 0) + v;
+    return sum;
+  } catch {
+    return { error: `${r.status} ${(r.stdout + r.stderr).slice(0, 300)}` };
+  }
+}
+
 /** Top functions by self time from a V8 .cpuprofile. */
 function summarizeProfile(file, top = 30) {
   const p = JSON.parse(fs.readFileSync(file, 'utf8'));
@@ -149,6 +165,7 @@ async function oneRun(plan, round, w, name) {
   try {
     const r = await runBench(plan, w, sock, b.child.pid, json);
     rec.bench_status = r.code ?? r.signal;
+    if (name.startsWith('rnull') && round === 1) rec.nvme = nvmeStats(path.basename(sock, '.sock'));
     if (r.code !== 0) rec.bench_out = r.out.slice(-1500);
     if (fs.existsSync(json)) {
       const j = JSON.parse(fs.readFileSync(json, 'utf8'));

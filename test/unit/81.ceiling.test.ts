@@ -173,3 +173,22 @@ describe('vhost-ceiling against the project test front-end', () => {
     }
   });
 });
+
+test('npm run bench --backends rnull,ceiling measures the ceiling and prints rnull/ceiling', () => {
+  const out = fs.mkdtempSync(path.join(os.tmpdir(), 'rnull-bench-ceiling-'));
+  try {
+    const r = spawnSync(process.execPath, [path.join(ROOT, 'bench', 'run.js'), '--quick', '--no-build', '--no-pin', '--backends', 'rnull,ceiling', '--out', out], { encoding: 'utf8', timeout: 240_000 });
+    expect(r.status).toBe(0);
+    const md = fs.readFileSync(path.join(out, 'results.md'), 'utf8');
+    expect(md).toContain('| workload | disk | rnull IOPS | QSD IOPS | ceiling IOPS | rnull/QSD | rnull/ceiling | QSD/ceiling |');
+    const j = JSON.parse(fs.readFileSync(path.join(out, 'results.json'), 'utf8'));
+    expect(j.meta.options.backends).toEqual(['rnull', 'ceiling']);
+    for (const c of j.cases) {
+      expect(c.median.ceiling.iops).toBeGreaterThan(0);
+      expect(c.median.ceiling.errors).toBe(0);
+      expect(c.ratio.ceiling).toBeCloseTo(c.median.rnull.iops / c.median.ceiling.iops, 6);
+    }
+  } finally {
+    fs.rmSync(out, { recursive: true, force: true });
+  }
+}, 300_000);
