@@ -35,6 +35,8 @@ function usage() {
   --size MIB          namespace size (default 1024; a sparse host file)
   --node-flags FLAGS  extra node flags for rnull in the guest (space-separated, e.g. "--jitless")
   --rnull-args ARGS   extra rnull arguments in the guest (space-separated, e.g. "--poll-us 0")
+  --clock NAME        guest clock source: tsc (default; the kernel gets tsc=reliable) or hpet (the
+                      kernel's own choice under TCG: every clock read traps to QEMU's HPET)
   --cpu-prof          profile rnull in round 1 (node --cpu-prof in the guest) and print its top functions
   --timeout S         hard limit for the guest boot (default: estimated from the plan)
   --no-build          do not build dist/, vhost-bench, vhost-ceiling
@@ -42,7 +44,7 @@ function usage() {
 }
 
 function parseArgs(argv) {
-  const o = { rounds: 3, runtime: 4, ramp: 1, workloads: WORKLOADS.map((w) => w.id), backends: ['rnull', 'qsd', 'ceiling'], size: 1024, cpuProf: false, nodeFlags: [], rnullArgs: [], timeout: 0, build: true, keep: false };
+  const o = { rounds: 3, runtime: 4, ramp: 1, workloads: WORKLOADS.map((w) => w.id), backends: ['rnull', 'qsd', 'ceiling'], size: 1024, cpuProf: false, nodeFlags: [], rnullArgs: [], clock: 'tsc', timeout: 0, build: true, keep: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = () => {
@@ -62,6 +64,7 @@ function parseArgs(argv) {
     else if (a === '--workloads') o.workloads = next().split(',');
     else if (a === '--backends') o.backends = next().split(',');
     else if (a === '--cpu-prof') o.cpuProf = true;
+    else if (a === '--clock') o.clock = next();
     else if (a === '--rnull-args') o.rnullArgs = next().split(' ').filter((x) => x !== '');
     else if (a === '--node-flags') o.nodeFlags = next().split(' ').filter((x) => x !== '');
     else if (a === '--no-build') o.build = false;
@@ -73,6 +76,7 @@ function parseArgs(argv) {
   }
   for (const w of o.workloads) if (!WORKLOADS.some((x) => x.id === w)) throw new Error(`unknown workload ${w}`);
   for (const b of o.backends) if (!BACKENDS.includes(b)) throw new Error(`unknown back-end ${b}`);
+  if (!['tsc', 'hpet'].includes(o.clock)) throw new Error(`--clock: tsc or hpet, not ${o.clock}`);
   return o;
 }
 
@@ -211,7 +215,7 @@ async function main() {
   console.log(`bench:nvme: ${runsTotal} runs (${opts.rounds} rounds x ${workloads.length} workloads x ${opts.backends.join('/')}), ${opts.runtime} s + ${opts.ramp} s ramp each, one guest boot (limit ${timeoutS} s); load average ${load0.map((x) => x.toFixed(2)).join(' ')}`);
   let result;
   try {
-    result = await runNvmeGuest({ image: nvmeGuestImage(), workDir, controllers, nodeScript: path.join(ROOT, 'test', 'guest', 'nvme-bench.js'), args: [JSON.stringify(plan)], timeoutMs: timeoutS * 1000 });
+    result = await runNvmeGuest({ image: nvmeGuestImage(), workDir, controllers, nodeScript: path.join(ROOT, 'test', 'guest', 'nvme-bench.js'), args: [JSON.stringify(plan)], timeoutMs: timeoutS * 1000, kernelArgs: opts.clock === 'tsc' ? ['tsc=reliable'] : [] });
   } catch (err) {
     console.error(`bench:nvme: the guest run failed (run directory kept: ${workDir}):\n${err.message}`);
     process.exit(1);
@@ -220,6 +224,7 @@ async function main() {
   const runs = [...out.matchAll(/^@@RUN (.*)$/gm)].map((m) => JSON.parse(m[1]));
   const profiles = {};
   for (const m of out.matchAll(/^@@BEGIN (profile_\S+)\n([\s\S]*?)\n@@END \1$/gm)) profiles[m[1]] = m[2];
+  const clocksource = (/^@@VAL clocksource (\S+)/m.exec(out) ?? [])[1] ?? '?';
   const dmar = Number((/^@@VAL dmar_faults (\d+)/m.exec(out) ?? [])[1] ?? NaN);
   const benchSeconds = Number((/^@@VAL bench_seconds (\S+)/m.exec(out) ?? [])[1] ?? NaN);
   const med = summarize(runs, opts);
@@ -230,7 +235,7 @@ async function main() {
   const md = [
     `# rnull NVMe disk vs qemu-storage-daemon nvme:// vs do-nothing ceiling (one TCG guest boot)`,
     '',
-    `${started.toISOString()}; ${opts.rounds} rounds, ${opts.runtime} s + ${opts.ramp} s ramp per run, medians over the rounds; guest: TCG, 2 vCPUs, emulated Intel IOMMU, QEMU emulated NVMe (512-byte LBAs, ${opts.size} MiB sparse file); back-end pinned to guest cpu 0, vhost-bench to cpu 1; CPU = back-end guest CPU per I/O (schedstat). Command: \`node bench/nvme.js ${process.argv.slice(2).join(' ')}\``,
+    `${started.toISOString()}; ${opts.rounds} rounds, ${opts.runtime} s + ${opts.ramp} s ramp per run, medians over the rounds; guest: TCG, 2 vCPUs, clock source ${clocksource}, emulated Intel IOMMU, QEMU emulated NVMe (512-byte LBAs, ${opts.size} MiB sparse file); back-end pinned to guest cpu 0, vhost-bench to cpu 1; CPU = back-end guest CPU per I/O (schedstat). Command: \`node bench/nvme.js ${process.argv.slice(2).join(' ')}\``,
     '',
     table(med, opts),
     '',
@@ -243,7 +248,7 @@ async function main() {
   fs.writeFileSync(path.join(OUT, 'nvme-results.md'), md + '\n');
   fs.writeFileSync(
     path.join(OUT, 'nvme-results.json'),
-    JSON.stringify({ date: started.toISOString(), options: opts, command: `node bench/nvme.js ${process.argv.slice(2).join(' ')}`, host: { cpus: os.cpus().length, loadavg_start: load0, loadavg_end: os.loadavg(), kernel: os.release() }, guest_seconds: result.durationMs / 1000, bench_seconds: benchSeconds, dmar_faults: dmar, medians: med, targets, runs, profiles }, null, 2),
+    JSON.stringify({ date: started.toISOString(), options: opts, command: `node bench/nvme.js ${process.argv.slice(2).join(' ')}`, host: { cpus: os.cpus().length, loadavg_start: load0, loadavg_end: os.loadavg(), kernel: os.release() }, guest_seconds: result.durationMs / 1000, bench_seconds: benchSeconds, clocksource, dmar_faults: dmar, medians: med, targets, runs, profiles }, null, 2),
   );
   console.log(`\n${md}\n`);
   for (const [k, v] of Object.entries(profiles)) console.log(`--- ${k} ---\n${v}\n`);

@@ -195,6 +195,7 @@ async function main() {
   const plan = JSON.parse(process.argv[2]);
   const t0 = Date.now();
   val('cpus', require('os').cpus().length);
+  val('clocksource', fs.readFileSync('/sys/devices/system/clocksource/clocksource0/current_clocksource', 'utf8').trim());
   for (let round = 1; round <= plan.rounds; round++) {
     for (const w of plan.workloads) {
       for (const name of plan.backends) {
