@@ -190,6 +190,10 @@ async function main() {
   const workDir = fs.mkdtempSync(path.join(process.env.TMPDIR ?? os.tmpdir(), 'rnull-bench-nvme-'));
   const controllers = [{ id: 'nvme0', serial: 'rnull-bench', slot: 4, namespaces: [{ nsid: 1, file: path.join(workDir, 'ns1.img'), sizeBytes: opts.size << 20, blockSize: 512 }] }];
   createBackingFiles(controllers);
+  // Allocated up front: random writes into a sparse file pay the host file system's allocation,
+  // which would favour whichever back-end writes a block second.
+  const fa = cp.spawnSync('fallocate', ['-l', String(opts.size << 20), controllers[0].namespaces[0].file], { encoding: 'utf8' });
+  if (fa.status !== 0) throw new Error(`fallocate of the namespace's backing file failed: ${fa.stderr || fa.error}`);
   const workloads = opts.workloads.map((id) => WORKLOADS.find((w) => w.id === id));
   const plan = {
     bench,

@@ -123,22 +123,25 @@ function nvmeStats(disk) {
 }
 
 /** Top functions by self time from a V8 .cpuprofile. */
-function summarizeProfile(file, top = 30) {
+function summarizeProfile(file, fromUs, toUs, top = 30) {
   const p = JSON.parse(fs.readFileSync(file, 'utf8'));
   const byId = new Map(p.nodes.map((n) => [n.id, n]));
   const self = new Map();
   const dt = p.timeDeltas;
   let total = 0;
+  let ts = p.startTime;
   for (let i = 0; i < p.samples.length; i++) {
-    const n = byId.get(p.samples[i]);
     const d = dt[i] ?? 0;
+    ts += d;
+    if (ts < fromUs || ts > toUs) continue; // only the measured window
+    const n = byId.get(p.samples[i]);
     total += d;
     const f = n.callFrame;
     const key = `${f.functionName || '(anonymous)'} ${f.url ? path.relative(ROOT, f.url.replace(/^file:\/\//, '')) : ''}:${f.lineNumber + 1}`;
     self.set(key, (self.get(key) ?? 0) + d);
   }
   const rows = [...self.entries()].sort((a, b) => b[1] - a[1]).slice(0, top);
-  return [`total ${(total / 1000).toFixed(0)} ms sampled`, ...rows.map(([k, us]) => `${((100 * us) / total).toFixed(1).padStart(5)} %  ${(us / 1000).toFixed(0).padStart(6)} ms  ${k}`)].join('\n');
+  return [`${(total / 1000).toFixed(0)} ms sampled in the measured window`, ...rows.map(([k, us]) => `${((100 * us) / total).toFixed(1).padStart(5)} %  ${(us / 1000).toFixed(0).padStart(6)} ms  ${k}`)].join('\n');
 }
 
 async function oneRun(plan, round, w, name) {
@@ -163,7 +166,10 @@ async function oneRun(plan, round, w, name) {
     return rec;
   }
   try {
+    const nowUs = () => Number(process.hrtime.bigint() / 1000n); // CLOCK_MONOTONIC, as V8's profile timestamps
+    const benchFrom = nowUs() + plan.ramp * 1e6;
     const r = await runBench(plan, w, sock, b.child.pid, json);
+    rec.window_us = [benchFrom, nowUs()];
     rec.bench_status = r.code ?? r.signal;
     if (name.startsWith('rnull') && round === 1) rec.nvme = nvmeStats(path.basename(sock, '.sock'));
     if (r.code !== 0) rec.bench_out = r.out.slice(-1500);
@@ -186,7 +192,7 @@ async function oneRun(plan, round, w, name) {
   }
   if (profDir && fs.existsSync(profDir)) {
     const f = fs.readdirSync(profDir).find((x) => x.endsWith('.cpuprofile'));
-    if (f) process.stdout.write(`\n@@BEGIN profile_${name}_${w.id}\n${summarizeProfile(path.join(profDir, f))}\n@@END profile_${name}_${w.id}\n`);
+    if (f) process.stdout.write(`\n@@BEGIN profile_${name}_${w.id}\n${summarizeProfile(path.join(profDir, f), rec.window_us[0], rec.window_us[1])}\n@@END profile_${name}_${w.id}\n`);
   }
   return rec;
 }
