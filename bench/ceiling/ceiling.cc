@@ -464,6 +464,7 @@ bool Device::handle(uint32_t req, uint32_t flags, const uint8_t* p, uint32_t siz
       if (req == SET_VRING_NUM) {
         if (num == 0 || num > 32768 || (num & (num - 1))) { start_worker(); return bad("ring size not a power of two <= 32768"); }
         r.num = num;
+        r.started = r.kick >= 0 && r.have_addr;
       } else if (req == SET_VRING_BASE) {
         r.last_avail = r.used_idx = uint16_t(num);
       } else if (req == SET_VRING_ENABLE) {
@@ -495,6 +496,8 @@ bool Device::handle(uint32_t req, uint32_t flags, const uint8_t* p, uint32_t siz
       std::memcpy(&r.used_ua, p + 16, 8);
       std::memcpy(&r.avail_ua, p + 24, 8);
       r.have_addr = true;
+      r.started = r.kick >= 0 && r.num != 0;  // whatever order ADDR and KICK came in
+      if (!(acked_ & F_PROTOCOL)) r.enabled = r.started;
       start_worker();
       break;
     }
