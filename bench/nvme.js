@@ -219,7 +219,7 @@ async function main() {
   console.log(`bench:nvme: ${runsTotal} runs (${opts.rounds} rounds x ${workloads.length} workloads x ${opts.backends.join('/')}), ${opts.runtime} s + ${opts.ramp} s ramp each, one guest boot (limit ${timeoutS} s); load average ${load0.map((x) => x.toFixed(2)).join(' ')}`);
   let result;
   try {
-    result = await runNvmeGuest({ image: nvmeGuestImage(), workDir, controllers, nodeScript: path.join(ROOT, 'test', 'guest', 'nvme-bench.js'), args: [JSON.stringify(plan)], timeoutMs: timeoutS * 1000, kernelArgs: opts.clock === 'tsc' ? ['tsc=reliable'] : [] });
+    result = await runNvmeGuest({ image: nvmeGuestImage(), workDir, controllers, nodeScript: path.join(ROOT, 'test', 'guest', 'nvme-bench.js'), args: [JSON.stringify(plan)], timeoutMs: timeoutS * 1000, kernelArgs: opts.clock === 'tsc' ? ['tsc=reliable', 'no_timer_check'] : [] });
   } catch (err) {
     console.error(`bench:nvme: the guest run failed (run directory kept: ${workDir}):\n${err.message}`);
     process.exit(1);
