@@ -44,7 +44,10 @@ const DISKS = {
   mem: { label: 'memory', rnull: 'memory-backed null disk (--memory-backed true)', qsd: 'raw file in /dev/shm' },
 };
 
-const BACKEND_NAMES = { rnull: 'rnull', qsd: 'QSD' };
+const BACKEND_NAMES = { rnull: 'rnull', qsd: 'QSD', ceiling: 'ceiling' };
+/** The do-nothing back-end (bench/ceiling): completes every request without touching data. */
+const CEILING_DIR = path.join(__dirname, 'ceiling');
+const CEILING = path.join(CEILING_DIR, 'build', 'vhost-ceiling');
 
 const QUICK_CASES = ['null/4k-randread-qd32', 'mem/4k-randwrite-qd32'];
 
@@ -56,7 +59,8 @@ const HELP = `usage: node bench/run.js [options]        (npm run bench -- [optio
   --rounds N          interleaved rounds per case and back-end (default 3)
   --runtime SEC       measured seconds per run (default 5)
   --ramp SEC          warm-up seconds per run, not measured (default 1)
-  --backends LIST     rnull,qsd (default: both, or rnull alone if qemu-storage-daemon is missing)
+  --backends LIST     rnull,qsd (default: both, or rnull alone if qemu-storage-daemon is missing);
+                      add ceiling for the do-nothing back-end (bench/ceiling), e.g. rnull,qsd,ceiling
   --workloads LIST    comma-separated filters on case ids "<disk>/<workload>" (see --list): a full id
                       selects that case, anything else every id containing it, e.g.
                       "null/4k-randread-qd32,mem/" or "qd32" (default: all ${WORKLOADS.length * 2} cases)
@@ -147,7 +151,7 @@ function parseArgs(argv) {
     throw new Error(`--qsd-aio expects auto, ${Object.keys(QSD_FILE_MODES).join(', ')}, got "${o.qsdAio}"`);
   }
   if (o.backends !== null) {
-    for (const b of o.backends) if (!(b in BACKEND_NAMES)) throw new Error(`--backends: unknown back-end "${b}" (rnull, qsd)`);
+    for (const b of o.backends) if (!(b in BACKEND_NAMES)) throw new Error(`--backends: unknown back-end "${b}" (rnull, qsd, ceiling)`);
     if (o.backends.length === 0) throw new Error('--backends is empty');
   }
   if (o.quick) {
@@ -319,6 +323,8 @@ async function startBackend(ctx, backend, disk) {
   if (backend === 'rnull') {
     if (disk === 'mem') image = path.join(ctx.shm, `rnull-bench-${process.pid}-${n}.store`);
     [cmd, args] = pinned(o, o.backendCpu, process.execPath, rnullArgs(disk, socket, o.size, o.rnullThreads, image));
+  } else if (backend === 'ceiling') {
+    [cmd, args] = pinned(o, o.backendCpu, CEILING, ['--socket', socket, '--queues', '2', '--size', String(o.size), '--blocksize', '512', '--quiet']);
   } else {
     if (disk === 'mem') {
       image = path.join(ctx.shm, `rnull-bench-${process.pid}-${n}.img`);
@@ -475,6 +481,20 @@ function markdownTable(cases, backends) {
   return lines.join('\n');
 }
 
+/** rnull/QSD and rnull/ceiling side by side, with the ceiling's own figures. */
+function ceilingTable(cases, backends) {
+  const lines = ['| workload | disk | rnull IOPS | QSD IOPS | ceiling IOPS | rnull/QSD | rnull/ceiling | QSD/ceiling | ceiling p50 / p99.9 us | ceiling CPU us/IO |', '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|'];
+  for (const c of cases) {
+    const [r, q, z] = [c.median.rnull, backends.includes('qsd') ? c.median.qsd : null, c.median.ceiling];
+    const qz = q && z ? ratio(q.iops, z.iops) : null;
+    lines.push(
+      `| ${c.workload.label} | ${DISKS[c.disk].label} | ${r ? fmtIops(r.iops) : '–'} | ${q ? fmtIops(q.iops) : '–'} | ${z ? fmtIops(z.iops) : '–'} | ` +
+        `${fmtRatio(c.ratio.iops)} | ${fmtRatio(c.ratio.ceiling)} | ${fmtRatio(qz)} | ${z ? `${fmtUs(z.p50)} / ${fmtUs(z.p999)}` : '–'} | ${z ? fmtCpu(z.cpu_us_per_io) : '–'} |`,
+    );
+  }
+  return lines.join('\n');
+}
+
 /** The issue's targets, checked against the medians. */
 function checkTargets(byId) {
   const get = (id) => byId.get(id);
@@ -534,7 +554,7 @@ function niceMax(v) {
 
 function svgPlot(cases, backends) {
   const W = 1000;
-  const colors = { rnull: ['#9ecae1', '#4292c6', '#08519c'], qsd: ['#fdae6b', '#f16913', '#a63603'] };
+  const colors = { rnull: ['#9ecae1', '#4292c6', '#08519c'], qsd: ['#fdae6b', '#f16913', '#a63603'], ceiling: ['#d9d9d9', '#969696', '#525252'] };
   const parts = [];
   const text = (x, y, s, attrs = '') => parts.push(`<text x="${x.toFixed(1)}" y="${y.toFixed(1)}" ${attrs}>${esc(s)}</text>`);
   const line = (x1, y1, x2, y2, attrs) =>
@@ -726,6 +746,10 @@ async function main() {
     if (b.status !== 0) throw new Error('building rnull failed');
   }
   if (backends.includes('rnull') && !fs.existsSync(RNULL_MAIN)) throw new Error(`${RNULL_MAIN} is missing: run npm run build`);
+  if (backends.includes('ceiling')) {
+    const mc = spawnSync('make', ['-s', '-C', CEILING_DIR], { encoding: 'utf8', timeout: 300000 });
+    if (mc.status !== 0) throw new Error(`make -C bench/ceiling failed:\n${mc.stdout}${mc.stderr}`);
+  }
 
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'rnull-bench-'));
   cleanups.push(() => fs.rmSync(tmp, { recursive: true, force: true }));
@@ -795,7 +819,8 @@ async function main() {
       disk: c.disk,
       workload: c.workload,
       median,
-      ratio: { iops: r && q ? ratio(r.iops, q.iops) : null, cpu: r && q ? ratio(r.cpu_us_per_io, q.cpu_us_per_io) : null },
+      ratio: { iops: r && q ? ratio(r.iops, q.iops) : null, cpu: r && q ? ratio(r.cpu_us_per_io, q.cpu_us_per_io) : null,
+        ceiling: r && median.ceiling ? ratio(r.iops, median.ceiling.iops) : null },
       runs: runs.get(c.id),
     };
   });
@@ -837,6 +862,7 @@ async function main() {
   md.push(table);
   md.push('');
   md.push('Ratios are rnull / QSD: above 1 is better for rnull for IOPS, below 1 is better for rnull for CPU per I/O.');
+  if (backends.includes('ceiling')) md.push('', ceilingTable(cases, backends), '', 'rnull / ceiling: the share of the do-nothing back-end (bench/ceiling) rnull reaches.');
   if (targets.length) {
     md.push('');
     md.push('## Targets');

@@ -161,6 +161,8 @@ export interface NvmeGuestOptions {
   timeoutMs: number;
   cpus?: number;
   memoryMiB?: number;
+  /** More guest kernel arguments (e.g. "tsc=reliable": clock reads without a trap to QEMU's HPET). */
+  kernelArgs?: string[];
 }
 
 /**
@@ -176,7 +178,7 @@ export async function runNvmeGuest(o: NvmeGuestOptions): Promise<GuestRunResult>
     timeoutMs: o.timeoutMs,
     cpus: o.cpus ?? 2,
     memoryMiB: o.memoryMiB ?? 2048,
-    kernelArgs: ['intel_iommu=on', 'iommu.strict=1'],
+    kernelArgs: ['intel_iommu=on', 'iommu.strict=1', ...(o.kernelArgs ?? [])],
     iommu: true,
     extraArgs: nvmeQemuArgs(o.controllers),
   });
