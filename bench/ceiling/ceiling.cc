@@ -637,9 +637,14 @@ int main(int argc, char** argv) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (sock.size() >= sizeof(addr.sun_path)) { logf("socket path too long"); return 1; }
-  std::strcpy(addr.sun_path, sock.c_str());
-  unlink(sock.c_str());
-  if (sig_fd < 0 || lfd < 0 || bind(lfd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 || listen(lfd, 1) != 0) {
+  // Bound under a temporary name and renamed once listening: a client that sees the path never
+  // finds it refusing connections (bind makes the file appear before listen).
+  const std::string tmp = sock + ".tmp";
+  if (tmp.size() >= sizeof(addr.sun_path)) { logf("socket path too long"); return 1; }
+  std::strcpy(addr.sun_path, tmp.c_str());
+  unlink(tmp.c_str());
+  if (sig_fd < 0 || lfd < 0 || bind(lfd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 || listen(lfd, 1) != 0 ||
+      rename(tmp.c_str(), sock.c_str()) != 0) {
     logf("listening on %s: %s", sock.c_str(), std::strerror(errno));
     return 1;
   }
