@@ -879,7 +879,7 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
   private pollTick(i: number): void {
     const q = this.queues[i] as IoQueue;
     this.reap(q);
-    if (q.pair.qp.inFlight > 0) setImmediate(this.pollFns[i] as () => void);
+    if (q.pair.qp.inFlight > 0 && !this.broken) setImmediate(this.pollFns[i] as () => void);
     else q.polling = false;
   }
 
