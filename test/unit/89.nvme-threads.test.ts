@@ -26,6 +26,7 @@ import { QueuePair } from '../../drivers/nvme/queue';
 import { checkSharedController } from '../../daemon/nvme-disk';
 import { connectNvmeWorkers, type NvmeMainMessage, type NvmeWorkerMessage } from '../../daemon/nvme-thread';
 import type { NativeGuestMemory } from '../../native';
+import { vfioShareRead32, vfioShareView, vfioShareWrite32 } from '../../native/vfio';
 import type { Logger } from 'pino';
 
 const MEMORY = { regionLayout: () => [{ size: 1 << 20, firstChunk: 0, hostPageOffset: 0 }] } as unknown as NativeGuestMemory;
@@ -359,6 +360,13 @@ test('a controller that does not come back fails the worker\'s requests with IOE
   ]);
   submit(h1, 3, ReqOp.Read, 0, [[0, 512]]);
   expect(ended).toContainEqual([1, 3, BlkStatus.IoErr]);
+});
+
+test('the native shares a worker thread uses refuse ids no device registered (a freed block, a closed BAR) with an Error, never a fault', () => {
+  expect(() => vfioShareView(0xfffffff0)).toThrow(/no such VFIO memory/);
+  expect(() => vfioShareWrite32(0xfffffff0, 0x1000, 1)).toThrow(/BAR is not mapped any more/);
+  expect(() => vfioShareRead32(0xfffffff0, 0x1c)).toThrow(/BAR is not mapped any more/);
+  expect(() => vfioShareView(-1)).toThrow(/share is out of range/);
 });
 
 describe('config', () => {
