@@ -178,7 +178,13 @@ class WorkerChannel implements ThreadChannel {
     }
     this.restarts++;
     this.log.error({ thread: this.thread, err: e }, 'queue worker thread lost: its rings stop; restarting it');
-    this.worker = this.spawn();
+    try {
+      this.worker = this.spawn();
+    } catch (err) {
+      // driver nvme: its eventfds could not be duplicated (e.g. out of fds): not restarted.
+      this.stopped = err as Error;
+      this.log.error({ thread: this.thread, err }, 'queue worker thread cannot be started again; its rings cannot start');
+    }
   }
 }
 
