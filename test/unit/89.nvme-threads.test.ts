@@ -68,7 +68,7 @@ class TwoQueueFake {
   readonly queues = new Map<number, FakeQueue>();
   resets = 0;
   resetFails = false;
-  /** Which thread's doorbell function runs now (set by the test's doorbell wrappers). */
+  /** What Abort answers in CDW0 (QEMU 7.2: 1, "not aborted"). */
   abortDw0 = 1;
   readonly dev = {
     dmaMapGuest: (_m: NativeGuestMemory, region: number, iova: number): number => {
