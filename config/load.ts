@@ -210,7 +210,6 @@ function checkDriver(d: DiskConfig, raw: Record<string, unknown>, overrides: Dis
       throw new ConfigError(`${where}: ${k}: cannot be given with driver "nvme" (${why})`);
     }
   }
-  if (d.threads > 1) throw new ConfigError(`${where}: threads: driver "nvme" serves all its queues from one thread for now (threads 1), but threads is ${d.threads}`);
   if (d.nr_devices > 1) throw new ConfigError(`${where}: nr_devices: driver "nvme" serves one namespace per disk (nr_devices 1)`);
   if (d.shared_tags) throw new ConfigError(`${where}: shared_tags: not supported with driver "nvme" yet`);
   // The default num_queues (the host's CPUs) is for disks whose unstarted queues cost nothing;
@@ -218,6 +217,9 @@ function checkDriver(d: DiskConfig, raw: Record<string, unknown>, overrides: Dis
   // controller that grants fewer refuses to start), so it keeps 1 unless num_queues is given.
   const given = (k: 'num_queues' | 'submit_queues'): boolean => raw[k] !== undefined || overrides[k] !== undefined;
   if (!given('num_queues') && !given('submit_queues')) d.num_queues = 1;
+  if (d.threads > d.num_queues) {
+    throw new ConfigError(`${where}: threads ${d.threads} exceeds num_queues ${d.num_queues} (driver "nvme" has 1 queue unless num_queues is given): each thread serves at least one hardware queue`);
+  }
   // The default serial of an NVMe disk is the controller's serial and the nsid (set at open).
   if (raw.serial === undefined && overrides.serial === undefined) d.serial = '';
 }

@@ -95,6 +95,9 @@ export function checkSharedController(configs: readonly DiskConfig[]): void {
   if (first === undefined) return;
   const nsids = new Set<number>();
   for (const c of configs) {
+    if (configs.length > 1 && c.threads > 1) {
+      throw new NvmeSetupError(`disk "${c.name}": threads ${c.threads}: the namespaces of controller ${c.pci} (disks ${configs.map((x) => `"${x.name}"`).join(', ')}) share one set of queue pairs served from one thread; give each of them threads 1, or serve one namespace of this controller`);
+    }
     if (c.pci !== first.pci) throw new NvmeSetupError(`disks "${first.name}" and "${c.name}" name different controllers (${first.pci}, ${c.pci})`);
     if (nsids.has(c.nsid)) throw new NvmeSetupError(`disk "${c.name}": namespace ${c.nsid} of ${c.pci} is served by another disk already; give each disk its own nsid`);
     nsids.add(c.nsid);
@@ -142,7 +145,9 @@ export async function openNvmeDisks(configs: readonly DiskConfig[], log: Logger)
       namespaces.push({ nsid: config.nsid, namespace: ns });
     }
     const entries = Math.min(controller.cap.maxQueueEntries, 1024);
-    const nvme = await NvmeDriver.open({ controller, namespaces, queues: first.num_queues, entries, poll: first.nvme_poll, log: clog });
+    // threads > 1: this (main) thread serves hardware queues i with i mod threads = 0 (daemon/nvme-thread.ts).
+    const served = first.threads > 1 ? (i: number): boolean => i % first.threads === 0 : undefined;
+    const nvme = await NvmeDriver.open({ controller, namespaces, queues: first.num_queues, entries, poll: first.nvme_poll, log: clog, served });
     const tagSet = new TagSet({ nrHwQueues: first.num_queues, queueDepth: first.hw_queue_depth });
     const group = { open: configs.length };
     return configs.map((config, i) => {

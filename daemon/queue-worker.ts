@@ -14,6 +14,7 @@ import { InflightRegion } from '../virtqueue/inflight-region';
 import { logUnhandledRejections, StdoutLog } from './logging';
 import { logStream } from './log-format';
 import { buildNullDisk } from './null-disk';
+import { buildNvmeWorkerDisk, type NvmeWorkerMessage } from './nvme-thread';
 import type { QueueWorkerData } from './queue-workers';
 
 const data = workerData as QueueWorkerData;
@@ -23,7 +24,11 @@ const log = pino({ level: data.logLevel, base: { pid: process.pid, thread: data.
   disk: data.config.name,
 });
 logUnhandledRejections(log);
-const { disk, driver } = buildNullDisk(data.config, log, { storeId: data.storeId ?? undefined });
+const port = parentPort;
+if (port === null) throw new Error('queue-worker.ts runs as a worker thread');
+// driver nvme: the main thread's queue pairs (daemon/nvme-thread.ts); else the null disk.
+const nvme = data.nvme === undefined ? null : buildNvmeWorkerDisk(data.config, data.nvme, data.thread, log, (m) => port.postMessage({ driver: m }));
+const { disk, driver } = nvme !== null ? { disk: nvme.disk, driver: null } : buildNullDisk(data.config, log, { storeId: data.storeId ?? undefined });
 
 /** The queues of this thread. The fds they use are lent by the main thread, which closes them. */
 interface Served {
@@ -92,15 +97,17 @@ async function handle(m: ThreadRequest): Promise<unknown> {
       return queueOf(m.queue).queue.stop();
     case 'snapshot':
       return queueOf(m.queue).queue.snapshot(data.thread);
+    case 'driver':
+      if (nvme === null) throw new Error('this disk\'s driver takes no messages');
+      return nvme.handle(m.msg as NvmeWorkerMessage);
     case 'badblocks':
+      if (driver === null) throw new Error('this disk has no bad-block list');
       driver.badblocks.remove(0, Number.MAX_SAFE_INTEGER);
       for (const [start, end] of m.ranges) driver.badblocks.add(start, end);
       return undefined;
   }
 }
 
-const port = parentPort;
-if (port === null) throw new Error('queue-worker.ts runs as a worker thread');
 port.on('message', (m: ThreadRequest & { id: number }) => {
   handle(m).then(
     (value) => port.postMessage({ id: m.id, ok: true, value } satisfies ThreadReply),

@@ -23,6 +23,7 @@ import { RemoteQueue } from '../vhost/remote-queue';
 import type { QueueThreads } from '../vhost/queue-threads';
 import type { RingQueue } from '../virtqueue/ring-queue';
 import type { ThreadChannel, ThreadReply, ThreadRequest, ThreadResults } from '../vhost/thread-messages';
+import type { NvmeWorkerGroup, NvmeWorkerMessage, NvmeWorkerSetup } from './nvme-thread';
 
 /** What a worker is started with (workerData). */
 export interface QueueWorkerData {
@@ -35,6 +36,8 @@ export interface QueueWorkerData {
   logLevel: string;
   /** How log lines look (daemon/log-format.ts); absent: JSON. */
   logFormat?: LogFormat;
+  /** driver nvme: the controller's queue pairs (daemon/nvme-thread.ts); the eventfds lent per spawn. */
+  nvme?: NvmeWorkerSetup;
 }
 
 /** The compiled worker script (under ts-jest, this file is .ts: use the build in dist/). */
@@ -90,12 +93,20 @@ class WorkerChannel implements ThreadChannel {
     private readonly data: QueueWorkerData,
     private readonly log: Logger,
     private readonly onLost: (error: Error) => void,
+    private readonly onDriverMessage: (thread: number, msg: unknown) => void = () => undefined,
   ) {
     this.worker = this.spawn();
   }
 
   private spawn(): Worker {
-    const w = new Worker(workerScript(), { workerData: this.data, stdout: false, stderr: false });
+    // driver nvme: each incarnation gets its own duplicates of its queue pairs' MSI-X eventfds.
+    const nvme = this.data.nvme;
+    const lent = nvme === undefined ? [] : dupAll(nvme.eventfds.filter((fd, i) => fd >= 0 && i % this.data.config.threads === this.thread));
+    let next = 0;
+    const workerData: QueueWorkerData =
+      nvme === undefined ? this.data : { ...this.data, nvme: { ...nvme, eventfds: nvme.eventfds.map((fd, i) => (fd >= 0 && i % this.data.config.threads === this.thread ? (lent[next++] as number) : -1)) } };
+    const w = new Worker(workerScript(), { workerData, stdout: false, stderr: false });
+    for (const fd of lent) this.lentTo.set(fd, w);
     // Once the thread is gone, nothing uses what it was lent: close it (thread-messages.ts).
     w.on('exit', () => {
       for (const [fd, to] of this.lentTo) {
@@ -104,7 +115,11 @@ class WorkerChannel implements ThreadChannel {
         closeFd(fd);
       }
     });
-    w.on('message', (r: ThreadReply) => {
+    w.on('message', (r: ThreadReply | { driver: unknown }) => {
+      if ('driver' in r) {
+        if (w === this.worker) this.onDriverMessage(this.thread, r.driver);
+        return;
+      }
       const p = this.pending.get(r.id);
       if (p === undefined) return;
       this.pending.delete(r.id);
@@ -163,27 +178,61 @@ class WorkerChannel implements ThreadChannel {
     }
     this.restarts++;
     this.log.error({ thread: this.thread, err: e }, 'queue worker thread lost: its rings stop; restarting it');
-    this.worker = this.spawn();
+    try {
+      this.worker = this.spawn();
+    } catch (err) {
+      // driver nvme: its eventfds could not be duplicated (e.g. out of fds): not restarted.
+      this.stopped = err as Error;
+      this.log.error({ thread: this.thread, err }, 'queue worker thread cannot be started again; its rings cannot start');
+    }
   }
 }
 
-export class QueueWorkers implements QueueThreads {
+export class QueueWorkers implements QueueThreads, NvmeWorkerGroup {
   /** Channels to threads 1..threads-1 (index t - 1). */
   private readonly channels: WorkerChannel[] = [];
   private lostHandler: (error: Error) => void = () => undefined;
+  private driverLostHandler: (error: Error) => void = () => undefined;
+  private driverMessageHandler: (thread: number, msg: unknown) => void = () => undefined;
 
-  /** Starts `config.threads - 1` worker threads. */
+  /** Starts `config.threads - 1` worker threads (driver nvme: serving the queue pairs of `nvme`). */
   constructor(
     private readonly config: DiskConfig,
     storeId: number | null,
     log: Logger,
+    nvme?: NvmeWorkerSetup,
   ) {
     for (let t = 1; t < config.threads; t++) {
       const queues: number[] = [];
       for (let q = t; q < config.num_queues; q += config.threads) queues.push(q);
-      const data = { config, storeId, thread: t, queues, logLevel: log.level, logFormat: processLogFormat() };
-      this.channels.push(new WorkerChannel(t, data, log, (e) => this.lostHandler(e)));
+      const data = { config, storeId, thread: t, queues, logLevel: log.level, logFormat: processLogFormat(), nvme };
+      this.channels.push(
+        new WorkerChannel(
+          t,
+          data,
+          log,
+          (e) => {
+            this.lostHandler(e);
+            this.driverLostHandler(e);
+          },
+          (thread, msg) => this.driverMessageHandler(thread, msg),
+        ),
+      );
     }
+  }
+
+  /** Sends `msg` to every worker's driver; resolves with each answer (undefined from a worker that failed it or was lost). */
+  async driverCall(msg: NvmeWorkerMessage): Promise<unknown[]> {
+    const r = await Promise.allSettled(this.channels.map((c) => c.call({ op: 'driver', msg })));
+    return r.map((x) => (x.status === 'fulfilled' ? x.value : undefined));
+  }
+
+  onDriverMessage(handler: (thread: number, msg: unknown) => void): void {
+    this.driverMessageHandler = handler;
+  }
+
+  onDriverLost(handler: (error: Error) => void): void {
+    this.driverLostHandler = handler;
   }
 
   remoteQueue(index: number): RingQueue | null {

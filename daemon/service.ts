@@ -12,6 +12,7 @@ import type { ManagedDisk } from './management/managed-disk';
 import { ManagementServer } from './management/server';
 import { buildNullDisk, closeNullDisk } from './null-disk';
 import { closeNvmeDisk, openNvmeDisk, openNvmeDisks, type NvmeDisk } from './nvme-disk';
+import { connectNvmeWorkers, nvmeWorkerSetup } from './nvme-thread';
 import { QueueWorkers } from './queue-workers';
 import { VhostUserBlkDevice } from '../vhost/blk-device';
 import { VhostUserServer } from '../vhost/server';
@@ -51,9 +52,12 @@ export async function createNvmeDisk(config: DiskConfig, log: Logger): Promise<S
 /** The vhost-user device and server (not yet listening) of a disk opened by openNvmeDisks. */
 export function serveNvmeDisk(config: DiskConfig, nvme: NvmeDisk, log: Logger): ServedDisk {
   const dlog = log.child({ disk: config.name });
-  const device = new VhostUserBlkDevice(nvme.disk, config.num_queues, dlog, config.poll_us, null);
+  // threads > 1: hardware queue i and its queue pair on thread i mod threads (daemon/nvme-thread.ts).
+  const workers = config.threads > 1 ? new QueueWorkers(config, null, dlog, nvmeWorkerSetup(nvme)) : null;
+  if (workers !== null) connectNvmeWorkers(nvme.nvme, workers, dlog);
+  const device = new VhostUserBlkDevice(nvme.disk, config.num_queues, dlog, config.poll_us, workers);
   const server = new VhostUserServer(config.socket, device, dlog, { mode: config.socket_mode, group: config.socket_group });
-  return { config, disk: nvme.disk, driver: nvme.driver, nvme, device, server, workers: null };
+  return { config, disk: nvme.disk, driver: nvme.driver, nvme, device, server, workers };
 }
 
 /**

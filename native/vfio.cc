@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "errors.h"
@@ -58,6 +60,132 @@ bool ArgU64(const Napi::CallbackInfo& info, size_t i, const char* name, uint64_t
   return true;
 }
 
+// Process-wide shares: memory a VfioDevice owns (DMA blocks, BARs) that queue worker threads use
+// by id. Leaked on purpose: no destructor runs at exit while a worker may still use them.
+struct Share {
+  uint8_t* base;
+  uint64_t size;
+  uint32_t views;  // live ArrayBuffer views in worker threads
+  bool ownerGone;  // the device let go: unmapped when the last view goes
+};
+std::mutex& ShareMu() {
+  static std::mutex* m = new std::mutex();
+  return *m;
+}
+std::map<uint32_t, Share>& Shares() {
+  static std::map<uint32_t, Share>* s = new std::map<uint32_t, Share>();
+  return *s;
+}
+uint32_t gNextShare = 1;  // under ShareMu
+
+uint32_t ShareAdd(uint8_t* base, uint64_t size) {
+  std::lock_guard<std::mutex> lock(ShareMu());
+  uint32_t id = gNextShare++;
+  Shares()[id] = Share{base, size, 0, false};
+  return id;
+}
+
+// The owner lets go of its memory: unmapped now, or by the last view's finalizer.
+void ShareDrop(uint32_t id, uint8_t* base, uint64_t size) {
+  {
+    std::lock_guard<std::mutex> lock(ShareMu());
+    auto it = Shares().find(id);
+    if (it != Shares().end()) {
+      if (it->second.views > 0) {
+        it->second.ownerGone = true;
+        return;
+      }
+      Shares().erase(it);
+    }
+  }
+  munmap(base, size);
+}
+
+void ShareViewGone(napi_env, void*, void* hint) {
+  uint32_t id = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(hint));
+  uint8_t* base = nullptr;
+  uint64_t size = 0;
+  {
+    std::lock_guard<std::mutex> lock(ShareMu());
+    auto it = Shares().find(id);
+    if (it == Shares().end()) return;
+    if (--it->second.views > 0 || !it->second.ownerGone) return;
+    base = it->second.base;
+    size = it->second.size;
+    Shares().erase(it);
+  }
+  munmap(base, size);
+}
+
+// vfioShareView(share) -> ArrayBuffer over a DMA block of any thread's VfioDevice: the same
+// memory (the device sees what is written there). The memory stays mapped while the view lives.
+// Error if the block was freed.
+Napi::Value ShareView(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t id;
+  if (!ArgU64(info, 0, "share", 0xffffffffu, &id)) return Napi::Value();
+  uint8_t* base = nullptr;
+  uint64_t size = 0;
+  {
+    std::lock_guard<std::mutex> lock(ShareMu());
+    auto it = Shares().find(static_cast<uint32_t>(id));
+    if (it != Shares().end() && !it->second.ownerGone) {
+      it->second.views++;
+      base = it->second.base;
+      size = it->second.size;
+    }
+  }
+  if (base == nullptr) {
+    ThrowError(env, "vfioShareView: no such VFIO memory (freed, or the device closed)");
+    return Napi::Value();
+  }
+  napi_value ab;
+  napi_status st = napi_create_external_arraybuffer(env, base, size, ShareViewGone, reinterpret_cast<void*>(static_cast<uintptr_t>(id)), &ab);
+  if (st != napi_ok) {
+    ShareViewGone(env, nullptr, reinterpret_cast<void*>(static_cast<uintptr_t>(id)));
+    ThrowError(env, "vfioShareView: cannot create the ArrayBuffer");
+    return Napi::Value();
+  }
+  return Napi::Value(env, ab);
+}
+
+// One 32-bit MMIO access through a BAR share, under the registry lock (the BAR cannot be
+// unmapped meanwhile). A store comes after a full fence (earlier DMA-memory stores first).
+Napi::Value ShareMmio(const Napi::CallbackInfo& info, bool write) {
+  Napi::Env env = info.Env();
+  uint64_t id, off, v = 0;
+  if (!ArgU64(info, 0, "share", 0xffffffffu, &id) || !ArgU64(info, 1, "MMIO offset", 0xffffffffu, &off)) return Napi::Value();
+  if (write && !ArgU64(info, 2, "value", 0xffffffffu, &v)) return Napi::Value();
+  int problem = 0;
+  {
+    std::lock_guard<std::mutex> lock(ShareMu());
+    auto it = Shares().find(static_cast<uint32_t>(id));
+    if (it == Shares().end() || it->second.ownerGone) {
+      problem = 1;
+    } else if (off % 4 != 0 || off + 4 > it->second.size) {
+      problem = 2;
+    } else if (write) {
+      __atomic_thread_fence(__ATOMIC_SEQ_CST);
+      *reinterpret_cast<volatile uint32_t*>(it->second.base + off) = static_cast<uint32_t>(v);
+    } else {
+      v = *reinterpret_cast<volatile uint32_t*>(it->second.base + off);
+      __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    }
+  }
+  if (problem == 1) {
+    ThrowError(env, "VFIO MMIO: the BAR is not mapped any more (device closed)");
+    return Napi::Value();
+  }
+  if (problem == 2) {
+    ThrowRangeError(env, "MMIO offset is unaligned or outside the BAR");
+    return Napi::Value();
+  }
+  return write ? env.Undefined() : Napi::Number::New(env, static_cast<double>(v));
+}
+
+Napi::Value ShareRead32(const Napi::CallbackInfo& info) { return ShareMmio(info, false); }
+Napi::Value ShareWrite32(const Napi::CallbackInfo& info) { return ShareMmio(info, true); }
+
 }  // namespace
 
 void VfioDevice::Init(Napi::Env env, Napi::Object exports) {
@@ -68,6 +196,7 @@ void VfioDevice::Init(Napi::Env env, Napi::Object exports) {
                                      InstanceMethod<&VfioDevice::RegionInfo>("regionInfo"),
                                      InstanceMethod<&VfioDevice::IrqCount>("irqCount"),
                                      InstanceMethod<&VfioDevice::MapBar>("mapBar"),
+                                     InstanceMethod<&VfioDevice::BarShare>("barShare"),
                                      InstanceMethod<&VfioDevice::Read32>("read32"),
                                      InstanceMethod<&VfioDevice::Write32>("write32"),
                                      InstanceMethod<&VfioDevice::Read64>("read64"),
@@ -91,6 +220,9 @@ void VfioDevice::Init(Napi::Env env, Napi::Object exports) {
   consts.Set("CONFIG_REGION_INDEX", Napi::Number::New(env, VFIO_PCI_CONFIG_REGION_INDEX));
   exports.Set("vfioConstants", consts);
   exports.Set("VfioDevice", f);
+  exports.Set("vfioShareView", Napi::Function::New(env, ShareView, "vfioShareView"));
+  exports.Set("vfioShareRead32", Napi::Function::New(env, ShareRead32, "vfioShareRead32"));
+  exports.Set("vfioShareWrite32", Napi::Function::New(env, ShareWrite32, "vfioShareWrite32"));
 }
 
 // new VfioDevice(groupPath, bdf): opens /dev/vfio/vfio, the group (e.g. "/dev/vfio/7") and the
@@ -352,7 +484,21 @@ Napi::Value VfioDevice::MapBar(const Napi::CallbackInfo& info) {
   }
   bar.base = static_cast<uint8_t*>(p);
   bar.size = r.size;
+  bar.share = ShareAdd(bar.base, bar.size);
   return Napi::Number::New(env, static_cast<double>(bar.size));
+}
+
+// barShare(index) -> the process-wide share id of mapped BAR `index` (vfioShareRead32/Write32).
+Napi::Value VfioDevice::BarShare(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!CheckOpen(env)) return Napi::Value();
+  uint64_t index;
+  if (!ArgU64(info, 0, "BAR index", kNumBars - 1, &index)) return Napi::Value();
+  if (bars_[index].base == nullptr) {
+    ThrowError(env, "BAR is not mapped (call mapBar first)");
+    return Napi::Value();
+  }
+  return Napi::Number::New(env, bars_[index].share);
 }
 
 uint8_t* VfioDevice::MmioAddr(const Napi::CallbackInfo& info, uint32_t width) {
@@ -505,10 +651,12 @@ Napi::Value VfioDevice::DmaAlloc(const Napi::CallbackInfo& info) {
   DmaBlock& b = blocks_[id];
   b.host = static_cast<uint8_t*>(p);
   b.size = size;
+  b.share = ShareAdd(b.host, size);
   Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, p, size);
   b.buffer = Napi::Persistent(ab);
   Napi::Object o = Napi::Object::New(env);
   o.Set("id", Napi::Number::New(env, id));
+  o.Set("share", Napi::Number::New(env, b.share));
   o.Set("buffer", ab);
   return o;
 }
@@ -590,7 +738,7 @@ void VfioDevice::FreeBlock(DmaBlock* b) {
     if (!ab.IsEmpty() && !ab.IsDetached()) ab.Detach();
     b->buffer.Reset();
   }
-  if (b->host != nullptr) munmap(b->host, b->size);
+  if (b->host != nullptr) ShareDrop(b->share, b->host, b->size);  // munmap, now or after the last view
   b->host = nullptr;
 }
 
@@ -719,7 +867,7 @@ void VfioDevice::CloseAll() {
   }
   blocks_.clear();
   for (VfioBar& bar : bars_) {
-    if (bar.base != nullptr) munmap(bar.base, bar.size);
+    if (bar.base != nullptr) ShareDrop(bar.share, bar.base, bar.size);
     bar.base = nullptr;
     bar.size = 0;
   }

@@ -12,6 +12,11 @@
 // - every BAR in bars_ is mapped for its whole region size;
 // - a DmaBlock's ArrayBuffer is detached before its memory is unmapped, so JS can never touch
 //   freed memory; a mapped block is unmapped from the IOMMU before its memory is freed;
+// - DMA blocks and BARs are also registered as process-wide shares (by id) that worker threads
+//   reach without the device object: views of a DMA block (vfioShareView) keep its memory
+//   mapped until the last view is collected; MMIO through a share (vfioShareRead32/Write32)
+//   takes the registry lock, so a BAR is never unmapped under an access; after close() such
+//   accesses throw;
 // - close() (or the destructor) disables MSI-X, unmaps and frees every block, unmaps the BARs and
 //   closes the fds; after it every method throws.
 #pragma once
@@ -26,6 +31,7 @@ namespace rnull {
 struct VfioBar {
   uint8_t* base = nullptr;
   uint64_t size = 0;
+  uint32_t share = 0;  // process-wide share id (worker threads reach the BAR by it)
 };
 
 struct DmaBlock {
@@ -33,6 +39,7 @@ struct DmaBlock {
   uint64_t size = 0;
   bool mapped = false;
   uint64_t iova = 0;
+  uint32_t share = 0;  // process-wide share id (worker threads map views of it)
   Napi::Reference<Napi::ArrayBuffer> buffer;
 };
 
@@ -48,6 +55,7 @@ class VfioDevice : public Napi::ObjectWrap<VfioDevice> {
   Napi::Value RegionInfo(const Napi::CallbackInfo& info);
   Napi::Value IrqCount(const Napi::CallbackInfo& info);
   Napi::Value MapBar(const Napi::CallbackInfo& info);
+  Napi::Value BarShare(const Napi::CallbackInfo& info);
   Napi::Value Read32(const Napi::CallbackInfo& info);
   Napi::Value Write32(const Napi::CallbackInfo& info);
   Napi::Value Read64(const Napi::CallbackInfo& info);

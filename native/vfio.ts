@@ -39,6 +39,8 @@ export interface RegionInfo {
 export interface DmaAllocation {
   id: number;
   buffer: ArrayBuffer;
+  /** Process-wide share id: worker threads view the same memory by it (vfioShareView). */
+  share?: number;
 }
 
 export interface NativeVfioDevice {
@@ -49,6 +51,8 @@ export interface NativeVfioDevice {
   irqCount(index: number): number;
   /** mmaps BAR `index` (0..5) for its whole size; returns the size. */
   mapBar(index: number): number;
+  /** The process-wide share id of mapped BAR `index`, for MMIO from worker threads (vfioShareWrite32). */
+  barShare?(index: number): number;
   /** One 32-bit MMIO load (offset 4-aligned, inside the mapped BAR). */
   read32(bar: number, offset: number): number;
   /** One 32-bit MMIO store, after a full fence (earlier DMA-memory stores are visible first). */
@@ -83,6 +87,9 @@ export interface NativeVfioDevice {
 
 interface VfioAddon {
   VfioDevice: new (groupPath: string, bdf: string) => NativeVfioDevice;
+  vfioShareView(share: number): ArrayBuffer;
+  vfioShareRead32(share: number, offset: number): number;
+  vfioShareWrite32(share: number, offset: number, value: number): void;
   vfioConstants: { PAGE_SIZE: number; MAX_DMA_BLOCK: number; MSIX_IRQ_INDEX: number; CONFIG_REGION_INDEX: number };
 }
 
@@ -153,6 +160,26 @@ export function openVfioDevice(bdf: string, sysfs = '/sys'): NativeVfioDevice {
 export function enableBusMaster(dev: NativeVfioDevice): void {
   const cmd = dev.configRead(PCI_COMMAND, 2);
   dev.configWrite(PCI_COMMAND, 2, cmd | PCI_COMMAND_MASTER | PCI_COMMAND_MEMORY);
+}
+
+/**
+ * A view, from any thread, of a DMA block a VfioDevice allocated (DmaAllocation.share): the same
+ * memory, kept mapped while the view lives. Throws Error once the block is freed.
+ */
+export function vfioShareView(share: number): ArrayBuffer {
+  return addon.vfioShareView(share);
+}
+
+/**
+ * 32-bit MMIO on a mapped BAR from any thread, by its share id (NativeVfioDevice.barShare); a
+ * store comes after a full fence, a load before later loads. Byte offsets, 4-aligned. Throws
+ * Error once the device is closed, RangeError outside the BAR.
+ */
+export function vfioShareRead32(share: number, offset: number): number {
+  return addon.vfioShareRead32(share, offset);
+}
+export function vfioShareWrite32(share: number, offset: number, value: number): void {
+  addon.vfioShareWrite32(share, offset, value);
 }
 
 /** The raw constructor, for tests of argument checking. */

@@ -25,7 +25,9 @@ export type ThreadRequest =
   | { op: 'call'; queue: number; fd: number }
   | { op: 'stop'; queue: number }
   | { op: 'snapshot'; queue: number }
-  | { op: 'badblocks'; ranges: Array<[number, number]> };
+  | { op: 'badblocks'; ranges: Array<[number, number]> }
+  /** A message for the worker's driver (e.g. daemon/nvme-thread.ts), answered by it. */
+  | { op: 'driver'; msg: unknown };
 
 /** What each request resolves with. */
 export interface ThreadResults {
@@ -39,6 +41,7 @@ export interface ThreadResults {
   stop: number;
   snapshot: QueueSnapshot;
   badblocks: undefined;
+  driver: unknown;
 }
 
 export type ThreadReply = { id: number; ok: true; value: unknown } | { id: number; ok: false; error: string };

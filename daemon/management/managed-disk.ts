@@ -22,7 +22,7 @@ export interface ManagedDisk {
   /** Worker threads serving some of its queues (threads > 1), or null. */
   readonly workers: { setBadBlocks(ranges: [number, number][]): Promise<void> } | null;
   /** driver nvme: the driver's per-queue counters (`rnull ctl stats`), by hardware queue. */
-  readonly nvme?: { readonly nvme: { stats(): ReadonlyArray<NvmeQueueCounters>; resetController(why: string): Promise<void>; readonly broken: boolean } };
+  readonly nvme?: { readonly nvme: { stats(): ReadonlyArray<NvmeQueueCounters>; refreshStats?(): Promise<void>; resetController(why: string): Promise<void>; readonly broken: boolean } };
   /** One entry per virtqueue; each queue's counters (`rnull ctl stats`). */
   readonly device: { readonly vrings: readonly { readonly queue: { snapshot(): QueueSnapshot | Promise<QueueSnapshot> } }[] };
 }

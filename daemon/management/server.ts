@@ -192,6 +192,7 @@ export class ManagementServer {
       if (req.get_stats !== undefined) {
         const d = this.disk(req.get_stats.disk);
         const snapshots = await Promise.all(d.device.vrings.map((r) => r.queue.snapshot()));
+        await d.nvme?.nvme.refreshStats?.(); // counters of queue pairs served on worker threads
         const nvme = d.nvme?.nvme.stats();
         return {
           ok: true,

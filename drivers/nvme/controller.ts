@@ -75,6 +75,8 @@ export interface DmaRegion {
   bytes: Uint8Array;
   /** The native block id. */
   readonly id: number;
+  /** Process-wide share id (worker threads view the block by it), when the device has one. */
+  readonly share?: number;
 }
 
 /** DMA memory for one device: page-aligned blocks mapped at IOVAs from an allocator. */
@@ -104,7 +106,7 @@ export class DmaSpace {
       this.dev.dmaFree(a.id);
       throw err;
     }
-    const r: DmaRegion = { id: a.id, iova, size: bytes, bytes: new Uint8Array(a.buffer) };
+    const r: DmaRegion = { id: a.id, share: a.share, iova, size: bytes, bytes: new Uint8Array(a.buffer) };
     this.regions.add(r);
     return r;
   }
@@ -489,13 +491,13 @@ export class NvmeController {
    * and vector. MSI-X stays on throughout (QEMU 7.2 needs it on at CC.EN). Throws if the
    * controller does not come back (gone, fatal, a command failing); it is then unusable.
    */
-  async reset(whileDisabled: () => void): Promise<void> {
+  async reset(whileDisabled: () => void | Promise<void>): Promise<void> {
     this.admin.failOutstanding('controller reset');
     const cc = this.regs.read32(Reg.CC);
     this.regs.write32(Reg.CC, (cc & ~CC_EN) >>> 0);
     await this.waitReady(false, 'reset: disable');
     for (const q of this.rawQueues.values()) q.qp.resetRing(q.ring.cq.bytes);
-    whileDisabled();
+    await whileDisabled();
     this.admin.qp.resetRing(this.admin.ring.cq.bytes);
     this.write64(Reg.ASQ, this.admin.ring.sq.iova);
     this.write64(Reg.ACQ, this.admin.ring.cq.iova);

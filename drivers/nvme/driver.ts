@@ -89,6 +89,8 @@ export interface NvmeQueueStats {
 
 /** One I/O queue pair's state, shared by the namespaces' hardware queues of the same index. */
 class IoQueue {
+  /** Served by this thread (its hardware queue's requests, doorbells and completions are here). */
+  local = true;
   readonly prp: PrpBuilder;
   readonly list: Uint32Array;
   readonly listIova: number;
@@ -120,15 +122,15 @@ class IoQueue {
   constructor(
     readonly pair: IoQueuePair<number>,
     readonly lists: DmaRegion,
-    bounce: DmaRegion,
+    readonly bounceRegion: DmaRegion,
     maxBytes: number,
     namespaces: number,
   ) {
     this.prp = new PrpBuilder(maxBytes);
     this.list = new Uint32Array(lists.bytes.buffer, lists.bytes.byteOffset, lists.bytes.byteLength / 4);
     this.listIova = lists.iova;
-    this.bounce = Buffer.from(bounce.bytes.buffer, bounce.bytes.byteOffset, bounce.bytes.byteLength);
-    this.bounceIova = bounce.iova;
+    this.bounce = Buffer.from(bounceRegion.bytes.buffer, bounceRegion.bytes.byteOffset, bounceRegion.bytes.byteLength);
+    this.bounceIova = bounceRegion.iova;
     this.slotBytes = maxBytes;
     for (let i = 0; i < BOUNCE_SLOTS; i++) this.freeSlots[i] = i;
     this.cmdSlot = new Int32Array(pair.qp.capacity).fill(-1);
@@ -165,6 +167,55 @@ export interface NvmeDriverOptions {
   /** Poll the completion queues instead of waiting for MSI-X interrupts. */
   poll: boolean;
   log: LogFn;
+  /**
+   * Whether hardware queue `index` is served by this thread (default: every one). The others
+   * are served by other threads' drivers over the same queue pairs (NvmePeers / NvmeMain).
+   */
+  served?: (index: number) => boolean;
+  /** Worker thread: the main thread, which sends Aborts and resets the controller. */
+  main?: NvmeMain;
+}
+
+/**
+ * The worker threads serving some of the controller's queue pairs, as the main thread's driver
+ * (the one owning the controller) sees them. Each call reaches every worker; a worker lost
+ * meanwhile counts as done (its rings are gone with it).
+ */
+export interface NvmePeers {
+  /** Every worker stops submitting and reaping; resolves once each has. */
+  quiesce(): Promise<void>;
+  /** The controller is disabled: every worker empties its rings and requeues its requests. */
+  requeue(): Promise<void>;
+  /** The controller is back: every worker resubmits. */
+  resume(): void;
+  /** The controller did not come back: every worker fails its requests with IOERR from now on. */
+  broken(): void;
+  /** Namespace `ns` (index) has new chunk IOVAs (memory table mapped; empty: released). */
+  chunkIova(ns: number, chunkIova: Float64Array): void;
+  /** The workers' queue pair counters, by hardware queue index. */
+  stats?(): Promise<Array<[number, NvmeQueueStats & { qid: number; submitted: number; completed: number; stale: number; sqDoorbells: number; cqDoorbells: number; inFlight: number }]>>;
+}
+
+/** The main thread, as a worker thread's driver sees it (messages, no reply). */
+export interface NvmeMain {
+  /** Send Abort for command `cid` of queue `qid` (the timeout ladder's second step). */
+  abort(qid: number, cid: number, what: string): void;
+  /** Reset the controller (every thread's queues stop first). */
+  reset(why: string): void;
+}
+
+/** A queue pair created by another thread's driver, for attach(). */
+export interface AttachedQueue {
+  pair: IoQueuePair<number>;
+  lists: DmaRegion;
+  bounce: DmaRegion;
+}
+
+/** Where one queue pair's memory is (process-wide share ids), for another thread. */
+export interface SharedRegion {
+  share: number;
+  iova: number;
+  size: number;
 }
 
 /** Most namespaces one driver serves (command contexts keep the index in a byte). */
@@ -186,8 +237,15 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
   private readonly lateLogged = { done: false };
   private readonly completeFns: Array<(ref: number, status: number, dw0: number, cmdTag: number) => void> = [];
   private readonly pollFns: Array<() => void> = [];
+  private readonly served: (index: number) => boolean;
+  private readonly main: NvmeMain | undefined;
+  private peers: NvmePeers | undefined;
+  /** Worker thread: a reset was asked of the main thread and has not begun yet. */
+  private resetAsked = false;
 
   private constructor(o: NvmeDriverOptions) {
+    this.served = o.served ?? (() => true);
+    this.main = o.main;
     this.controller = o.controller;
     const mdts = o.controller.maxTransferBytes;
     this.maxTransferBytes = Math.min(mdts, PRP_LIST_ENTRIES * PRP_PAGE);
@@ -237,15 +295,59 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
         const pair = await c.createIoQueuePair<number>(i + 1, o.entries, o.poll ? 'poll' : 'interrupt');
         const lists = c.dma.alloc(pair.qp.capacity * PRP_PAGE);
         const bounce = c.dma.alloc(BOUNCE_SLOTS * d.maxTransferBytes);
-        d.queues.push(new IoQueue(pair, lists, bounce, d.maxTransferBytes, d.namespaces.length));
-        d.completeFns.push((ref, status, _dw0, cmdTag) => d.completed(i, ref, status, cmdTag));
-        d.pollFns.push(() => d.pollTick(i));
+        d.addQueue(i, { pair, lists, bounce });
       }
     } catch (err) {
       for (let i = 0; i < d.queues.length; i++) await c.deleteIoQueue(i + 1).catch(() => undefined);
       throw err;
     }
     return d;
+  }
+
+  /**
+   * A driver over queue pairs another thread's driver created (a queue worker thread): `queues`
+   * by hardware queue index, the same memory and doorbells; this driver serves those for which
+   * `o.served` says so. Controller-wide actions (Abort, reset) go to `o.main`.
+   */
+  static attach(o: NvmeDriverOptions, queues: readonly AttachedQueue[]): NvmeDriver {
+    const d = new NvmeDriver(o);
+    queues.forEach((q, i) => d.addQueue(i, q));
+    return d;
+  }
+
+  private addQueue(i: number, a: AttachedQueue): void {
+    const q = new IoQueue(a.pair, a.lists, a.bounce, this.maxTransferBytes, this.namespaces.length);
+    q.local = this.served(i);
+    this.queues.push(q);
+    this.completeFns.push((ref, status, _dw0, cmdTag) => this.completed(i, ref, status, cmdTag));
+    this.pollFns.push(() => this.pollTick(i));
+  }
+
+  /** The worker threads serving the queues this driver does not (main thread). */
+  setPeers(peers: NvmePeers): void {
+    this.peers = peers;
+  }
+
+  /** Each queue pair's memory as other threads reach it (share ids; DMA memory with shares only). */
+  sharedLayout(): Array<{ qid: number; entries: number; eventfd: number; sq: SharedRegion; cq: SharedRegion; lists: SharedRegion; bounce: SharedRegion }> {
+    const sh = (r: DmaRegion): SharedRegion => {
+      if (r.share === undefined) throw new Error('DMA memory without a share id cannot be used from another thread');
+      return { share: r.share, iova: r.iova, size: r.size };
+    };
+    return this.queues.map((q) => ({
+      qid: q.pair.qp.qid,
+      entries: q.pair.qp.entries,
+      eventfd: q.pair.eventfd ?? -1,
+      sq: sh(q.pair.ring.sq),
+      cq: sh(q.pair.ring.cq),
+      lists: sh(q.lists),
+      bounce: sh(q.bounceRegion),
+    }));
+  }
+
+  /** A namespace's chunk IOVAs changed (NvmeNamespace.memoryMapped/memoryReleased): other threads learn them. */
+  chunkIovaChanged(ns: NvmeNamespace): void {
+    this.peers?.chunkIova(ns.index, ns.chunkIova);
   }
 
   // --- Operations of the first namespace -------------------------------------------------------
@@ -279,6 +381,7 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
     const q = this.queues[hctx.index];
     const nq = ns.queues[hctx.index];
     if (q === undefined || nq === undefined) throw new RangeError(`hardware queue ${hctx.index} has no NVMe queue pair (${this.queues.length} created)`);
+    if (!q.local) throw new RangeError(`hardware queue ${hctx.index} is served by another thread`);
     if (nq.hctx === null) q.attached++;
     nq.hctx = hctx;
     if (!this.poll && q.watcher === null) {
@@ -367,9 +470,28 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
       if (cmd === undefined) return 'reset'; // waiting for a command id: nothing to abort yet
       const cid = qp.cidOf(cmd);
       q.stats.aborts++;
-      this.abortsInFlight++;
       this.log('warn', `${this.controller.bdf}: queue ${qp.qid}: namespace ${ns.nsid} request tag ${tag} timed out; sending Abort for command 0x${cid.toString(16)}`);
-      this.controller.adminCommand({ opcode: AdminOpcode.Abort, cdw10: (qp.qid | (cid << 16)) >>> 0 }, `Abort of queue ${qp.qid} command 0x${cid.toString(16)}`).then(
+      this.abort(qp.qid, cid);
+      return 'reset';
+    }
+    void this.resetController(`namespace ${ns.nsid} request tag ${tag} on queue ${q.pair.qp.qid} timed out again after its Abort`);
+    return 'reset';
+  }
+
+  /**
+   * Sends Abort for command `cid` of queue `qid` (main thread; a worker asks the main thread);
+   * an Abort that fails or answers "not aborted" resets the controller. Beyond the controller's
+   * Abort Command Limit nothing is sent (the request's next expiry resets).
+   */
+  abort(qid: number, cid: number): void {
+    if (this.main !== undefined) {
+      this.main.abort(qid, cid, `queue ${qid} command 0x${cid.toString(16)}`);
+      return;
+    }
+    if (this.resetting || this.broken || this.abortsInFlight >= (this.controller.identity.abortLimit ?? 1)) return;
+    this.abortsInFlight++;
+    {
+      this.controller.adminCommand({ opcode: AdminOpcode.Abort, cdw10: (qid | (cid << 16)) >>> 0 }, `Abort of queue ${qid} command 0x${cid.toString(16)}`).then(
         (c) => {
           this.abortsInFlight--;
           if ((c.dw0 & 1) !== 0) void this.resetController(`Abort of command 0x${cid.toString(16)} answered "not aborted"`);
@@ -379,10 +501,7 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
           void this.resetController(`Abort failed: ${err.message}`);
         },
       );
-      return 'reset';
     }
-    void this.resetController(`namespace ${ns.nsid} request tag ${tag} on queue ${q.pair.qp.qid} timed out again after its Abort`);
-    return 'reset';
   }
 
   /** A controller reset is under way: nothing is submitted or reaped. */
@@ -400,30 +519,71 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
    */
   async resetController(why: string): Promise<void> {
     if (this.resetting || this.broken) return;
+    if (this.main !== undefined) {
+      // A worker thread: the main thread owns the controller and stops every thread first.
+      if (!this.resetAsked) this.main.reset(why);
+      this.resetAsked = true;
+      return;
+    }
     this.resetting = true;
     this.log('warn', `${this.controller.bdf}: resetting the controller: ${why}`);
     try {
-      await this.controller.reset(() => this.requeueAll());
-      this.resetting = false;
-      this.rearmRequeued();
-      for (const q of this.queues) {
-        q.stats.resets++;
-        this.reap(q);
-      }
+      // Every thread's queues stop first; then, the controller disabled, each requeues its own.
+      await this.peers?.quiesce();
+      await this.controller.reset(async () => {
+        this.requeueAll();
+        await this.peers?.requeue();
+      });
+      this.resumeAfterReset();
+      this.peers?.resume();
     } catch (err) {
-      this.broken = true;
-      this.resetting = false;
       this.log('error', `${this.controller.bdf}: the controller did not come back from a reset (${(err as Error).message}); every request of its ${this.namespaces.length === 1 ? 'disk' : `${this.namespaces.length} disks (namespaces ${this.namespaces.map((n) => n.nsid).join(', ')})`} now fails with IOERR`);
-      for (const q of this.queues) q.waitCount = 0;
-      for (const ns of this.namespaces) {
-        for (const nq of ns.queues) {
-          const hctx = nq.hctx;
-          nq.waiting.fill(0);
-          if (hctx === null) continue;
-          for (let tag = 0; tag < MAX_QUEUE_SIZE; tag++) {
-            const rq = hctx.reclaim(nq.ref[tag] as number);
-            if (rq !== null) rq.end(BlkStatus.IoErr);
-          }
+      this.failAll();
+      this.peers?.broken();
+    }
+  }
+
+  // --- a worker thread's part of a controller reset (the main thread's driver drives it) ----------
+
+  /** Stop submitting and reaping: a controller reset begins. */
+  quiesce(): void {
+    this.resetting = true;
+    this.resetAsked = false;
+  }
+
+  /**
+   * The controller is disabled: this thread's rings start from empty (the queues are created
+   * again at the same memory) and every request it owns is set back to its start and queued.
+   */
+  requeueLocal(): void {
+    for (const q of this.queues) if (q.local) q.pair.qp.resetRing(q.pair.ring.cq.bytes);
+    this.requeueAll();
+  }
+
+  /** The controller is back: requeued requests get a fresh timeout and are resubmitted. */
+  resumeAfterReset(): void {
+    this.resetting = false;
+    this.rearmRequeued();
+    for (const q of this.queues) {
+      if (!q.local) continue;
+      q.stats.resets++;
+      this.reap(q);
+    }
+  }
+
+  /** The controller is gone for good: every request fails with IOERR, now and from now on. */
+  failAll(): void {
+    this.broken = true;
+    this.resetting = false;
+    for (const q of this.queues) q.waitCount = 0;
+    for (const ns of this.namespaces) {
+      for (const nq of ns.queues) {
+        const hctx = nq.hctx;
+        nq.waiting.fill(0);
+        if (hctx === null) continue;
+        for (let tag = 0; tag < MAX_QUEUE_SIZE; tag++) {
+          const rq = hctx.reclaim(nq.ref[tag] as number);
+          if (rq !== null) rq.end(BlkStatus.IoErr);
         }
       }
     }
@@ -497,8 +657,16 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
 
   /** Per-queue-pair counters with the queue pair's own (shared by every namespace on it). */
   stats(): Array<NvmeQueueStats & { qid: number; submitted: number; completed: number; stale: number; sqDoorbells: number; cqDoorbells: number; inFlight: number }> {
-    return this.queues.map((q) => ({ qid: q.pair.qp.qid, ...q.stats, ...q.pair.qp.stats, inFlight: q.pair.qp.inFlight }));
+    return this.queues.map((q, i) => this.remoteStats.get(i) ?? { qid: q.pair.qp.qid, ...q.stats, ...q.pair.qp.stats, inFlight: q.pair.qp.inFlight });
   }
+
+  /** Asks the worker threads for the counters of the queue pairs they serve (then in stats()). */
+  async refreshStats(): Promise<void> {
+    for (const [i, st] of (await this.peers?.stats?.()) ?? []) this.remoteStats.set(i, st);
+  }
+
+  /** The counters of queue pairs served on worker threads, as they last reported them (main thread). */
+  readonly remoteStats = new Map<number, ReturnType<NvmeDriver['stats']>[number]>();
 
   /** Stops the completion sources (the controller's shutdown deletes the queues). */
   close(): void {
@@ -711,7 +879,7 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
   private pollTick(i: number): void {
     const q = this.queues[i] as IoQueue;
     this.reap(q);
-    if (q.pair.qp.inFlight > 0) setImmediate(this.pollFns[i] as () => void);
+    if (q.pair.qp.inFlight > 0 && !this.broken) setImmediate(this.pollFns[i] as () => void);
     else q.polling = false;
   }
 

@@ -55,6 +55,8 @@ export interface NvmeQueueOwner {
   submitRq(ns: NvmeNamespace, rq: Request, isLast: boolean): BlkStatus;
   commitHctx(hctx: HwQueue): void;
   timeoutRq(ns: NvmeNamespace, rq: Request): 'done' | 'reset';
+  /** The namespace's chunk IOVAs changed (threads serving its other queues need them). */
+  chunkIovaChanged?(ns: NvmeNamespace): void;
 }
 
 export class NvmeNamespace implements Operations {
@@ -136,6 +138,7 @@ export class NvmeNamespace implements Operations {
     this.memory = memory;
     this.guestMaps = maps;
     this.chunkIova = chunkIova;
+    this.owner.chunkIovaChanged?.(this);
     this.owner.log('info', `namespace ${this.nsid}: guest memory mapped for DMA: ${layout.length} regions, IOVAs ${maps.map((v) => '0x' + v.toString(16)).join(', ')}`);
   }
 
@@ -154,6 +157,7 @@ export class NvmeNamespace implements Operations {
     this.guestMaps = [];
     this.chunkIova = new Float64Array(0);
     this.memory = null;
+    this.owner.chunkIovaChanged?.(this);
   }
 
   initHctx(hctx: HwQueue): void {

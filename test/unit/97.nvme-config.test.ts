@@ -31,7 +31,7 @@ describe('config: driver nvme', () => {
     [{ driver: 'nvme', pci: '0000:00:04.0', size: 64 }, /size: cannot be given with driver "nvme" \(the capacity and logical block size come from the namespace\)/],
     [{ driver: 'nvme', pci: '0000:00:04.0', blocksize: 4096 }, /blocksize: cannot be given with driver "nvme"/],
     [{ driver: 'nvme', pci: '0000:00:04.0', memory_backed: false }, /memory_backed: cannot be given with driver "nvme" \(it is a setting of the null driver\)/],
-    [{ driver: 'nvme', pci: '0000:00:04.0', num_queues: 2, threads: 2 }, /threads: driver "nvme" serves all its queues from one thread/],
+    [{ driver: 'nvme', pci: '0000:00:04.0', threads: 2 }, /threads 2 exceeds num_queues 1 \(driver "nvme" has 1 queue unless num_queues is given\)/],
     [{ driver: 'nvme', pci: '4:0' }, /PCI address like 0000:00:04.0/],
     [{ driver: 'disk' }, /driver/],
     [{ pci: '0000:00:04.0' }, /pci: applies to driver "nvme" only/],
