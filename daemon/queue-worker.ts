@@ -14,6 +14,7 @@ import { InflightRegion } from '../virtqueue/inflight-region';
 import { logUnhandledRejections, StdoutLog } from './logging';
 import { logStream } from './log-format';
 import { buildNullDisk } from './null-disk';
+import { native } from '../native';
 import type { QueueWorkerData } from './queue-workers';
 
 const data = workerData as QueueWorkerData;
@@ -23,6 +24,17 @@ const log = pino({ level: data.logLevel, base: { pid: process.pid, thread: data.
   disk: data.config.name,
 });
 logUnhandledRejections(log);
+// The disk's cpus: this thread runs on its CPU (sched_setaffinity acts on the calling thread).
+// The daemon checked the CPU at start; one gone since (hot-unplugged) leaves the thread
+// unpinned, logged, rather than without its rings.
+if (data.cpu !== undefined) {
+  try {
+    native.setThreadAffinity([data.cpu]);
+    log.debug({ cpu: data.cpu }, 'queue worker thread pinned');
+  } catch (e) {
+    log.error({ cpu: data.cpu, err: e }, 'queue worker thread could not be pinned to its CPU: it runs unpinned');
+  }
+}
 const { disk, driver } = buildNullDisk(data.config, log, { storeId: data.storeId ?? undefined });
 
 /** The queues of this thread. The fds they use are lent by the main thread, which closes them. */

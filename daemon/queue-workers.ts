@@ -35,6 +35,8 @@ export interface QueueWorkerData {
   logLevel: string;
   /** How log lines look (daemon/log-format.ts); absent: JSON. */
   logFormat?: LogFormat;
+  /** The CPU this thread pins itself to (the disk's cpus[thread]); absent: not pinned. */
+  cpu?: number;
 }
 
 /** The compiled worker script (under ts-jest, this file is .ts: use the build in dist/). */
@@ -181,7 +183,8 @@ export class QueueWorkers implements QueueThreads {
     for (let t = 1; t < config.threads; t++) {
       const queues: number[] = [];
       for (let q = t; q < config.num_queues; q += config.threads) queues.push(q);
-      const data = { config, storeId, thread: t, queues, logLevel: log.level, logFormat: processLogFormat() };
+      const cpu = config.cpus.length > t ? config.cpus[t] : undefined;
+      const data = { config, storeId, thread: t, queues, logLevel: log.level, logFormat: processLogFormat(), cpu };
       this.channels.push(new WorkerChannel(t, data, log, (e) => this.lostHandler(e)));
     }
   }
