@@ -16,7 +16,8 @@
         "native/timer.cc",
         "native/page_store.cc",
         "native/sd_notify.cc",
-        "native/socket_info.cc"
+        "native/socket_info.cc",
+        "native/affinity.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"],

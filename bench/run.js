@@ -68,8 +68,12 @@ const HELP = `usage: node bench/run.js [options]        (npm run bench -- [optio
   --backend-cpu N     core for the back-ends (default 0)
   --client-cpu N      core for the client (default 1)
   --no-pin            pin nothing
-  --rnull-threads N   rnull's --threads: 1, or 2 to serve queue 1 on a worker thread (pinned, both
-                      threads share --backend-cpu: use --no-pin to let them spread) (default 1)
+  --rnull-threads N   rnull's --threads: 1, or 2 to serve queue 1 on a worker thread (default 1).
+                      Pinned (the default), each rnull thread gets its own core through rnull's
+                      own --cpus (thread i on the i-th CPU of --rnull-cpus) instead of taskset
+                      putting every thread on --backend-cpu
+  --rnull-cpus LIST   CPUs of rnull's threads when pinned, one per thread, e.g. 0,2 (default:
+                      --backend-cpu, then --client-cpu: on 2 cores thread 1 shares the client's)
   --qsd-aio MODE      I/O mode of QSD's file disk: native (aio=native,cache.direct=on: O_DIRECT on
                       tmpfs needs Linux 6.6+), io_uring, threads, or auto (default: the first of
                       these that passes a verified write/read probe, in that order)
@@ -92,6 +96,7 @@ function parseArgs(argv) {
     backendCpu: 0,
     clientCpu: 1,
     rnullThreads: 1,
+    rnullCpus: null,
     pin: true,
     qsdAio: 'auto',
     timeoutMs: 5000,
@@ -132,6 +137,7 @@ function parseArgs(argv) {
       case '--workloads': o.workloads = String(val() ?? '').split(',').filter((s) => s !== ''); break;
       case '--size': o.size = num(a, val(), 16, 65536, true); break;
       case '--rnull-threads': o.rnullThreads = num(a, val(), 1, 2, true); break;
+      case '--rnull-cpus': o.rnullCpus = String(val() ?? '').split(',').filter((s) => s !== '').map((c) => num(a, c, 0, 1023, true)); break;
       case '--backend-cpu': o.backendCpu = num(a, val(), 0, 4095, true); break;
       case '--client-cpu': o.clientCpu = num(a, val(), 0, 4095, true); break;
       case '--no-pin': o.pin = false; break;
@@ -147,6 +153,9 @@ function parseArgs(argv) {
     }
   }
   o.cpusGiven = given.has('--backend-cpu') || given.has('--client-cpu');
+  if (o.rnullCpus !== null && o.rnullCpus.length !== o.rnullThreads) {
+    throw new Error(`--rnull-cpus gives ${o.rnullCpus.length} CPU(s) for --rnull-threads ${o.rnullThreads}: give one per thread`);
+  }
   if (!['auto', ...Object.keys(QSD_FILE_MODES)].includes(o.qsdAio)) {
     throw new Error(`--qsd-aio expects auto, ${Object.keys(QSD_FILE_MODES).join(', ')}, got "${o.qsdAio}"`);
   }
@@ -256,6 +265,16 @@ function pinned(o, cpu, cmd, args) {
   return o.pin ? ['taskset', ['-c', String(cpu), cmd, ...args]] : [cmd, args];
 }
 
+/**
+ * The CPUs rnull's threads pin themselves to (thread i on the i-th), or null when rnull is
+ * pinned as a whole by taskset (one thread) or not at all (--no-pin).
+ */
+function rnullCpus(o) {
+  if (!o.pin) return null;
+  if (o.rnullCpus !== null) return o.rnullCpus;
+  return o.rnullThreads > 1 ? [o.backendCpu, o.clientCpu] : null;
+}
+
 function haveCommand(cmd, args = ['--version']) {
   const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 10000 });
   return r.status === 0 ? (r.stdout || '').split('\n')[0].trim() : null;
@@ -322,7 +341,10 @@ async function startBackend(ctx, backend, disk) {
   let args;
   if (backend === 'rnull') {
     if (disk === 'mem') image = path.join(ctx.shm, `rnull-bench-${process.pid}-${n}.store`);
-    [cmd, args] = pinned(o, o.backendCpu, process.execPath, rnullArgs(disk, socket, o.size, o.rnullThreads, image));
+    const cpus = rnullCpus(o);
+    if (cpus === null) [cmd, args] = pinned(o, o.backendCpu, process.execPath, rnullArgs(disk, socket, o.size, o.rnullThreads, image));
+    // Each thread pins itself (rnull --cpus); taskset keeps Node's other threads on those CPUs.
+    else [cmd, args] = pinned(o, [...new Set(cpus)].join(','), process.execPath, [...rnullArgs(disk, socket, o.size, o.rnullThreads, image), '--cpus', cpus.join(',')]);
   } else if (backend === 'ceiling') {
     [cmd, args] = pinned(o, o.backendCpu, CEILING, ['--socket', socket, '--queues', '2', '--size', String(o.size), '--blocksize', '512', '--quiet']);
   } else {
@@ -842,7 +864,7 @@ async function main() {
     qsd_file_mode: backends.includes('qsd') && selected.some((c) => c.disk === 'mem') ? QSD_FILE_MODES[ctx.qsdAio] : null,
     load_average_start: loadStart,
     load_average_end: loadEnd,
-    options: { rnull_threads: o.rnullThreads, rounds: o.rounds, runtime_s: o.runtime, ramp_s: o.ramp, size_mib: o.size, pin: o.pin, backend_cpu: o.backendCpu, client_cpu: o.clientCpu,
+    options: { rnull_threads: o.rnullThreads, rnull_cpus: rnullCpus(o), rounds: o.rounds, runtime_s: o.runtime, ramp_s: o.ramp, size_mib: o.size, pin: o.pin, backend_cpu: o.backendCpu, client_cpu: o.clientCpu,
       timeout_ms: o.timeoutMs, backends, quick: o.quick },
     lifecycle: 'a fresh back-end process per run (round x case x back-end), on a fresh socket; memory-backed disks written once before the measured run',
     client: 'vhost-bench defaults: --wait call, --event-idx on, --ring-size 256 (512 for QD128), direct descriptors',

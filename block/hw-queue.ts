@@ -41,6 +41,12 @@ export class HwQueue {
   private deferredCount = 0;
   /** Requests the driver currently owns. */
   inFlight = 0;
+  /**
+   * When the queue's polling spin must end (monotonic ns; 0: no limit), kept by
+   * block/request-timer.ts: a little before its earliest deadline, so the event loop gets to
+   * the timer in time.
+   */
+  pollEndNs = 0;
 
   readonly tags: Tags;
 

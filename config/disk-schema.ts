@@ -5,6 +5,7 @@
 import convict from 'convict';
 import * as os from 'os';
 import { parseRange } from '../drivers/null/badblocks';
+import { cpuListOf } from './cpu-list';
 import { checkSocketGroup, parseSocketMode } from '../vhost/socket-options';
 
 export interface DiskConfig {
@@ -20,6 +21,8 @@ export interface DiskConfig {
   store_remove_on_exit: boolean;
   num_queues: number;
   threads: number;
+  /** CPU of each queue thread (thread i on cpus[i]); empty: not pinned. */
+  cpus: number[];
   read_only: boolean;
   serial: string;
   poll_us: number;
@@ -107,6 +110,11 @@ export const diskSchema = {
     doc: 'Threads serving the hardware queues, 1 to 64, at most num_queues: hardware queue i runs on thread i mod threads (thread 0 is the main thread, the others are worker threads), so one disk can use that many cores. Above 1, a memory-backed disk keeps its data in a store shared by the threads; cache_size, mbps, shared_tags and badblocks_once need threads 1.',
     format: 'queue-count',
     default: 1,
+  },
+  cpus: {
+    doc: 'Pin the disk\'s queue threads: thread i runs on the i-th CPU of this list, a JSON array [0, 1] or a list string "0,1" / "2-3" (as SPDK\'s reactor mask or pinned QSD iothreads). Empty (default): not pinned. Give one CPU per thread (as many as threads). Thread 0 is the main thread, which serves thread 0 of every disk: disks that give cpus must agree on its first CPU, and a disk without cpus then has its thread 0 on that CPU too. CPUs outside the daemon\'s allowed set or offline are refused at start.',
+    format: 'cpu-list',
+    default: [] as number[],
   },
   read_only: {
     doc: 'Offer the disk read-only (VIRTIO_BLK_F_RO); writes fail with IOERR.',
@@ -266,6 +274,12 @@ export function addFormats(): void {
       if (v !== null && (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 1e10)) {
         throw new Error('expected a whole number of nanoseconds from 0 to 10000000000');
       }
+    },
+  });
+  convict.addFormat({
+    name: 'cpu-list',
+    validate(v: unknown) {
+      cpuListOf(v);
     },
   });
   convict.addFormat({

@@ -8,6 +8,8 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { DEFAULT_COMPLETION_NSEC } from '../drivers/null/null-driver';
 import { addFormats, DiskConfig, diskSchema } from './disk-schema';
+import { cpuListOf } from './cpu-list';
+import { cpuConflict } from './cpu-agreement';
 import { defaultStorePath } from './store-path';
 
 export class ConfigError extends Error {
@@ -87,6 +89,8 @@ export function loadConfig(file: string | undefined, overrides: DiskOverrides, l
     if (sockets.has(abs)) throw new ConfigError(`${where}: disks[${i}].socket: ${d.socket} is used by another disk`);
     sockets.add(abs);
   }
+  const conflict = cpuConflict(out);
+  if (conflict !== null) throw new ConfigError(`${where}: cpus: ${conflict}`);
   resolveStores(out, where);
   return { log_level: top.get('log_level') as string, management_socket: top.get('management_socket') as string, disks: out };
 }
@@ -161,6 +165,10 @@ function loadDisk(raw: unknown, overrides: DiskOverrides, where: string): DiskCo
     throw new ConfigError(
       `${where}: completion_nsec: ${d.completion_nsec ?? DEFAULT_COMPLETION_NSEC} ns is not below io_timeout ${d.io_timeout} ms: every request would time out before it completes`,
     );
+  }
+  d.cpus = cpuListOf(d.cpus);
+  if (d.cpus.length > 0 && d.cpus.length !== d.threads) {
+    throw new ConfigError(`${where}: cpus: gives ${d.cpus.length} CPU(s) for ${d.threads} thread(s): give one CPU per queue thread (thread i on the i-th)`);
   }
   checkThreads(d, where);
   checkDriver(d, raw as Record<string, unknown>, overrides, where);

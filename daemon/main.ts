@@ -24,6 +24,8 @@ import { LiveLogLevel } from './log-level';
 import { adoptPassedSocket, PassedSocketError } from './passed-socket';
 import { probeQemuVersion, reconnectOption } from './qemu-version';
 import { Reloader } from './reload';
+import { pinMainThread, unusableCpus } from './cpu-pinning';
+import { parseCpuList } from '../config/cpu-list';
 import { ServiceNotifier } from './sd-notify';
 
 /** Exit status of a usage or configuration error (systemd's unit says RestartPreventExitStatus=2). */
@@ -58,6 +60,15 @@ function int(name: string) {
   };
 }
 
+/** --cpus: a CPU list ("0,1", "2-3"). */
+function cpuList(v: string): number[] {
+  try {
+    return parseCpuList(v);
+  } catch (e) {
+    throw new InvalidArgumentError(`--cpus: ${(e as Error).message}`);
+  }
+}
+
 function bool(v: string): boolean {
   if (v === 'true' || v === '1') return true;
   if (v === 'false' || v === '0') return false;
@@ -84,6 +95,7 @@ function buildCli(run: (o: CliOptions) => Promise<void>): Command {
     .option('--store-remove-on-exit <bool>', 'memory-backed: remove the store on SIGTERM/SIGINT (default false: kept for the next start)', bool)
     .option('--num-queues <n>', 'largest number of virtqueues (default: the host\'s CPUs, at most 64)', int('--num-queues'))
     .option('--threads <n>', 'threads serving the hardware queues, at most --num-queues (default 1)', int('--threads'))
+    .option('--cpus <list>', 'pin queue thread i to the i-th CPU of this list, e.g. 0,1 or 2-3; one CPU per thread (default: not pinned)', cpuList)
     .option('--read-only [bool]', 'offer the disk read-only; alone: true (default false)', bool)
     .addOption(new Option('--irqmode <mode>', 'completion mode: 0 none, 1 softirq, 2 timer (default 0)').choices(['0', '1', '2']).argParser(Number))
     .option('--completion-nsec <ns>', 'timer mode: ns from start to completion (default 10000)', int('--completion-nsec'))
@@ -148,6 +160,7 @@ export interface CliOptions {
   storeRemoveOnExit?: boolean;
   numQueues?: number;
   threads?: number;
+  cpus?: number[];
   readOnly?: boolean;
   serial?: string;
   pollUs?: number;
@@ -218,6 +231,11 @@ async function runDaemon(o: CliOptions): Promise<void> {
       if (passed.path !== '' && !passed.path.startsWith('@')) overrides.socket = passed.path;
     }
     config = load();
+    // Queue threads' CPUs must exist for this daemon; the main thread (thread 0 of every disk)
+    // pins itself now, before any other thread starts (those inherit it, then pin their own).
+    const unusable = unusableCpus(config.disks);
+    if (unusable !== null) throw new ConfigError(`${o.config ?? 'command line'}: ${unusable}`);
+    pinMainThread(config.disks);
   } catch (e) {
     if (e instanceof ConfigError) {
       process.stderr.write(`rnull: ${e.message}\n`);
@@ -317,7 +335,7 @@ async function runDaemon(o: CliOptions): Promise<void> {
       continue;
     }
     log.info(
-      { disk: d.config.name, socket: d.config.socket, sizeMiB: d.config.size, blocksize: d.config.blocksize, memoryBacked: d.config.memory_backed, store: d.config.store || undefined, numQueues: d.config.num_queues, threads: d.config.threads, irqmode: d.config.irqmode },
+      { disk: d.config.name, socket: d.config.socket, sizeMiB: d.config.size, blocksize: d.config.blocksize, memoryBacked: d.config.memory_backed, store: d.config.store || undefined, numQueues: d.config.num_queues, threads: d.config.threads, cpus: d.config.cpus.length > 0 ? d.config.cpus : undefined, irqmode: d.config.irqmode },
       'serving null disk',
     );
   }

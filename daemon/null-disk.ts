@@ -56,6 +56,8 @@ export function buildNullDisk(config: DiskConfig, log: Logger, options: NullDisk
     cacheBytes: config.cache_size * 1048576,
     irqmode: config.irqmode as IrqMode,
     completionNsec: config.completion_nsec ?? undefined,
+    // Timer deadlines closer than the poll budget are spun to, not slept toward (request-timer.ts).
+    timerSpinNs: config.poll_us * 1000,
     onLateCompletion: (hctx, tag) => {
       if (lateLogged) return;
       lateLogged = true;

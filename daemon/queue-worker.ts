@@ -15,6 +15,7 @@ import { logUnhandledRejections, StdoutLog } from './logging';
 import { logStream } from './log-format';
 import { buildNullDisk } from './null-disk';
 import { buildNvmeWorkerDisk, type NvmeWorkerMessage } from './nvme-thread';
+import { native } from '../native';
 import type { QueueWorkerData } from './queue-workers';
 
 const data = workerData as QueueWorkerData;
@@ -24,6 +25,17 @@ const log = pino({ level: data.logLevel, base: { pid: process.pid, thread: data.
   disk: data.config.name,
 });
 logUnhandledRejections(log);
+// The disk's cpus: this thread runs on its CPU (sched_setaffinity acts on the calling thread).
+// The daemon checked the CPU at start; one gone since (hot-unplugged) leaves the thread
+// unpinned, logged, rather than without its rings.
+if (data.cpu !== undefined) {
+  try {
+    native.setThreadAffinity([data.cpu]);
+    log.debug({ cpu: data.cpu }, 'queue worker thread pinned');
+  } catch (e) {
+    log.error({ cpu: data.cpu, err: e }, 'queue worker thread could not be pinned to its CPU: it runs unpinned');
+  }
+}
 const port = parentPort;
 if (port === null) throw new Error('queue-worker.ts runs as a worker thread');
 // driver nvme: the main thread's queue pairs (daemon/nvme-thread.ts); else the null disk.

@@ -38,6 +38,8 @@ export interface QueueWorkerData {
   logFormat?: LogFormat;
   /** driver nvme: the controller's queue pairs (daemon/nvme-thread.ts); the eventfds lent per spawn. */
   nvme?: NvmeWorkerSetup;
+  /** The CPU this thread pins itself to (the disk's cpus[thread]); absent: not pinned. */
+  cpu?: number;
 }
 
 /** The compiled worker script (under ts-jest, this file is .ts: use the build in dist/). */
@@ -205,7 +207,8 @@ export class QueueWorkers implements QueueThreads, NvmeWorkerGroup {
     for (let t = 1; t < config.threads; t++) {
       const queues: number[] = [];
       for (let q = t; q < config.num_queues; q += config.threads) queues.push(q);
-      const data = { config, storeId, thread: t, queues, logLevel: log.level, logFormat: processLogFormat(), nvme };
+      const cpu = config.cpus.length > t ? config.cpus[t] : undefined;
+      const data = { config, storeId, thread: t, queues, logLevel: log.level, logFormat: processLogFormat(), nvme, cpu };
       this.channels.push(
         new WorkerChannel(
           t,

@@ -4,6 +4,7 @@
 // worker threads share (JavaScript has no shared mutable map). Everything else lives in TypeScript (src/).
 #include <napi.h>
 
+#include "affinity.h"
 #include "errors.h"
 #include "fd_ops.h"
 #include "fd_watcher.h"
@@ -43,6 +44,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   VfioDevice::Init(env, exports);
   InitSdNotify(env, exports);
   InitSocketInfo(env, exports);
+  InitAffinity(env, exports);
   return exports;
 }
 

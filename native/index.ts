@@ -43,7 +43,11 @@ export interface VirtqueueConfig {
   batch: Uint32Array;
   /** size * 2 words: [head, bytesWritten] per used element to publish. */
   used: Uint32Array;
-  /** Optional: [monotonic ns at the last pop, used elements published by the last pop(n)]. */
+  /**
+   * Optional: [monotonic ns at the last pop, used elements published by the last pop(n)], and
+   * optionally [2]: written by the caller, the polling spin of pop() ends by this monotonic ns
+   * (0: no limit), e.g. when a request timer is due; such a cut spin keeps the budget.
+   */
   info?: Float64Array;
   /** A batch ends after the chain that brings its buffers to this many bytes (0: no limit). */
   batchBytes?: number;
@@ -257,6 +261,21 @@ interface NativeAddon {
   PageStore: new (specOrId?: PageStoreSpec | number) => NativePageStore;
   /** CLOCK_MONOTONIC in nanoseconds. */
   monotonicNs(): number;
+  /**
+   * Busy-waits (CPU pause loop, no syscall but clock_gettime) until CLOCK_MONOTONIC reaches
+   * `deadlineNs`, or `maxNs` nanoseconds have passed, whichever comes first; returns the time
+   * then (monotonicNs() units). For deadlines too close for a timerfd wake-up (native/timer.cc).
+   * RangeError for a negative or non-finite maxNs, or one above 1e9 (1 s).
+   */
+  spinUntil(deadlineNs: number, maxNs: number): number;
+  /**
+   * Pins the calling thread (pid 0 of sched_setaffinity: this thread only, not the process) to
+   * these CPU numbers (0-1023). RangeError for an empty list or a bad number; SyscallError
+   * (EINVAL) when none of them is allowed to the thread or online (native/affinity.cc).
+   */
+  setThreadAffinity(cpus: number[]): void;
+  /** The CPUs the calling thread may run on, ascending (sched_getaffinity of this thread). */
+  threadAffinity(): number[];
   /**
    * Sends `message` as one datagram to the unix datagram socket `address` (a path, or '@name'
    * for an abstract socket, as $NOTIFY_SOCKET writes it), without waiting (native/sd_notify.cc).

@@ -10,11 +10,41 @@
 namespace rnull {
 
 namespace {
-// monotonicNs(): CLOCK_MONOTONIC in nanoseconds, as a double (exact for 104 days of uptime).
-Napi::Value MonotonicNs(const Napi::CallbackInfo& info) {
+double NowNs() {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
-  return Napi::Number::New(info.Env(), static_cast<double>(ts.tv_sec) * 1e9 + static_cast<double>(ts.tv_nsec));
+  return static_cast<double>(ts.tv_sec) * 1e9 + static_cast<double>(ts.tv_nsec);
+}
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
+
+// monotonicNs(): CLOCK_MONOTONIC in nanoseconds, as a double (exact for 104 days of uptime).
+Napi::Value MonotonicNs(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), NowNs()); }
+
+// spinUntil(deadlineNs, maxNs): busy-waits until CLOCK_MONOTONIC reaches deadlineNs or maxNs
+// have passed, whichever is first, and returns the time then. The caller bounds maxNs by its
+// poll budget (block/request-timer.ts): this never sleeps, so the thread is busy meanwhile.
+Napi::Value SpinUntil(const Napi::CallbackInfo& info) {
+  double deadline, maxNs;
+  if (!ArgNumber(info, 0, "deadlineNs", &deadline) || !ArgNumber(info, 1, "maxNs", &maxNs)) return Napi::Value();
+  if (!(maxNs >= 0 && maxNs <= 1e9)) {
+    ThrowRangeError(info.Env(), "maxNs must be 0 to 1e9");
+    return Napi::Value();
+  }
+  double now = NowNs();
+  double end = now + maxNs;
+  if (deadline < end) end = deadline;
+  while (now < end) {
+    CpuRelax();
+    now = NowNs();
+  }
+  return Napi::Number::New(info.Env(), now);
 }
 }  // namespace
 
@@ -24,6 +54,7 @@ void Timer::Init(Napi::Env env, Napi::Object exports) {
                                   InstanceMethod<&Timer::Disarm>("disarm"), InstanceMethod<&Timer::Close>("close")});
   exports.Set("Timer", f);
   exports.Set("monotonicNs", Napi::Function::New(env, MonotonicNs, "monotonicNs"));
+  exports.Set("spinUntil", Napi::Function::New(env, SpinUntil, "spinUntil"));
 }
 
 // new Timer(): a non-blocking, close-on-exec CLOCK_MONOTONIC timerfd, disarmed.

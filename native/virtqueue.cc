@@ -156,8 +156,10 @@ Napi::Value Virtqueue::Configure(const Napi::CallbackInfo& info) {
       infov.As<Napi::Float64Array>().ElementLength() >= 2) {
     infoRef_ = Napi::Persistent(infov.As<Napi::Float64Array>());
     info_ = infov.As<Napi::Float64Array>().Data();
+    infoSpinLimit_ = infov.As<Napi::Float64Array>().ElementLength() >= 3;
   } else {
     info_ = nullptr;
+    infoSpinLimit_ = false;
   }
   regions_ = regions;
   ring_.Configure(&regions_, static_cast<uint32_t>(size), descAddr, availAddr, usedAddr, static_cast<uint16_t>(lastAvail),
@@ -264,6 +266,13 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
       spins_++;
       ring_.SuppressKicks();
       uint64_t deadline = NowNs() + pollNs_;
+      // info[2] (when given and non-zero): the spin ends by then (monotonic ns), e.g. for a
+      // request timer due then; a spin cut short that way does not shrink the budget.
+      bool cut = false;
+      if (infoSpinLimit_ && info_[2] > 0 && info_[2] < static_cast<double>(deadline)) {
+        deadline = static_cast<uint64_t>(info_[2]);
+        cut = true;
+      }
       uint16_t seen = availIdx;
       while (seen == availIdx && NowNs() < deadline) {
         CpuRelax();
@@ -271,11 +280,15 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
       }
       if (seen != availIdx) {
         spinHits_++;
+        // The chains popped next arrived now, not when this pop began: their start time.
+        if (info_ != nullptr) info_[0] = static_cast<double>(NowNs());
         availIdx = seen;
         continue;
       }
-      pollNs_ /= 2;
-      if (pollNs_ < kMinPollNs) pollNs_ = 0;
+      if (!cut) {
+        pollNs_ /= 2;
+        if (pollNs_ < kMinPollNs) pollNs_ = 0;
+      }
     }
     // Going to sleep: re-arm notifications, then make sure nothing arrived in between.
     ring_.ArmKicks();

@@ -67,6 +67,7 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   GuestMemory* inflightMem_ = nullptr;  // the inflight region's mapping (setInflight), or none
   Napi::ObjectReference inflightRef_;
   double* info_ = nullptr;   // [0] monotonic ns of the last pop, [1] published by the last pop(n)
+  bool infoSpinLimit_ = false;  // info_ has [2]: the polling spin ends by that time (0: no limit)
   uint64_t batchBytes_ = 0;  // a batch ends once its chains hold this many bytes (0: no limit)
   int callFd_ = -1;
   double calls_ = 0;  // statistics: calls signalled

@@ -77,7 +77,7 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
   private batch = new Uint32Array(0);
   private used = new Uint32Array(0);
   /** Written by native pop(): [monotonic ns of the batch, used elements published by it]. */
-  private readonly info = new Float64Array(2);
+  private readonly info = new Float64Array(3);
   /** Status byte location and used length per head, kept while the head is in flight. */
   private statusChunk = new Uint32Array(0);
   private statusOffset = new Uint32Array(0);
@@ -112,6 +112,11 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
   };
   private readonly publishLater = (): void => {
     this.publishScheduled = false;
+    // Completions that ended outside a batch (timers) go out with a pop, as a batch's do: its
+    // adaptive spin then catches the front-end's next request instead of a kick wake-up
+    // (tens of us late on a sleeping thread). publish() sends what drain() did not (a ring
+    // not enabled or stopping).
+    this.drain();
     this.publish();
   };
   private readonly onKick = (status: number): void => {
@@ -344,6 +349,7 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
         }
         const toPublish = this.usedCount;
         this.usedCount = 0;
+        this.info[2] = this.hctx.pollEndNs; // pop's polling spin ends before a timer's deadline
         const n = resubmitOnly ? this.vq.pop(toPublish, room, true) : this.vq.pop(toPublish, room);
         if (toPublish > 0) this.published(this.info[1]);
         if (n <= 0) {

@@ -61,6 +61,12 @@ export interface NullDriverOptions {
   badblocks?: BadBlocks;
   /** Told about each late completion dropped (a request that timed out before its timer). */
   onLateCompletion?: (hctx: number, tag: number) => void;
+  /**
+   * Timer mode and mbps: busy-wait toward a completion deadline closer than this many ns
+   * instead of sleeping on the timerfd (which wakes tens of us late); buildNullDisk passes the
+   * disk's poll budget (poll_us). 0 or absent: always sleep. See block/request-timer.ts.
+   */
+  timerSpinNs?: number;
 }
 
 /** null_blk's default completion_nsec. */
@@ -85,6 +91,7 @@ export class NullDriver implements Operations {
   private readonly timers: Array<RequestTimer | undefined> = [];
   private readonly onLate: (hctx: number, tag: number) => void;
   private readonly onStoreError: (errno: number) => void;
+  private readonly timerSpinNs: number;
 
   /**
    * @throws RangeError for an unknown irqmode, completionNsec outside timer mode, or a cache
@@ -108,6 +115,7 @@ export class NullDriver implements Operations {
     }
     this.completionNsec = options.completionNsec ?? DEFAULT_COMPLETION_NSEC;
     this.onLate = options.onLateCompletion ?? (() => undefined);
+    this.timerSpinNs = options.timerSpinNs ?? 0;
     const timers = this.timers;
     const delay = this.completionNsec;
     let finish: (rq: Request) => void;
@@ -180,7 +188,7 @@ export class NullDriver implements Operations {
 
   initHctx(hctx: HwQueue): void {
     if ((this.irqmode === IrqMode.Timer || this.throttle !== null) && this.timers[hctx.index] === undefined) {
-      this.timers[hctx.index] = new RequestTimer(hctx, endNow, (tag) => this.onLate(hctx.index, tag));
+      this.timers[hctx.index] = new RequestTimer(hctx, endNow, (tag) => this.onLate(hctx.index, tag), this.timerSpinNs);
     }
   }
 
