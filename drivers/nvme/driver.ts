@@ -508,6 +508,8 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
   resetting = false;
   /** The controller did not come back from a reset: every request of every namespace fails with IOERR. */
   broken = false;
+  /** close() was called: no poll loop runs or starts again. */
+  private closed = false;
 
   /**
    * Resets the controller (NvmeController.reset) with nothing lost: submission and reaping stop;
@@ -668,8 +670,9 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
   /** The counters of queue pairs served on worker threads, as they last reported them (main thread). */
   readonly remoteStats = new Map<number, ReturnType<NvmeDriver['stats']>[number]>();
 
-  /** Stops the completion sources (the controller's shutdown deletes the queues). */
+  /** Stops the completion sources (the controller's shutdown deletes the queues): the MSI-X watchers and the poll loops. */
   close(): void {
+    this.closed = true;
     for (const q of this.queues) {
       q.watcher?.stop();
       q.watcher = null;
@@ -679,7 +682,7 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
   // --- internals -----------------------------------------------------------------------------
 
   private commit(q: IoQueue): void {
-    if (q.pair.qp.commit() && this.poll && !q.polling) {
+    if (q.pair.qp.commit() && this.poll && !q.polling && !this.closed) {
       q.polling = true;
       setImmediate(this.pollFns[q.pair.qp.qid - 1] as () => void);
     }
@@ -879,7 +882,7 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
   private pollTick(i: number): void {
     const q = this.queues[i] as IoQueue;
     this.reap(q);
-    if (q.pair.qp.inFlight > 0 && !this.broken) setImmediate(this.pollFns[i] as () => void);
+    if (q.pair.qp.inFlight > 0 && !this.broken && !this.closed) setImmediate(this.pollFns[i] as () => void);
     else q.polling = false;
   }
 

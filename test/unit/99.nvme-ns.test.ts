@@ -32,6 +32,12 @@ interface DiskUnderTest {
   iova: number;
 }
 
+/** The drivers the tests opened: closed after each test (their poll loops stop). */
+const opened: NvmeDriver[] = [];
+afterEach(() => {
+  for (const d of opened.splice(0)) d.close();
+});
+
 /** A driver over namespaces 1 (512-byte blocks) and 2 (4096-byte blocks), each served as a disk. */
 async function setup(entries = 64, depth = 64): Promise<{ hw: FakeController; driver: NvmeDriver; a: DiskUnderTest; b: DiskUnderTest; tagSet: TagSet }> {
   const hw = new FakeController();
@@ -46,6 +52,7 @@ async function setup(entries = 64, depth = 64): Promise<{ hw: FakeController; dr
     poll: true,
     log: () => undefined,
   });
+  opened.push(driver);
   const tagSet = new TagSet({ nrHwQueues: 1, queueDepth: depth });
   const disks = driver.namespaces.map((ns) => {
     const ended: Array<[number, BlkStatus]> = [];
