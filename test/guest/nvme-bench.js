@@ -18,15 +18,10 @@
 const cp = require('child_process');
 const fs = require('fs');
 const path = require('path');
+const { val, sleep, deadline } = require('./check-util');
 
 const ROOT = path.join(__dirname, '..', '..');
 const MGMT = '/run/nb-mgmt.sock';
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const deadline = (ms) => new Promise((r) => setTimeout(r, ms).unref());
-
-function val(name, value) {
-  process.stdout.write(`\n@@VAL ${name} ${value}\n`);
-}
 
 /** The back-end's command line (run under `taskset -c 0`). */
 function backendCommand(plan, name, sock, profDir) {

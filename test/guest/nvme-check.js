@@ -10,21 +10,13 @@
 // Data written for a write is pattern(seed, i) for byte i (the host test checks the backing file).
 'use strict';
 const path = require('path');
+const { val, pattern } = require('./check-util');
 
 const dist = path.join(__dirname, '..', '..', 'dist');
 const { NvmeController } = require(path.join(dist, 'drivers/nvme/controller.js'));
 const { readWrite, flush } = require(path.join(dist, 'drivers/nvme/command.js'));
 // NvmOpcode is a const enum (no runtime object): NVM Command Set opcodes.
 const NvmOpcode = { Write: 0x01, Read: 0x02 };
-
-/** The byte pattern; test/e2e/guest-nvme.test.ts has the same function. */
-function pattern(seed, i) {
-  return (i * 7 + seed * 13 + (i >>> 9) * 3 + 1) & 0xff;
-}
-
-function val(name, value) {
-  process.stdout.write(`\n@@VAL ${name} ${value}\n`);
-}
 
 const hex = (n) => `0x${n.toString(16)}`;
 

@@ -19,6 +19,7 @@
 const cp = require('child_process');
 const fs = require('fs');
 const path = require('path');
+const { val, patterned, sleep, deadline, waitFor } = require('./check-util');
 
 const ROOT = path.join(__dirname, '..', '..');
 const dist = path.join(ROOT, 'dist');
@@ -33,23 +34,7 @@ const T_GET_ID = 8;
 const T_DISCARD = 11;
 const T_WRITE_ZEROES = 13;
 
-function val(name, value) {
-  process.stdout.write(`\n@@VAL ${name} ${value}\n`);
-}
-
-/** The byte pattern; test/e2e/guest-nvme-disk.test.ts has the same function. */
-function pattern(seed, i) {
-  return (i * 7 + seed * 13 + (i >>> 9) * 3 + 1) & 0xff;
-}
-function patterned(seed, n) {
-  const b = Buffer.alloc(n);
-  for (let i = 0; i < n; i++) b[i] = pattern(seed, i);
-  return b;
-}
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 /** A sleep that does not keep the process alive (for races against a deadline). */
-const deadline = (ms) => new Promise((r) => setTimeout(r, ms).unref());
 
 function startDaemon(args, logFile) {
   const out = fs.openSync(logFile, 'w');
@@ -57,14 +42,6 @@ function startDaemon(args, logFile) {
   fs.closeSync(out);
   const exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
   return { child, exited };
-}
-
-async function waitFor(cond, ms, what) {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(50);
-  }
 }
 
 /** One request as an explicit chain: header, data pieces [gpa, len] (device-readable for OUT), status. */

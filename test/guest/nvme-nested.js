@@ -17,15 +17,10 @@
 const cp = require('child_process');
 const fs = require('fs');
 const path = require('path');
+const { val, sleep, deadline } = require('./check-util');
 
 const ROOT = path.join(__dirname, '..', '..');
 const dist = path.join(ROOT, 'dist');
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const deadline = (ms) => new Promise((r) => setTimeout(r, ms).unref());
-
-function val(name, value) {
-  process.stdout.write(`\n@@VAL ${name} ${value}\n`);
-}
 
 /** The inner guest's script (busybox sh, `set -eu -o pipefail` and val() come from the prelude). */
 function innerScript(plan) {

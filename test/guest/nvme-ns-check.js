@@ -19,6 +19,7 @@
 const cp = require('child_process');
 const fs = require('fs');
 const path = require('path');
+const { val, patterned, sleep, deadline, waitFor } = require('./check-util');
 
 const ROOT = path.join(__dirname, '..', '..');
 const dist = path.join(ROOT, 'dist');
@@ -28,31 +29,6 @@ const { GuestRam } = require(path.join(dist, 'test/helpers/guest-ram.js'));
 const T_IN = 0;
 const T_OUT = 1;
 const T_GET_ID = 8;
-
-function val(name, value) {
-  process.stdout.write(`\n@@VAL ${name} ${value}\n`);
-}
-
-/** The byte pattern; test/e2e/guest-nvme-ns.test.ts has the same function. */
-function pattern(seed, i) {
-  return (i * 7 + seed * 13 + (i >>> 9) * 3 + 1) & 0xff;
-}
-function patterned(seed, n) {
-  const b = Buffer.alloc(n);
-  for (let i = 0; i < n; i++) b[i] = pattern(seed, i);
-  return b;
-}
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const deadline = (ms) => new Promise((r) => setTimeout(r, ms).unref());
-
-async function waitFor(cond, ms, what) {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(50);
-  }
-}
 
 function bench(plan, d) {
   const args = ['--socket', `/run/${d.key}.sock`, '--queues', '2', '--qd', '16', '--bs', '4096', '--rw', 'randrw', '--verify', '--runtime', '20', '--disk-size', String(16 << 20), '--timeout-ms', '20000', '--seed', String(d.nsid + 10), '--json', `/run/${d.key}-bench.json`, '--quiet'];

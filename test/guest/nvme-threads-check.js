@@ -17,6 +17,7 @@
 const cp = require('child_process');
 const fs = require('fs');
 const path = require('path');
+const { val, patterned, sleep, deadline, waitFor } = require('./check-util');
 
 const ROOT = path.join(__dirname, '..', '..');
 const dist = path.join(ROOT, 'dist');
@@ -25,32 +26,6 @@ const { GuestRam } = require(path.join(dist, 'test/helpers/guest-ram.js'));
 
 const T_IN = 0;
 const T_OUT = 1;
-
-function val(name, value) {
-  process.stdout.write(`\n@@VAL ${name} ${value}\n`);
-}
-
-/** The byte pattern; test/e2e/guest-nvme-threads.test.ts has the same function. */
-function pattern(seed, i) {
-  return (i * 7 + seed * 13 + (i >>> 9) * 3 + 1) & 0xff;
-}
-function patterned(seed, n) {
-  const b = Buffer.alloc(n);
-  for (let i = 0; i < n; i++) b[i] = pattern(seed, i);
-  return b;
-}
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-/** A sleep that does not keep the process alive (for races against a deadline). */
-const deadline = (ms) => new Promise((r) => setTimeout(r, ms).unref());
-
-async function waitFor(cond, ms, what) {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(50);
-  }
-}
 
 function ctl(args) {
   return new Promise((resolve) =>

@@ -21,6 +21,7 @@
 const cp = require('child_process');
 const fs = require('fs');
 const path = require('path');
+const { val, patterned, sleep, deadline, waitFor } = require('./check-util');
 
 const ROOT = path.join(__dirname, '..', '..');
 const dist = path.join(ROOT, 'dist');
@@ -31,31 +32,6 @@ const { blkHeader } = require(path.join(dist, 'test/helpers/driver-ring.js'));
 const T_IN = 0;
 const T_OUT = 1;
 const BLOCK = 4096;
-
-function val(name, value) {
-  process.stdout.write(`\n@@VAL ${name} ${value}\n`);
-}
-
-/** The byte pattern; test/e2e/guest-nvme-timeout.test.ts has the same function. */
-function pattern(seed, i) {
-  return (i * 7 + seed * 13 + (i >>> 9) * 3 + 1) & 0xff;
-}
-function patterned(seed, n) {
-  const b = Buffer.alloc(n);
-  for (let i = 0; i < n; i++) b[i] = pattern(seed, i);
-  return b;
-}
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const deadline = (ms) => new Promise((r) => setTimeout(r, ms).unref());
-
-async function waitFor(cond, ms, what) {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(50);
-  }
-}
 
 /**
  * Offers `n` requests at once (one kick): block i at sector base + 8i, written with pattern
