@@ -290,7 +290,8 @@ export class NvmeGuestRun {
       this.report = parseGuestOutput(result.output);
       const v = (n: string): string => this.report.values.get(n) ?? '?';
       const head = `guest boot+run ${Date.now() - t} ms (image ${this.image.built ? 'built' : 'cached'}), node in guest ${v('node_seconds')} s`;
-      console.log(`guest-${this.name} timings: ${head}${o.timings === undefined ? '' : `; ${o.timings(v)}`}`);
+      const rest = o.timings === undefined ? '' : o.timings(v);
+      console.log(`guest-${this.name} timings: ${head}${rest === '' || rest.startsWith('\n') ? '' : '; '}${rest}`);
     }, timeoutMs + 120_000);
     afterAll(() => {
       if (process.env.RNULL_E2E_KEEP !== '1' && this.report !== undefined) fs.rmSync(this.workDir, { recursive: true, force: true });
