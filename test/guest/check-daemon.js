@@ -8,7 +8,7 @@
 const cp = require('child_process');
 const fs = require('fs');
 const path = require('path');
-const { val, deadline } = require('./check-util');
+const { val, patterned, deadline } = require('./check-util');
 
 /** This worktree's build output: the host root is shared over 9p, so guest paths = host paths. */
 const dist = path.join(__dirname, '..', '..', 'dist');
@@ -155,6 +155,20 @@ function resetMidRun(logFile, mapped, endAt) {
   return { midRun, doneAt: done.length === 1 ? done[0] : undefined };
 }
 
+/**
+ * Writes each of `writes` ({ sector, bytes, seed, queue? }: the pattern for seed, `bytes` bytes
+ * at 512-byte `sector`) through the test front-end `fe` on ring `queue` (default 0), reads it
+ * back on ring `readQueue(w)` (default the same) and reports <p>w<i> "same" or the statuses.
+ */
+async function writeReadBack(fe, p, writes, readQueue = (w) => w.queue ?? 0) {
+  for (const [i, w] of writes.entries()) {
+    const data = patterned(w.seed, w.bytes);
+    const s = await fe.blk(w.queue ?? 0, T_OUT, w.sector, { data });
+    const r = await fe.blk(readQueue(w), T_IN, w.sector, { readLen: w.bytes });
+    val(`${p}w${i}`, s.status === 0 && r.status === 0 && r.data.equals(data) ? 'same' : `status ${s.status}/${r.status} ${r.data.equals(data) ? 'same' : 'differs'}`);
+  }
+}
+
 /** How many times the global regular expression `re` matches in `log`. */
 function logCount(log, re) {
   return (log.match(re) || []).length;
@@ -191,6 +205,7 @@ module.exports = {
   runBench,
   reportBench,
   resetMidRun,
+  writeReadBack,
   logCount,
   printLog,
 };

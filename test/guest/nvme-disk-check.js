@@ -19,7 +19,7 @@
 const cp = require('child_process');
 const fs = require('fs');
 const { val, patterned, sleep, waitFor } = require('./check-util');
-const { MAIN, T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES, frontendHelpers, runCheck, startDaemon, stopDaemon, ctl, ctlStats, verifyArgs, runBench, reportBench, resetMidRun, logCount, printLog } = require('./check-daemon');
+const { MAIN, T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES, frontendHelpers, runCheck, startDaemon, stopDaemon, ctl, ctlStats, verifyArgs, runBench, reportBench, resetMidRun, writeReadBack, logCount, printLog } = require('./check-daemon');
 
 const { TestFrontend, GuestRam, blkHeader } = frontendHelpers();
 
@@ -81,12 +81,7 @@ async function frontendChecks(c, sock) {
     val(`${k}_serial`, id.data.toString('latin1').replace(/\0+$/, ''));
 
     // Patterned writes (the host finds them in the backing file), read back.
-    for (const [i, w] of c.writes.entries()) {
-      const data = patterned(w.seed, w.bytes);
-      const s = await fe.blk(0, T_OUT, w.sector, { data });
-      const r = await fe.blk(0, T_IN, w.sector, { readLen: w.bytes });
-      val(`${k}_w${i}`, s.status === 0 && r.status === 0 && r.data.equals(data) ? 'same' : `status ${s.status}/${r.status} ${r.data.equals(data) ? 'same' : 'differs'}`);
-    }
+    await writeReadBack(fe, `${k}_`, c.writes);
 
     // Chains PRPs cannot describe as one command: unaligned inner segments, split at block
     // boundaries; written and read through such chains and through plain ones, byte for byte.

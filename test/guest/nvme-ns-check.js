@@ -17,8 +17,8 @@
 // Output: "@@VAL name value" lines.
 'use strict';
 const fs = require('fs');
-const { val, patterned, sleep, waitFor } = require('./check-util');
-const { T_IN, T_OUT, T_GET_ID, frontendHelpers, runCheck, startDaemon, stopDaemon, ctl, ctlStats, verifyArgs, runBench, reportBench, resetMidRun, logCount, printLog } = require('./check-daemon');
+const { val, sleep, waitFor } = require('./check-util');
+const { T_GET_ID, frontendHelpers, runCheck, startDaemon, stopDaemon, ctl, ctlStats, verifyArgs, runBench, reportBench, resetMidRun, writeReadBack, logCount, printLog } = require('./check-daemon');
 
 const { TestFrontend, GuestRam } = frontendHelpers();
 const MGMT = '/run/ns.mgmt';
@@ -41,12 +41,7 @@ async function frontend(d) {
     val(`${k}_blk_size`, cfg.readUInt32LE(20));
     const id = await fe.blk(0, T_GET_ID, 0, { readLen: 20 });
     val(`${k}_serial`, id.data.toString('latin1').replace(/\0+$/, ''));
-    for (const [i, w] of d.writes.entries()) {
-      const data = patterned(w.seed, w.bytes);
-      const s = await fe.blk(0, T_OUT, w.sector, { data });
-      const r = await fe.blk(0, T_IN, w.sector, { readLen: w.bytes });
-      val(`${k}_w${i}`, s.status === 0 && r.status === 0 && r.data.equals(data) ? 'same' : `status ${s.status}/${r.status} ${r.data.equals(data) ? 'same' : 'differs'}`);
-    }
+    await writeReadBack(fe, `${k}_`, d.writes);
   } finally {
     fe.close();
   }

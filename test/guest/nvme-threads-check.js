@@ -15,8 +15,8 @@
 // Output: "@@VAL name value" lines.
 'use strict';
 const fs = require('fs');
-const { val, patterned, sleep, waitFor } = require('./check-util');
-const { T_IN, T_OUT, frontendHelpers, runCheck, startDaemon, stopDaemon, ctl, ctlStats, verifyArgs, runBench, reportBench, resetMidRun, logCount, printLog } = require('./check-daemon');
+const { val, sleep, waitFor } = require('./check-util');
+const { frontendHelpers, runCheck, startDaemon, stopDaemon, ctl, ctlStats, verifyArgs, runBench, reportBench, resetMidRun, writeReadBack, logCount, printLog } = require('./check-daemon');
 
 const { TestFrontend, GuestRam } = frontendHelpers();
 const MGMT = '/run/t.mgmt';
@@ -45,12 +45,7 @@ runCheck('nvme-threads-check', async (plan) => {
     const fe = new TestFrontend(sock, ram);
     try {
       await fe.setup({ queues: 2, queueSize: 64 });
-      for (const [i, w] of plan.writes.entries()) {
-        const data = patterned(w.seed, w.bytes);
-        const s = await fe.blk(w.queue, T_OUT, w.sector, { data });
-        const back = await fe.blk(1 - w.queue, T_IN, w.sector, { readLen: w.bytes });
-        val(`w${i}`, s.status === 0 && back.status === 0 && back.data.equals(data) ? 'same' : `status ${s.status}/${back.status}`);
-      }
+      await writeReadBack(fe, '', plan.writes, (w) => 1 - w.queue);
     } finally {
       fe.close();
     }
