@@ -268,8 +268,11 @@ export class NvmeGuestRun {
   image?: GuestImage;
   private script = '';
 
-  /** `name` names the run directory (rnull-e2e-<name>-*) and the timings line (guest-<name>). */
-  constructor(readonly name: string) {
+  /** Names the run directory (rnull-e2e-<name>-*) and the timings line (guest-<name>). */
+  readonly name: string;
+
+  constructor(name: string) {
+    this.name = name;
     this.workDir = fs.mkdtempSync(path.join(process.env.TMPDIR ?? os.tmpdir(), `rnull-e2e-${name}-`));
   }
 
