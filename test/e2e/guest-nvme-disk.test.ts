@@ -14,36 +14,11 @@
  * GET_ID answers the controller's serial and the nsid; size_max/seg_max follow MDTS;
  * start-up refusals exit 2 with what to do; clean shutdown on SIGTERM; no DMAR fault.
  */
-import * as cp from 'node:child_process';
-import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
-import * as ts from 'typescript';
-import { bdfOf, createBackingFiles, defaultControllers, nvmeGuestImage, runNvmeGuest } from '../guest/nvme-guest';
-import { count, parseGuestOutput, requireQemu, value, type GuestReport } from '../guest/qemu';
+import { bdfOf, defaultControllers, NvmeGuestRun, patterned, readBacking, ROOT } from '../guest/nvme-guest';
+import { count, value } from '../guest/qemu';
 
-/** Same function as in test/guest/nvme-disk-check.js. */
-function pattern(seed: number, i: number): number {
-  return (i * 7 + seed * 13 + (i >>> 9) * 3 + 1) & 0xff;
-}
-
-const ROOT = path.join(__dirname, '..', '..');
-const GUEST_TIMEOUT_MS = Number(process.env.RNULL_E2E_GUEST_TIMEOUT_S ?? 300) * 1000;
 const BENCH = path.join(ROOT, 'bench', 'client', 'build', 'vhost-bench');
-
-/**
- * The test front-end's helpers compiled into dist/test/helpers so the guest script can require
- * them (a whole program, so the const enums they use are inlined).
- */
-function compileHelpers(): void {
-  const files = ['frontend', 'guest-ram', 'driver-ring'].map((f) => path.join(ROOT, 'test', 'helpers', `${f}.ts`));
-  const options: ts.CompilerOptions = { module: ts.ModuleKind.CommonJS, target: ts.ScriptTarget.ES2022, rootDir: ROOT, outDir: path.join(ROOT, 'dist'), skipLibCheck: true, esModuleInterop: true, types: ['node'] };
-  const program = ts.createProgram(files, options);
-  for (const f of files) {
-    const r = program.emit(program.getSourceFile(f));
-    if (r.emitSkipped) throw new Error(`cannot compile ${f}`);
-  }
-}
 
 interface Write {
   sector: number;
@@ -52,152 +27,122 @@ interface Write {
 }
 
 describe('NVMe-backed disk served to vhost-user front-ends in a TCG guest', () => {
-  let report: GuestReport;
-  let output = '';
-  const workDir = fs.mkdtempSync(path.join(process.env.TMPDIR ?? os.tmpdir(), 'rnull-e2e-nvme-disk-'));
-  const controllers = defaultControllers(workDir);
+  const g = new NvmeGuestRun('nvme-disk');
+  const controllers = defaultControllers(g.workDir);
   controllers[0]!.properties = ['mdts=5'];
   const cases = [
     { key: 'a512irq', ctrl: controllers[0]!, nsid: 1, blockSize: 512, poll: false, resetDuringBench: true, writes: [{ sector: 0, bytes: 65536, seed: 3 }, { sector: 4097, bytes: 1536, seed: 4 }] as Write[] },
     { key: 'b4kpoll', ctrl: controllers[1]!, nsid: 2, blockSize: 4096, poll: true, resetDuringBench: false, writes: [{ sector: 8, bytes: 65536, seed: 5 }, { sector: 40960, bytes: 12288, seed: 6 }] as Write[] },
   ];
 
-  beforeAll(async () => {
-    requireQemu();
-    if (!fs.existsSync(path.join(ROOT, 'dist', 'drivers', 'nvme', 'driver.js'))) throw new Error('dist/ is not built: run npm run build first');
-    cp.execFileSync('make', ['-C', path.join(ROOT, 'bench', 'client')], { stdio: 'pipe' });
-    compileHelpers();
-    createBackingFiles(controllers);
-    const plan = {
+  g.boot({
+    controllers,
+    script: 'nvme-disk-check.js',
+    needs: 'drivers/nvme/driver.js',
+    bench: true,
+    frontend: true,
+    plan: () => ({
       bench: BENCH,
       cases: cases.map((c) => ({ key: c.key, bdf: bdfOf(c.ctrl), nsid: c.nsid, blockSize: c.blockSize, poll: c.poll, resetDuringBench: c.resetDuringBench, writes: c.writes })),
       missingNsid: { bdf: bdfOf(controllers[0]!), nsid: 9 },
       unbound: '0000:00:1f.0',
-    };
-    const t = Date.now();
-    const result = await runNvmeGuest({
-      image: nvmeGuestImage(),
-      workDir,
-      controllers,
-      nodeScript: path.join(ROOT, 'test', 'guest', 'nvme-disk-check.js'),
-      args: [JSON.stringify(plan)],
-      timeoutMs: GUEST_TIMEOUT_MS,
-    });
-    output = result.output;
-    report = parseGuestOutput(result.output);
-    const v = (n: string): string => report.values.get(n) ?? '?';
-    console.log(
-      `guest-nvme-disk timings: guest boot+run ${Date.now() - t} ms, node in guest ${v('node_seconds')} s\n` +
-        cases
-          .map((c) => `  ${c.key}: daemon start ${v(`${c.key}_start_ms`)} ms, vhost-bench ${v(`${c.key}_bench_ios`)} I/Os in ${v(`${c.key}_bench_ms`)} ms (${v(`${c.key}_bench_iops`)} IOPS), front-end checks ${v(`${c.key}_frontend_ms`)} ms, resets ${v(`${c.key}_ctl_resets`)} retries ${v(`${c.key}_ctl_retries`)}`)
-          .join('\n'),
-    );
-  }, GUEST_TIMEOUT_MS + 120_000);
-
-  afterAll(() => {
-    if (process.env.RNULL_E2E_KEEP !== '1' && report !== undefined) fs.rmSync(workDir, { recursive: true, force: true });
+    }),
+    timings: (v) =>
+      cases
+        .map((c) => `\n  ${c.key}: daemon start ${v(`${c.key}_start_ms`)} ms, vhost-bench ${v(`${c.key}_bench_ios`)} I/Os in ${v(`${c.key}_bench_ms`)} ms (${v(`${c.key}_bench_iops`)} IOPS), front-end checks ${v(`${c.key}_frontend_ms`)} ms, resets ${v(`${c.key}_ctl_resets`)} retries ${v(`${c.key}_ctl_retries`)}`)
+        .join(''),
   });
 
   test('the guest run completed without a DMAR fault', () => {
-    expect(count(report, 'node_status')).toBe(0);
-    expect(count(report, 'done')).toBe(1);
-    expect(count(report, 'dmar_faults')).toBe(0);
-    expect(output).not.toMatch(/nvme-disk-check failed/);
+    g.expectCompleted();
   });
 
   test('start-up refusals exit 2 and say what to do', () => {
-    expect(count(report, 'missing_ns_exit')).toBe(2);
-    expect(value(report, 'missing_ns_message')).toMatch(/namespace 9 does not exist.*active namespaces: 1/);
-    expect(count(report, 'unbound_exit')).toBe(2);
-    expect(value(report, 'unbound_message')).toMatch(/not vfio-pci.*driver_override.*drivers_probe/);
+    expect(count(g.report, 'missing_ns_exit')).toBe(2);
+    expect(value(g.report, 'missing_ns_message')).toMatch(/namespace 9 does not exist.*active namespaces: 1/);
+    expect(count(g.report, 'unbound_exit')).toBe(2);
+    expect(value(g.report, 'unbound_message')).toMatch(/not vfio-pci.*driver_override.*drivers_probe/);
   });
 
   test.each(cases.map((c) => [c.key, c] as const))('%s: vhost-bench --verify reads back every write', (k, c) => {
-    expect(count(report, `${k}_bench_status`)).toBe(0);
-    expect(count(report, `${k}_bench_ios`)).toBeGreaterThanOrEqual(c.resetDuringBench ? 1000 : 3000);
-    expect(count(report, `${k}_bench_verified`)).toBeGreaterThan(0);
-    expect(count(report, `${k}_bench_mismatches`)).toBe(0);
-    expect(count(report, `${k}_bench_errors`)).toBe(0);
+    expect(count(g.report, `${k}_bench_status`)).toBe(0);
+    expect(count(g.report, `${k}_bench_ios`)).toBeGreaterThanOrEqual(c.resetDuringBench ? 1000 : 3000);
+    expect(count(g.report, `${k}_bench_verified`)).toBeGreaterThan(0);
+    expect(count(g.report, `${k}_bench_mismatches`)).toBe(0);
+    expect(count(g.report, `${k}_bench_errors`)).toBe(0);
   });
 
   test.each(cases.map((c) => [c.key, c] as const))('%s: geometry, GET_ID, features from the namespace and the controller', (k, c) => {
     const ns = c.ctrl.namespaces.find((n) => n.nsid === c.nsid)!;
-    expect(count(report, `${k}_capacity_sectors`)).toBe(ns.sizeBytes / 512);
-    expect(count(report, `${k}_blk_size`)).toBe(c.blockSize);
-    expect(count(report, `${k}_get_id_status`)).toBe(0);
-    expect(value(report, `${k}_serial`)).toBe(`${c.ctrl.serial}-${c.nsid}`);
-    const features = BigInt(value(report, `${k}_features`));
+    expect(count(g.report, `${k}_capacity_sectors`)).toBe(ns.sizeBytes / 512);
+    expect(count(g.report, `${k}_blk_size`)).toBe(c.blockSize);
+    expect(count(g.report, `${k}_get_id_status`)).toBe(0);
+    expect(value(g.report, `${k}_serial`)).toBe(`${c.ctrl.serial}-${c.nsid}`);
+    const features = BigInt(value(g.report, `${k}_features`));
     for (const bit of [9n /* FLUSH */, 13n /* DISCARD */, 14n /* WRITE_ZEROES */, 1n /* SIZE_MAX */]) expect((features >> bit) & 1n).toBe(1n);
     // MDTS: nvme0 has mdts=5 (2^5 x 4 KiB = 128 KiB), nvme1 QEMU's default 7 (512 KiB, capped by 256 KiB).
-    expect(count(report, `${k}_size_max`)).toBe(c.ctrl.id === 'nvme0' ? 131072 : 262144);
-    expect(count(report, `${k}_seg_max`)).toBe(c.ctrl.id === 'nvme0' ? 32 : 126);
+    expect(count(g.report, `${k}_size_max`)).toBe(c.ctrl.id === 'nvme0' ? 131072 : 262144);
+    expect(count(g.report, `${k}_seg_max`)).toBe(c.ctrl.id === 'nvme0' ? 32 : 126);
   });
 
   test.each(cases.map((c) => [c.key, c] as const))('%s: writes land in the host backing file at the right offsets', (k, c) => {
     const ns = c.ctrl.namespaces.find((n) => n.nsid === c.nsid)!;
-    const fd = fs.openSync(ns.file, 'r');
-    try {
-      c.writes.forEach((w, i) => {
-        expect(value(report, `${k}_w${i}`)).toBe('same');
-        const onDisk = Buffer.alloc(w.bytes);
-        fs.readSync(fd, onDisk, 0, w.bytes, w.sector * 512);
-        expect(onDisk.equals(Buffer.from(Array.from({ length: w.bytes }, (_, j) => pattern(w.seed, j))))).toBe(true);
-      });
-    } finally {
-      fs.closeSync(fd);
-    }
+    c.writes.forEach((w, i) => {
+      expect(value(g.report, `${k}_w${i}`)).toBe('same');
+      expect(readBacking(ns.file, w.sector * 512, w.bytes).equals(patterned(w.seed, w.bytes))).toBe(true);
+    });
   });
 
   test.each(cases.map((c) => [c.key, c] as const))('%s: chains needing splits (unaligned inner segments, above MDTS) round-trip byte for byte', (k) => {
-    expect(value(report, `${k}_unaligned_inner`)).toBe('same');
-    expect(value(report, `${k}_odd_first`)).toBe('same');
-    expect(value(report, `${k}_big`)).toBe('same');
+    expect(value(g.report, `${k}_unaligned_inner`)).toBe('same');
+    expect(value(g.report, `${k}_odd_first`)).toBe('same');
+    expect(value(g.report, `${k}_big`)).toBe('same');
     // A block across an unaligned junction cannot be described by PRPs: bounced.
-    expect(value(report, `${k}_straddle`)).toBe('same');
+    expect(value(g.report, `${k}_straddle`)).toBe('same');
   });
 
   test.each(cases.map((c) => [c.key, c] as const))('%s: flush, discard and write zeroes', (k) => {
-    expect(count(report, `${k}_flush_status`)).toBe(0);
-    expect(value(report, `${k}_discard`)).toBe('0:zero:kept');
-    expect(value(report, `${k}_write_zeroes`)).toBe('0:zero:kept');
-    expect(value(report, `${k}_write_zeroes_unmap`)).toBe('0:zero:kept');
+    expect(count(g.report, `${k}_flush_status`)).toBe(0);
+    expect(value(g.report, `${k}_discard`)).toBe('0:zero:kept');
+    expect(value(g.report, `${k}_write_zeroes`)).toBe('0:zero:kept');
+    expect(value(g.report, `${k}_write_zeroes_unmap`)).toBe('0:zero:kept');
   });
 
   test('a controller reset by `rnull ctl reset` in the middle of a verify run loses nothing', () => {
-    expect(count(report, 'a512irq_reset_status')).toBe(0);
-    expect(count(report, 'a512irq_reset_bench_running')).toBe(1); // the reset landed mid-run
-    expect(count(report, 'a512irq_ctl_resets')).toBe(2); // counted on each of the 2 queues
+    expect(count(g.report, 'a512irq_reset_status')).toBe(0);
+    expect(count(g.report, 'a512irq_reset_bench_running')).toBe(1); // the reset landed mid-run
+    expect(count(g.report, 'a512irq_ctl_resets')).toBe(2); // counted on each of the 2 queues
     // Requests the controller held at that instant are resubmitted (a512irq_ctl_retries, in the
     // timings line; often 0 here: the emulated controller completes fast), unit-tested in 98.
-    expect(count(report, 'a512irq_bench_status')).toBe(0);
-    expect(count(report, 'a512irq_bench_mismatches')).toBe(0);
-    expect(count(report, 'a512irq_bench_errors')).toBe(0);
-    expect(count(report, 'b4kpoll_ctl_resets')).toBe(0);
+    expect(count(g.report, 'a512irq_bench_status')).toBe(0);
+    expect(count(g.report, 'a512irq_bench_mismatches')).toBe(0);
+    expect(count(g.report, 'a512irq_bench_errors')).toBe(0);
+    expect(count(g.report, 'b4kpoll_ctl_resets')).toBe(0);
   });
 
   test.each(cases.map((c) => [c.key, c] as const))('%s: rnull ctl stats shows the queue pairs\' counters', (k, c) => {
-    expect(count(report, `${k}_ctl_status`)).toBe(0);
-    expect(value(report, `${k}_ctl_qids`)).toBe('1,2');
-    expect(count(report, `${k}_ctl_commands`)).toBeGreaterThan(3000);
-    expect(count(report, `${k}_ctl_splits`)).toBeGreaterThan(0);
-    expect(count(report, `${k}_ctl_bounces`)).toBe(2); // the straddling write and read
-    expect(count(report, `${k}_ctl_errors`)).toBe(0);
-    expect(count(report, `${k}_ctl_late`)).toBe(0);
-    expect(count(report, `${k}_ctl_stale`)).toBe(0);
-    expect(count(report, `${k}_ctl_in_flight`)).toBe(0);
+    expect(count(g.report, `${k}_ctl_status`)).toBe(0);
+    expect(value(g.report, `${k}_ctl_qids`)).toBe('1,2');
+    expect(count(g.report, `${k}_ctl_commands`)).toBeGreaterThan(3000);
+    expect(count(g.report, `${k}_ctl_splits`)).toBeGreaterThan(0);
+    expect(count(g.report, `${k}_ctl_bounces`)).toBe(2); // the straddling write and read
+    expect(count(g.report, `${k}_ctl_errors`)).toBe(0);
+    expect(count(g.report, `${k}_ctl_late`)).toBe(0);
+    expect(count(g.report, `${k}_ctl_stale`)).toBe(0);
+    expect(count(g.report, `${k}_ctl_in_flight`)).toBe(0);
     // One SQ doorbell per batch: fewer doorbells than commands under vhost-bench's QD 16.
-    expect(count(report, `${k}_ctl_sq_doorbells`)).toBeLessThan(count(report, `${k}_ctl_commands`));
-    if (c.poll) expect(count(report, `${k}_ctl_interrupts`)).toBe(0);
-    else expect(count(report, `${k}_ctl_interrupts`)).toBeGreaterThan(0);
+    expect(count(g.report, `${k}_ctl_sq_doorbells`)).toBeLessThan(count(g.report, `${k}_ctl_commands`));
+    if (c.poll) expect(count(g.report, `${k}_ctl_interrupts`)).toBe(0);
+    else expect(count(g.report, `${k}_ctl_interrupts`)).toBeGreaterThan(0);
   });
 
   test.each(cases.map((c) => [c.key, c] as const))('%s: guest memory mapped once per front-end; clean shutdown on SIGTERM', (k, c) => {
-    expect(count(report, `${k}_exit`)).toBe(0);
-    expect(count(report, `${k}_shutdown_logged`)).toBe(1);
+    expect(count(g.report, `${k}_exit`)).toBe(0);
+    expect(count(g.report, `${k}_shutdown_logged`)).toBe(1);
     // vhost-bench and the test front-end: one memory table each.
-    expect(count(report, `${k}_dma_mapped_logged`)).toBe(2);
-    expect(count(report, `${k}_errors_logged`)).toBe(0);
+    expect(count(g.report, `${k}_dma_mapped_logged`)).toBe(2);
+    expect(count(g.report, `${k}_errors_logged`)).toBe(0);
     // Warnings: only the requested reset's two lines (management request, driver).
-    expect(count(report, `${k}_warnings_logged`)).toBe(c.resetDuringBench ? 2 : 0);
+    expect(count(g.report, `${k}_warnings_logged`)).toBe(c.resetDuringBench ? 2 : 0);
   });
 });

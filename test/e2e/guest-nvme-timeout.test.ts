@@ -20,20 +20,10 @@
  * backing file at the right offsets; `rnull ctl stats` counts timeouts, Aborts, resets and
  * retries; the log shows the "not aborted" answer and the resets; no DMAR fault.
  */
-import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
-import * as ts from 'typescript';
-import { bdfOf, createBackingFiles, nvmeGuestImage, runNvmeGuest, type NvmeControllerSpec } from '../guest/nvme-guest';
-import { count, parseGuestOutput, requireQemu, type GuestReport } from '../guest/qemu';
+import { bdfOf, NvmeGuestRun, patterned, readBacking, type NvmeControllerSpec } from '../guest/nvme-guest';
+import { count } from '../guest/qemu';
 
-/** Same function as in test/guest/nvme-timeout-check.js. */
-function pattern(seed: number, i: number): number {
-  return (i * 7 + seed * 13 + (i >>> 9) * 3 + 1) & 0xff;
-}
-
-const ROOT = path.join(__dirname, '..', '..');
-const GUEST_TIMEOUT_MS = Number(process.env.RNULL_E2E_GUEST_TIMEOUT_S ?? 300) * 1000;
 /** Throttle (IOPS), io_timeout (ms) and burst size; overridable to measure other points. */
 const IOPS = Number(process.env.RNULL_E2E_NVME_TIMEOUT_IOPS ?? 40);
 const IO_TIMEOUT_MS = Number(process.env.RNULL_E2E_NVME_TIMEOUT_MS ?? 2000);
@@ -41,57 +31,32 @@ const BURST = Number(process.env.RNULL_E2E_NVME_TIMEOUT_BURST ?? Math.round((1.5
 const LIGHT = 10;
 const BASE_SECTOR = 2048;
 
-function compileHelpers(): void {
-  const files = ['frontend', 'guest-ram', 'driver-ring'].map((f) => path.join(ROOT, 'test', 'helpers', `${f}.ts`));
-  const options: ts.CompilerOptions = { module: ts.ModuleKind.CommonJS, target: ts.ScriptTarget.ES2022, rootDir: ROOT, outDir: path.join(ROOT, 'dist'), skipLibCheck: true, esModuleInterop: true, types: ['node'] };
-  const program = ts.createProgram(files, options);
-  for (const f of files) {
-    const r = program.emit(program.getSourceFile(f));
-    if (r.emitSkipped) throw new Error(`cannot compile ${f}`);
-  }
-}
-
 describe('NVMe timeout ladder in a TCG guest: throttled drive, short io_timeout', () => {
-  let report: GuestReport;
-  let output = '';
-  const workDir = fs.mkdtempSync(path.join(process.env.TMPDIR ?? os.tmpdir(), 'rnull-e2e-nvme-timeout-'));
+  const g = new NvmeGuestRun('nvme-timeout');
   const ctrl: NvmeControllerSpec = {
     id: 'nvme0',
     serial: 'rnull-nvme-t',
     slot: 4,
-    namespaces: [{ nsid: 1, file: path.join(workDir, 'ns1.img'), sizeBytes: 16 << 20, blockSize: 512, driveOptions: [`throttling.iops-total=${IOPS}`] }],
+    namespaces: [{ nsid: 1, file: path.join(g.workDir, 'ns1.img'), sizeBytes: 16 << 20, blockSize: 512, driveOptions: [`throttling.iops-total=${IOPS}`] }],
   };
-  const n = (name: string): number => count(report, name);
+  const n = (name: string): number => count(g.report, name);
 
-  beforeAll(async () => {
-    requireQemu();
-    if (!fs.existsSync(path.join(ROOT, 'dist', 'drivers', 'nvme', 'namespace.js'))) throw new Error('dist/ is not built: run npm run build first');
-    compileHelpers();
-    createBackingFiles([ctrl]);
-    const plan = { bdf: bdfOf(ctrl), nsid: 1, ioTimeoutMs: IO_TIMEOUT_MS, burst: BURST, light: LIGHT, baseSector: BASE_SECTOR };
-    const t = Date.now();
-    const result = await runNvmeGuest({ image: nvmeGuestImage(), workDir, controllers: [ctrl], nodeScript: path.join(ROOT, 'test', 'guest', 'nvme-timeout-check.js'), args: [JSON.stringify(plan)], timeoutMs: GUEST_TIMEOUT_MS });
-    output = result.output;
-    report = parseGuestOutput(result.output);
-    const v = (name: string): string => report.values.get(name) ?? '?';
-    console.log(
-      `guest-nvme-timeout (throttle ${IOPS} IOPS, io_timeout ${IO_TIMEOUT_MS} ms, burst ${BURST}): guest boot+run ${Date.now() - t} ms; ` +
-        `light load: first write ${v('light_first_ms')} ms, then max ${v('light_max_ms')} ms per write; write burst ${v('wburst_ms')} ms, read burst ${v('rburst_ms')} ms; ` +
-        `after the write burst: timeouts ${v('after_wburst_timeouts')} aborts ${v('after_wburst_aborts')} resets ${v('after_wburst_resets')} retries ${v('after_wburst_retries')}; ` +
-        `final: timeouts ${v('final_timeouts')} aborts ${v('final_aborts')} resets ${v('final_resets')} retries ${v('final_retries')} commands ${v('final_commands')} late ${v('final_late')} stale ${v('final_stale')}; ` +
-        `"not aborted" answers logged ${v('not_aborted_logged')}, requests failed after the budget ${v('failed_logged')}`,
-    );
-  }, GUEST_TIMEOUT_MS + 120_000);
-
-  afterAll(() => {
-    if (process.env.RNULL_E2E_KEEP !== '1' && report !== undefined) fs.rmSync(workDir, { recursive: true, force: true });
+  g.boot({
+    controllers: [ctrl],
+    script: 'nvme-timeout-check.js',
+    needs: 'drivers/nvme/namespace.js',
+    frontend: true,
+    plan: () => ({ bdf: bdfOf(ctrl), nsid: 1, ioTimeoutMs: IO_TIMEOUT_MS, burst: BURST, light: LIGHT, baseSector: BASE_SECTOR }),
+    timings: (v) =>
+      `throttle ${IOPS} IOPS, io_timeout ${IO_TIMEOUT_MS} ms, burst ${BURST}; ` +
+      `light load: first write ${v('light_first_ms')} ms, then max ${v('light_max_ms')} ms per write; write burst ${v('wburst_ms')} ms, read burst ${v('rburst_ms')} ms; ` +
+      `after the write burst: timeouts ${v('after_wburst_timeouts')} aborts ${v('after_wburst_aborts')} resets ${v('after_wburst_resets')} retries ${v('after_wburst_retries')}; ` +
+      `final: timeouts ${v('final_timeouts')} aborts ${v('final_aborts')} resets ${v('final_resets')} retries ${v('final_retries')} commands ${v('final_commands')} late ${v('final_late')} stale ${v('final_stale')}; ` +
+      `"not aborted" answers logged ${v('not_aborted_logged')}, requests failed after the budget ${v('failed_logged')}`,
   });
 
   test('the guest run completed without a DMAR fault; clean shutdown', () => {
-    expect(n('node_status')).toBe(0);
-    expect(n('done')).toBe(1);
-    expect(n('dmar_faults')).toBe(0);
-    expect(output).not.toMatch(/nvme-timeout-check failed/);
+    g.expectCompleted();
     expect(n('exit')).toBe(0);
     expect(n('shutdown_logged')).toBe(1);
     expect(n('errors_logged')).toBe(0);
@@ -126,15 +91,8 @@ describe('NVMe timeout ladder in a TCG guest: throttled drive, short io_timeout'
   });
 
   test('the burst\'s blocks are in the host backing file at the right offsets', () => {
-    const fd = fs.openSync(ctrl.namespaces[0]!.file, 'r');
-    try {
-      for (let i = 0; i < BURST; i++) {
-        const b = Buffer.alloc(4096);
-        fs.readSync(fd, b, 0, 4096, (BASE_SECTOR + i * 8) * 512);
-        expect(b.equals(Buffer.from(Array.from({ length: 4096 }, (_, j) => pattern(i, j))))).toBe(true);
-      }
-    } finally {
-      fs.closeSync(fd);
+    for (let i = 0; i < BURST; i++) {
+      expect(readBacking(ctrl.namespaces[0]!.file, (BASE_SECTOR + i * 8) * 512, 4096).equals(patterned(i, 4096))).toBe(true);
     }
   });
 

@@ -18,31 +18,10 @@
 'use strict';
 const cp = require('child_process');
 const fs = require('fs');
-const path = require('path');
-const { val, patterned, sleep, deadline, waitFor } = require('./check-util');
+const { val, patterned, sleep, waitFor } = require('./check-util');
+const { MAIN, T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES, frontendHelpers, runCheck, startDaemon, stopDaemon, ctl, ctlStats, verifyArgs, runBench, reportBench, resetMidRun, writeReadBack, logCount, printLog } = require('./check-daemon');
 
-const ROOT = path.join(__dirname, '..', '..');
-const dist = path.join(ROOT, 'dist');
-const { TestFrontend } = require(path.join(dist, 'test/helpers/frontend.js'));
-const { GuestRam } = require(path.join(dist, 'test/helpers/guest-ram.js'));
-const { blkHeader } = require(path.join(dist, 'test/helpers/driver-ring.js'));
-
-const T_IN = 0;
-const T_OUT = 1;
-const T_FLUSH = 4;
-const T_GET_ID = 8;
-const T_DISCARD = 11;
-const T_WRITE_ZEROES = 13;
-
-/** A sleep that does not keep the process alive (for races against a deadline). */
-
-function startDaemon(args, logFile) {
-  const out = fs.openSync(logFile, 'w');
-  const child = cp.spawn(process.execPath, [path.join(dist, 'daemon/main.js'), ...args], { stdio: ['ignore', out, out] });
-  fs.closeSync(out);
-  const exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
-  return { child, exited };
-}
+const { TestFrontend, GuestRam, blkHeader } = frontendHelpers();
 
 /** One request as an explicit chain: header, data pieces [gpa, len] (device-readable for OUT), status. */
 async function chain(fe, type, sector, pieces, write) {
@@ -102,12 +81,7 @@ async function frontendChecks(c, sock) {
     val(`${k}_serial`, id.data.toString('latin1').replace(/\0+$/, ''));
 
     // Patterned writes (the host finds them in the backing file), read back.
-    for (const [i, w] of c.writes.entries()) {
-      const data = patterned(w.seed, w.bytes);
-      const s = await fe.blk(0, T_OUT, w.sector, { data });
-      const r = await fe.blk(0, T_IN, w.sector, { readLen: w.bytes });
-      val(`${k}_w${i}`, s.status === 0 && r.status === 0 && r.data.equals(data) ? 'same' : `status ${s.status}/${r.status} ${r.data.equals(data) ? 'same' : 'differs'}`);
-    }
+    await writeReadBack(fe, `${k}_`, c.writes);
 
     // Chains PRPs cannot describe as one command: unaligned inner segments, split at block
     // boundaries; written and read through such chains and through plain ones, byte for byte.
@@ -186,105 +160,63 @@ async function runCase(plan, c) {
   const k = c.key;
   const sock = `/run/${k}.sock`;
   const logFile = `/run/${k}.log`;
-  const args = ['--driver', 'nvme', '--pci', c.bdf, '--nsid', String(c.nsid), '--socket', sock, '--num-queues', '2', '--nvme-poll', String(c.poll), '--io-timeout', '20000', '--management-socket', `/run/${k}.mgmt`];
-  const t0 = Date.now();
+  const mgmt = `/run/${k}.mgmt`;
+  const args = ['--driver', 'nvme', '--pci', c.bdf, '--nsid', String(c.nsid), '--socket', sock, '--num-queues', '2', '--nvme-poll', String(c.poll), '--io-timeout', '20000', '--management-socket', mgmt];
   const d = startDaemon(args, logFile);
   try {
     await waitFor(() => fs.existsSync(sock), 30000, `${k}: the daemon's socket`);
-    val(`${k}_start_ms`, Date.now() - t0);
-    const t1 = Date.now();
+    val(`${k}_start_ms`, Date.now() - d.startedAt);
     // vhost-bench --verify; with c.resetDuringBench, `rnull ctl reset` in the middle of it.
-    const benchArgs = ['--socket', sock, '--queues', '2', '--qd', '16', '--bs', String(Math.max(4096, c.blockSize)), '--rw', 'randrw', '--verify', ...(c.resetDuringBench ? ['--runtime', '30'] : ['--ios', '3000']), '--disk-size', String(16 << 20), '--timeout-ms', '20000', '--seed', '7', '--json', `/run/${k}-bench.json`, '--quiet'];
-    const child = cp.spawn(plan.bench, benchArgs, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let benchOut = '';
-    child.stdout.on('data', (d) => (benchOut += d));
-    child.stderr.on('data', (d) => (benchOut += d));
-    let benchExitAt = Infinity;
-    const benchDone = new Promise((resolve) => child.on('exit', (code, signal) => {
-      benchExitAt = Date.now();
-      resolve({ status: code, signal });
-    }));
+    const json = `/run/${k}-bench.json`;
+    const bench = runBench(plan.bench, verifyArgs({ socket: sock, json, seed: 7, bs: Math.max(4096, c.blockSize), ...(c.resetDuringBench ? { runtime: 30 } : { ios: 3000 }) }), 180000);
     if (c.resetDuringBench) {
       await sleep(1000); // starting `rnull ctl` takes seconds more in the TCG guest
-      const r = await new Promise((resolve) => cp.execFile(process.execPath, [path.join(dist, 'daemon/main.js'), 'ctl', '-m', `/run/${k}.mgmt`, 'reset', k], { timeout: 60000 }, (err, stdout, stderr) => resolve({ code: err ? err.code ?? 1 : 0, out: stdout + stderr })));
+      const r = await ctl(mgmt, ['reset', k]);
       val(`${k}_reset_status`, r.code);
-      if (r.code !== 0) process.stdout.write(`ctl reset: ${r.out}\n`);
+      if (r.code !== 0) process.stdout.write(`ctl reset: ${r.out}${r.err}\n`);
     }
-    const bench = await Promise.race([benchDone, deadline(180000).then(() => ({ status: 'hung' }))]);
+    const b = await bench;
     if (c.resetDuringBench) {
       // Landed mid-run: the daemon logged the reset done before the bench exited (starting
-      // `rnull ctl` in a loaded TCG guest takes seconds, so its own return time says little).
-      // Mid-run: after the bench's memory table was mapped, before it exited.
-      const lines = fs.readFileSync(logFile, 'utf8').split('\n');
-      const at = (re) => lines.filter((l) => re.test(l)).map((l) => JSON.parse(l).time);
-      const done = at(/controller reset done/);
-      const mapped = at(/guest memory mapped for DMA/);
-      val(`${k}_reset_bench_running`, done.length === 1 && mapped.length >= 1 && mapped[0] < done[0] && done[0] < benchExitAt ? 1 : 0);
-      if (done.length === 1) val(`${k}_reset_ms_before_bench_exit`, benchExitAt - done[0]);
+      // `rnull ctl` in a loaded TCG guest takes seconds, so its own return time says little),
+      // after the bench's memory table was mapped.
+      const m = resetMidRun(logFile, 1, b.exitAt);
+      val(`${k}_reset_bench_running`, m.midRun);
+      if (m.doneAt !== undefined) val(`${k}_reset_ms_before_bench_exit`, b.exitAt - m.doneAt);
     }
-    if (bench.status === 'hung') child.kill('SIGKILL');
-    bench.stdout = benchOut;
-    bench.stderr = '';
-    val(`${k}_bench_status`, bench.status);
-    val(`${k}_bench_ms`, Date.now() - t1);
-    if (bench.status !== 0) process.stdout.write(`vhost-bench: ${bench.error ?? ''} ${bench.signal ?? ''}\n${bench.stdout}\n${bench.stderr}\n`);
-    try {
-      const j = JSON.parse(fs.readFileSync(`/run/${k}-bench.json`, 'utf8'));
-      val(`${k}_bench_iops`, Math.round(j.iops));
-      val(`${k}_bench_ios`, j.ios);
-      val(`${k}_bench_errors`, j.errors.total);
-      val(`${k}_bench_verified`, j.verify.checked);
-      val(`${k}_bench_mismatches`, j.verify.mismatches);
-    } catch (err) {
-      val(`${k}_bench_json`, 'missing');
-    }
+    reportBench(`${k}_`, b, json);
     // The back-end keeps serving after the bench disconnects (a new front-end, a new table).
     const t2 = Date.now();
     await frontendChecks(c, sock);
     val(`${k}_frontend_ms`, Date.now() - t2);
     // Per-queue NVMe counters through `rnull ctl stats`.
-    const ctl = cp.spawnSync(process.execPath, [path.join(dist, 'daemon/main.js'), 'ctl', '-m', `/run/${k}.mgmt`, 'stats', k], { encoding: 'utf8', timeout: 30000 });
-    val(`${k}_ctl_status`, ctl.status);
-    try {
-      const queues = JSON.parse(ctl.stdout).queues;
-      const sum = (f) => queues.reduce((n, q) => n + Number((q.nvme || {})[f] || 0), 0);
-      val(`${k}_ctl_qids`, queues.map((q) => (q.nvme || {}).qid).join(','));
+    const st = await ctlStats(mgmt, k);
+    val(`${k}_ctl_status`, st.code);
+    if (st.queues !== null) {
+      const sum = (f) => st.queues.reduce((n, q) => n + Number((q.nvme || {})[f] || 0), 0);
+      val(`${k}_ctl_qids`, st.queues.map((q) => (q.nvme || {}).qid).join(','));
       for (const f of ['commands', 'splits', 'bounces', 'aborts', 'resets', 'retries', 'timeouts', 'waits', 'errors', 'late', 'stale', 'interrupts', 'sq_doorbells', 'cq_doorbells', 'in_flight']) val(`${k}_ctl_${f}`, sum(f));
-    } catch (err) {
-      process.stdout.write(`ctl stats: ${ctl.stdout} ${ctl.stderr}\n`);
     }
   } finally {
-    d.child.kill('SIGTERM');
-    const r = await Promise.race([d.exited, deadline(20000).then(() => ({ code: 'hung' }))]);
-    if (r.code === 'hung') d.child.kill('SIGKILL');
-    val(`${k}_exit`, r.code);
+    val(`${k}_exit`, await stopDaemon(d, 20000));
     const log = fs.readFileSync(logFile, 'utf8');
     val(`${k}_shutdown_logged`, /NVMe controller shut down/.test(log) ? 1 : 0);
-    val(`${k}_dma_mapped_logged`, (log.match(/guest memory mapped for DMA/g) || []).length);
-    val(`${k}_errors_logged`, (log.match(/"level":50/g) || []).length);
-    val(`${k}_warnings_logged`, (log.match(/"level":40/g) || []).length);
-    const lines = log.split('\n');
-    const bad = lines.filter((l) => /"level":[4-6]0/.test(l));
-    process.stdout.write(`--- ${k} daemon log: warnings and errors ---\n${bad.slice(0, 20).join('\n')}\n--- ${k} daemon log (tail) ---\n${lines.slice(-15).join('\n')}\n`);
+    val(`${k}_dma_mapped_logged`, logCount(log, /guest memory mapped for DMA/g));
+    val(`${k}_errors_logged`, logCount(log, /"level":50/g));
+    val(`${k}_warnings_logged`, logCount(log, /"level":40/g));
+    printLog(`${k} daemon`, log);
   }
 }
 
 /** The daemon refuses to start (exit 2) with a message. */
 function refusal(name, args) {
-  const r = cp.spawnSync(process.execPath, [path.join(dist, 'daemon/main.js'), ...args, '--socket', `/run/${name}.sock`], { encoding: 'utf8', timeout: 60000 });
+  const r = cp.spawnSync(process.execPath, [MAIN, ...args, '--socket', `/run/${name}.sock`], { encoding: 'utf8', timeout: 60000 });
   val(`${name}_exit`, r.status);
   val(`${name}_message`, JSON.stringify((r.stderr.split('\n').find((l) => l.startsWith('rnull:')) || '').slice(0, 400)));
 }
 
-async function main() {
-  const plan = JSON.parse(process.argv[2]);
+runCheck('nvme-disk-check', async (plan) => {
   refusal('missing_ns', ['--driver', 'nvme', '--pci', plan.missingNsid.bdf, '--nsid', String(plan.missingNsid.nsid)]);
   refusal('unbound', ['--driver', 'nvme', '--pci', plan.unbound]);
   for (const c of plan.cases) await runCase(plan, c);
-  val('done', 1);
-}
-
-main().catch((err) => {
-  process.stdout.write(`nvme-disk-check failed: ${err.stack}\n`);
-  process.exitCode = 1;
 });

@@ -12,10 +12,13 @@
  *
  * Facts this relies on: ../../../shared/design/guest-testbed.md ("NVMe behind an emulated IOMMU").
  */
+import * as cp from 'node:child_process';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
+import * as ts from 'typescript';
 import { buildInitramfs, type GuestImage } from './initramfs';
-import { runGuestScript, type GuestRunResult } from './qemu';
+import { count, parseGuestOutput, requireQemu, runGuestScript, type GuestReport, type GuestRunResult } from './qemu';
 
 /** One namespace of an emulated controller, backed by a sparse raw file. */
 export interface NvmeNamespaceSpec {
@@ -182,4 +185,130 @@ export async function runNvmeGuest(o: NvmeGuestOptions): Promise<GuestRunResult>
     iommu: true,
     extraArgs: nvmeQemuArgs(o.controllers),
   });
+}
+
+/** The worktree root: guest scripts, dist/ and the vhost-bench client are at the same paths in the guest. */
+export const ROOT = path.join(__dirname, '..', '..');
+
+/** Byte i of the test pattern for `seed`: the same function as test/guest/check-util.js's pattern. */
+export function pattern(seed: number, i: number): number {
+  return (i * 7 + seed * 13 + (i >>> 9) * 3 + 1) & 0xff;
+}
+
+/** `bytes` bytes of the pattern for `seed`. */
+export function patterned(seed: number, bytes: number): Buffer {
+  return Buffer.from(Array.from({ length: bytes }, (_, j) => pattern(seed, j)));
+}
+
+/** `bytes` bytes of a host file (a namespace's backing file) from byte `offset` (short at the end of the file: zero-filled). */
+export function readBacking(file: string, offset: number, bytes: number): Buffer {
+  const fd = fs.openSync(file, 'r');
+  try {
+    const b = Buffer.alloc(bytes);
+    fs.readSync(fd, b, 0, bytes, offset);
+    return b;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/**
+ * Compiles project TypeScript files (paths relative to ROOT) to dist/ for a guest script to
+ * require, as one program (so the const enums they use are inlined). Only the named files are
+ * written unless `withImports` (then every file they import too).
+ * @throws Error when a file cannot be emitted.
+ */
+export function compileForGuest(files: string[], withImports = false): void {
+  const options: ts.CompilerOptions = { module: ts.ModuleKind.CommonJS, target: ts.ScriptTarget.ES2022, rootDir: ROOT, outDir: path.join(ROOT, 'dist'), skipLibCheck: true, esModuleInterop: true, types: ['node'] };
+  const abs = files.map((f) => path.join(ROOT, f));
+  const program = ts.createProgram(abs, options);
+  for (const f of withImports ? [undefined] : abs) {
+    if (program.emit(f === undefined ? undefined : program.getSourceFile(f)).emitSkipped) throw new Error(`cannot compile ${f ?? files.join(', ')}`);
+  }
+}
+
+/** The project's test front-end (test/helpers), which the in-guest check scripts drive. */
+export const FRONTEND_HELPERS = ['frontend', 'guest-ram', 'driver-ring'].map((f) => `test/helpers/${f}.ts`);
+
+/** Per-boot hard limit: RNULL_E2E_GUEST_TIMEOUT_S seconds (default 300), in ms. */
+export const GUEST_TIMEOUT_MS = Number(process.env.RNULL_E2E_GUEST_TIMEOUT_S ?? 300) * 1000;
+
+/** What one jest file's NVMe guest boot runs (see NvmeGuestRun.boot). */
+export interface NvmeGuestRunOptions {
+  controllers: NvmeControllerSpec[];
+  /** The node script to run in the guest: a file name in test/guest. */
+  script: string;
+  /** A file under dist/ the run needs (its absence means "run npm run build first"). */
+  needs: string;
+  /** Build vhost-bench (bench/client) on the host first. */
+  bench?: boolean;
+  /** Compile the test front-end (FRONTEND_HELPERS) into dist/ first. */
+  frontend?: boolean;
+  /** The script's argument, JSON-encoded; computed in beforeAll after the steps above. */
+  plan: () => unknown;
+  /** Hard limit for the boot, ms (default GUEST_TIMEOUT_MS). */
+  timeoutMs?: number;
+  kernelArgs?: string[];
+  /** The rest of the timings line, from the guest's values (`v`: the value or "?"). */
+  timings?: (v: (name: string) => string) => string;
+}
+
+/**
+ * One jest file's NVMe guest run: a run directory (made at once, so specs can name files in it),
+ * then `boot` registers the beforeAll that builds what the guest needs, creates the backing files,
+ * boots the guest, runs the script and parses its report, and the afterAll that removes the
+ * directory (kept with RNULL_E2E_KEEP=1 or when the boot failed).
+ */
+export class NvmeGuestRun {
+  readonly workDir: string;
+  report!: GuestReport;
+  /** The script's whole output (stdout and stderr of the guest shell). */
+  output = '';
+  /** The guest image (built or cached), once booted. */
+  image?: GuestImage;
+  private script = '';
+
+  /** Names the run directory (rnull-e2e-<name>-*) and the timings line (guest-<name>). */
+  readonly name: string;
+
+  constructor(name: string) {
+    this.name = name;
+    this.workDir = fs.mkdtempSync(path.join(process.env.TMPDIR ?? os.tmpdir(), `rnull-e2e-${name}-`));
+  }
+
+  boot(o: NvmeGuestRunOptions): void {
+    const timeoutMs = o.timeoutMs ?? GUEST_TIMEOUT_MS;
+    this.script = o.script;
+    beforeAll(async () => {
+      requireQemu();
+      if (!fs.existsSync(path.join(ROOT, 'dist', o.needs))) throw new Error('dist/ is not built: run npm run build first');
+      if (o.bench === true) cp.execFileSync('make', ['-C', path.join(ROOT, 'bench', 'client')], { stdio: 'pipe' });
+      if (o.frontend === true) compileForGuest(FRONTEND_HELPERS);
+      createBackingFiles(o.controllers);
+      const args = [JSON.stringify(o.plan())];
+      this.image = nvmeGuestImage();
+      const t = Date.now();
+      const result = await runNvmeGuest({ image: this.image, workDir: this.workDir, controllers: o.controllers, nodeScript: path.join(ROOT, 'test', 'guest', o.script), args, timeoutMs, kernelArgs: o.kernelArgs });
+      this.output = result.output;
+      this.report = parseGuestOutput(result.output);
+      const v = (n: string): string => this.report.values.get(n) ?? '?';
+      const head = `guest boot+run ${Date.now() - t} ms (image ${this.image.built ? 'built' : 'cached'}), node in guest ${v('node_seconds')} s`;
+      const rest = o.timings === undefined ? '' : o.timings(v);
+      console.log(`guest-${this.name} timings: ${head}${rest === '' || rest.startsWith('\n') ? '' : '; '}${rest}`);
+    }, timeoutMs + 120_000);
+    afterAll(() => {
+      if (process.env.RNULL_E2E_KEEP !== '1' && this.report !== undefined) fs.rmSync(this.workDir, { recursive: true, force: true });
+    });
+  }
+
+  /**
+   * The script ran to its end: exit status 0 (and, with `done`, its "@@VAL done 1"), no
+   * "<script> failed" line, no DMAR fault in the guest's kernel log.
+   */
+  expectCompleted(done = true): void {
+    expect(count(this.report, 'node_status')).toBe(0);
+    if (done) expect(count(this.report, 'done')).toBe(1);
+    expect(count(this.report, 'dmar_faults')).toBe(0);
+    expect(this.output).not.toMatch(new RegExp(`${this.script.replace(/\.js$/, '')} failed`));
+  }
 }

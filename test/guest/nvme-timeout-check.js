@@ -18,19 +18,11 @@
 // plan: { bdf, nsid, ioTimeoutMs, burst, light, baseSector }
 // Output: "@@VAL name value" lines.
 'use strict';
-const cp = require('child_process');
 const fs = require('fs');
-const path = require('path');
-const { val, patterned, sleep, deadline, waitFor } = require('./check-util');
+const { val, patterned, sleep, waitFor } = require('./check-util');
+const { T_IN, T_OUT, frontendHelpers, runCheck, startDaemon, stopDaemon, ctlStats, logCount, printLog } = require('./check-daemon');
 
-const ROOT = path.join(__dirname, '..', '..');
-const dist = path.join(ROOT, 'dist');
-const { TestFrontend } = require(path.join(dist, 'test/helpers/frontend.js'));
-const { GuestRam } = require(path.join(dist, 'test/helpers/guest-ram.js'));
-const { blkHeader } = require(path.join(dist, 'test/helpers/driver-ring.js'));
-
-const T_IN = 0;
-const T_OUT = 1;
+const { TestFrontend, GuestRam, blkHeader } = frontendHelpers();
 const BLOCK = 4096;
 
 /**
@@ -74,24 +66,17 @@ async function burst(fe, k, write, n, base) {
   if (!write) val(`${k}_data_ok`, reqs.filter((r, i) => Buffer.from(ram.bytes(r.data, BLOCK)).equals(patterned(i, BLOCK))).length);
 }
 
-function stats(k) {
-  const ctl = cp.spawnSync(process.execPath, [path.join(dist, 'daemon/main.js'), 'ctl', '-m', '/run/t.mgmt', 'stats', 't'], { encoding: 'utf8', timeout: 30000 });
-  try {
-    const q = JSON.parse(ctl.stdout).queues[0].nvme;
-    for (const f of ['commands', 'timeouts', 'aborts', 'resets', 'retries', 'errors', 'late', 'stale', 'in_flight']) val(`${k}_${f}`, q[f]);
-  } catch {
-    process.stdout.write(`ctl stats: ${ctl.status} ${ctl.stdout} ${ctl.stderr}\n`);
-  }
+async function stats(k) {
+  const { queues } = await ctlStats('/run/t.mgmt', 't');
+  if (queues === null) return;
+  const q = queues[0].nvme;
+  for (const f of ['commands', 'timeouts', 'aborts', 'resets', 'retries', 'errors', 'late', 'stale', 'in_flight']) val(`${k}_${f}`, q[f]);
 }
 
-async function main() {
-  const plan = JSON.parse(process.argv[2]);
+runCheck('nvme-timeout-check', async (plan) => {
   const logFile = '/run/t.log';
-  const out = fs.openSync(logFile, 'w');
   const args = ['--driver', 'nvme', '--pci', plan.bdf, '--nsid', String(plan.nsid), '--socket', '/run/t.sock', '--num-queues', '1', '--io-timeout', String(plan.ioTimeoutMs), '--management-socket', '/run/t.mgmt'];
-  const child = cp.spawn(process.execPath, [path.join(dist, 'daemon/main.js'), ...args], { stdio: ['ignore', out, out] });
-  fs.closeSync(out);
-  const exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+  const daemon = startDaemon(args, logFile);
   const ram = new GuestRam([{ gpa: 0, size: 32 << 20, uaddr: 0x7f0000000000 }]);
   let fe = null;
   try {
@@ -109,13 +94,13 @@ async function main() {
       if (s.status !== 0) val(`light_status_${i}`, s.status);
     }
     val('light_max_ms', lightMax);
-    stats('after_light');
+    await stats('after_light');
     // 2./3. A burst of writes over the timeout.
     await burst(fe, 'wburst', true, plan.burst, plan.baseSector);
-    stats('after_wburst');
+    await stats('after_wburst');
     // 4. The same burst as reads; then the verify run, one block at a time.
     await burst(fe, 'rburst', false, plan.burst, plan.baseSector);
-    stats('after_rburst');
+    await stats('after_rburst');
     let same = 0;
     for (let i = 0; i < plan.burst; i++) {
       const r = await fe.blk(0, T_IN, plan.baseSector + i * 8, { readLen: BLOCK });
@@ -126,28 +111,18 @@ async function main() {
       if (r.status === 0 && r.data.equals(patterned(100 + i, BLOCK))) same++;
     }
     val('verified_same', same);
-    stats('final');
+    await stats('final');
   } finally {
     if (fe !== null) fe.close();
-    child.kill('SIGTERM');
-    const r = await Promise.race([exited, deadline(30000).then(() => ({ code: 'hung' }))]);
-    if (r.code === 'hung') child.kill('SIGKILL');
-    val('exit', r.code);
+    val('exit', await stopDaemon(daemon, 30000));
     const log = fs.readFileSync(logFile, 'utf8');
-    val('abort_logged', (log.match(/sending Abort/g) || []).length);
-    val('not_aborted_logged', (log.match(/answered \\"not aborted\\"/g) || []).length);
-    val('reset_logged', (log.match(/resetting the controller/g) || []).length);
-    val('reset_done_logged', (log.match(/controller reset done/g) || []).length);
-    val('failed_logged', (log.match(/failed after \d+ controller resets/g) || []).length);
+    val('abort_logged', logCount(log, /sending Abort/g));
+    val('not_aborted_logged', logCount(log, /answered \\"not aborted\\"/g));
+    val('reset_logged', logCount(log, /resetting the controller/g));
+    val('reset_done_logged', logCount(log, /controller reset done/g));
+    val('failed_logged', logCount(log, /failed after \d+ controller resets/g));
     val('shutdown_logged', /NVMe controller shut down/.test(log) ? 1 : 0);
-    val('errors_logged', (log.match(/"level":50/g) || []).length);
-    const lines = log.split('\n');
-    process.stdout.write(`--- daemon log: warnings and errors ---\n${lines.filter((l) => /"level":[4-6]0/.test(l)).slice(0, 30).join('\n')}\n`);
+    val('errors_logged', logCount(log, /"level":50/g));
+    printLog('daemon', log, { max: 30, tail: 0 });
   }
-  val('done', 1);
-}
-
-main().catch((err) => {
-  process.stdout.write(`nvme-timeout-check failed: ${err.stack}\n`);
-  process.exitCode = 1;
 });

@@ -96,16 +96,35 @@ export class FakeController {
     return out;
   }
   complete(cid: number, status = 0): void {
-    const q = this.q;
-    const v = new DataView(q.cq.buffer);
-    const at = q.cqTail * CQE_SIZE;
-    v.setUint32(at + 8, q.sqHead, true);
-    v.setUint32(at + 12, (cid | (q.phase << 16) | (status << 17)) >>> 0, true);
-    q.cqTail++;
-    if (q.cqTail === q.entries) {
-      q.cqTail = 0;
-      q.phase ^= 1;
-    }
+    postCqe(this.q, cid, status);
+  }
+}
+
+/** The device's side of an in-memory completion queue: what posting a completion needs and moves. */
+export interface FakeCq {
+  cq: Uint8Array;
+  entries: number;
+  cqTail: number;
+  phase: number;
+  /** The SQ head the completion reports. */
+  sqHead: number;
+}
+
+/**
+ * Posts one completion queue entry at `q.cqTail` (NVMe base spec 2.0, 4.2.1 "Completion Queue
+ * Entry"): DW0 `dw0`, the SQ head, the command id, the phase tag and `status` (the status field
+ * without the phase bit); advances the tail and flips the phase at the wrap.
+ */
+export function postCqe(q: FakeCq, cid: number, status = 0, dw0 = 0): void {
+  const v = new DataView(q.cq.buffer, q.cq.byteOffset, q.cq.byteLength);
+  const at = q.cqTail * CQE_SIZE;
+  v.setUint32(at, dw0, true);
+  v.setUint32(at + 8, q.sqHead, true);
+  v.setUint32(at + 12, (cid | (q.phase << 16) | (status << 17)) >>> 0, true);
+  q.cqTail++;
+  if (q.cqTail === q.entries) {
+    q.cqTail = 0;
+    q.phase ^= 1;
   }
 }
 

@@ -16,110 +16,74 @@
  * bounds the inner QEMU (default 1200 s).
  */
 import { createHash } from 'node:crypto';
-import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
-import * as ts from 'typescript';
 import { buildInitramfs, type GuestImage } from '../guest/initramfs';
-import { bdfOf, createBackingFiles, nvmeGuestImage, runNvmeGuest, type NvmeControllerSpec } from '../guest/nvme-guest';
-import { count, parseGuestOutput, requireQemu, value, type GuestReport } from '../guest/qemu';
+import { bdfOf, compileForGuest, NvmeGuestRun, readBacking, ROOT, type NvmeControllerSpec } from '../guest/nvme-guest';
+import { count, value } from '../guest/qemu';
 
-const ROOT = path.join(__dirname, '..', '..');
 const INNER_TIMEOUT_MS = Number(process.env.RNULL_NESTED_INNER_TIMEOUT_S ?? 1200) * 1000;
 const OFFSET_MIB = 8;
 const SIZE_MIB = 2;
 const NS_BYTES = 64 << 20;
 
-/** test/guest/qemu.ts (and what it imports) compiled to dist/test/guest for the guest script. */
-function compileGuestHarness(): string {
-  const files = [path.join(ROOT, 'test', 'guest', 'qemu.ts')];
-  const options: ts.CompilerOptions = { module: ts.ModuleKind.CommonJS, target: ts.ScriptTarget.ES2022, rootDir: ROOT, outDir: path.join(ROOT, 'dist'), skipLibCheck: true, esModuleInterop: true, types: ['node'] };
-  const program = ts.createProgram(files, options);
-  const r = program.emit();
-  if (r.emitSkipped) throw new Error('cannot compile test/guest/qemu.ts');
-  return path.join(ROOT, 'dist', 'test', 'guest', 'qemu.js');
-}
-
 describe('a nested QEMU guest reads and writes an NVMe-backed rnull disk over vhost-user', () => {
-  let report: GuestReport;
-  let output = '';
-  const workDir = fs.mkdtempSync(path.join(process.env.TMPDIR ?? os.tmpdir(), 'rnull-e2e-nvme-nested-'));
+  const g = new NvmeGuestRun('nvme-nested');
   const controllers: NvmeControllerSpec[] = [
-    { id: 'nvme0', serial: 'rnull-nested', slot: 4, namespaces: [{ nsid: 1, file: path.join(workDir, 'ns1.img'), sizeBytes: NS_BYTES, blockSize: 512 }] },
+    { id: 'nvme0', serial: 'rnull-nested', slot: 4, namespaces: [{ nsid: 1, file: path.join(g.workDir, 'ns1.img'), sizeBytes: NS_BYTES, blockSize: 512 }] },
   ];
 
-  beforeAll(async () => {
-    requireQemu();
-    if (!fs.existsSync(path.join(ROOT, 'dist', 'drivers', 'nvme', 'driver.js'))) throw new Error('dist/ is not built: run npm run build first');
-    const qemuJs = compileGuestHarness();
-    const cacheDir = path.join(process.env.TMPDIR ?? '/tmp', 'rnull-guest-cache');
-    // The inner guest: busybox and the virtio-blk modules only.
-    const inner: GuestImage = buildInitramfs({ cacheDir, modules: ['virtio_pci', 'virtio_blk', 'qemu_fw_cfg'], programs: [] });
-    createBackingFiles(controllers);
-    // quiet: every console byte is a port write the nested QEMU emulates.
-    const kernelArgs = ['quiet', 'tsc=reliable', 'mitigations=off'];
-    const plan = { image: inner, qemuJs, bdf: bdfOf(controllers[0]!), nsid: 1, offsetMiB: OFFSET_MIB, sizeMiB: SIZE_MIB, timeoutMs: INNER_TIMEOUT_MS, memoryMiB: 192, kernelArgs };
-    const t = Date.now();
-    const result = await runNvmeGuest({
-      image: nvmeGuestImage(),
-      workDir,
-      controllers,
-      nodeScript: path.join(ROOT, 'test', 'guest', 'nvme-nested.js'),
-      args: [JSON.stringify(plan)],
-      timeoutMs: INNER_TIMEOUT_MS + 240_000,
-      // TSC clock reads in the vDSO: under TCG the kernel otherwise picks the HPET, and every
-      // clock read of the inner QEMU (it reads the clock constantly) traps to the outer QEMU.
-      // no_timer_check: with the TSC trusted, the kernel's IO-APIC timer check can fail under a
-      // loaded host and panic ("timer doesn't work through Interrupt-remapped IO-APIC").
-      kernelArgs: ['tsc=reliable', 'no_timer_check'],
-    });
-    output = result.output;
-    report = parseGuestOutput(result.output);
-    const v = (n: string): string => report.values.get(n) ?? '?';
-    console.log(
-      `guest-nvme-nested timings: outer boot+run ${Date.now() - t} ms, node in outer guest ${v('node_seconds')} s, rnull start ${v('rnull_start_ms')} ms, ` +
-        `inner QEMU ${v('inner_qemu_ms')} ms (kernel to /init ${v('inner_kernel_to_init_s')} s, script at ${v('inner_boot_s')} s, ${SIZE_MIB} MiB write ${v('inner_write_s')} s, read ${v('inner_read_s')} s)`,
-    );
-  }, INNER_TIMEOUT_MS + 360_000);
-
-  afterAll(() => {
-    if (process.env.RNULL_E2E_KEEP !== '1' && report !== undefined) fs.rmSync(workDir, { recursive: true, force: true });
+  g.boot({
+    controllers,
+    script: 'nvme-nested.js',
+    needs: 'drivers/nvme/driver.js',
+    plan: () => {
+      // test/guest/qemu.ts (and what it imports) compiled to dist/test/guest for the guest script.
+      compileForGuest(['test/guest/qemu.ts'], true);
+      const qemuJs = path.join(ROOT, 'dist', 'test', 'guest', 'qemu.js');
+      const cacheDir = path.join(process.env.TMPDIR ?? '/tmp', 'rnull-guest-cache');
+      // The inner guest: busybox and the virtio-blk modules only.
+      const inner: GuestImage = buildInitramfs({ cacheDir, modules: ['virtio_pci', 'virtio_blk', 'qemu_fw_cfg'], programs: [] });
+      // quiet: every console byte is a port write the nested QEMU emulates.
+      const kernelArgs = ['quiet', 'tsc=reliable', 'mitigations=off'];
+      return { image: inner, qemuJs, bdf: bdfOf(controllers[0]!), nsid: 1, offsetMiB: OFFSET_MIB, sizeMiB: SIZE_MIB, timeoutMs: INNER_TIMEOUT_MS, memoryMiB: 192, kernelArgs };
+    },
+    timeoutMs: INNER_TIMEOUT_MS + 240_000,
+    // TSC clock reads in the vDSO: under TCG the kernel otherwise picks the HPET, and every
+    // clock read of the inner QEMU (it reads the clock constantly) traps to the outer QEMU.
+    // no_timer_check: with the TSC trusted, the kernel's IO-APIC timer check can fail under a
+    // loaded host and panic ("timer doesn't work through Interrupt-remapped IO-APIC").
+    kernelArgs: ['tsc=reliable', 'no_timer_check'],
+    timings: (v) =>
+      `rnull start ${v('rnull_start_ms')} ms, ` +
+      `inner QEMU ${v('inner_qemu_ms')} ms (kernel to /init ${v('inner_kernel_to_init_s')} s, script at ${v('inner_boot_s')} s, ${SIZE_MIB} MiB write ${v('inner_write_s')} s, read ${v('inner_read_s')} s)`,
   });
 
   test('the outer guest ran to the end without a DMAR fault', () => {
-    expect(count(report, 'node_status')).toBe(0);
-    expect(count(report, 'dmar_faults')).toBe(0);
-    expect(output).not.toMatch(/nvme-nested failed/);
+    g.expectCompleted(false);
   });
 
   test('the inner guest sees the namespace: capacity and logical block size', () => {
-    expect(count(report, 'inner_exit')).toBe(0);
-    expect(count(report, 'inner_done')).toBe(1);
-    expect(count(report, 'inner_sectors')).toBe(NS_BYTES / 512);
-    expect(count(report, 'inner_lbs')).toBe(512);
+    expect(count(g.report, 'inner_exit')).toBe(0);
+    expect(count(g.report, 'inner_done')).toBe(1);
+    expect(count(g.report, 'inner_sectors')).toBe(NS_BYTES / 512);
+    expect(count(g.report, 'inner_lbs')).toBe(512);
   });
 
   test('data written with O_DIRECT reads back with the same checksum', () => {
-    expect(value(report, 'inner_data_md5')).toMatch(/^[0-9a-f]{32}$/);
-    expect(value(report, 'inner_readback_md5')).toBe(value(report, 'inner_data_md5'));
+    expect(value(g.report, 'inner_data_md5')).toMatch(/^[0-9a-f]{32}$/);
+    expect(value(g.report, 'inner_readback_md5')).toBe(value(g.report, 'inner_data_md5'));
   });
 
   test("the data is on the namespace: the host's backing file at the offset has the checksum", () => {
-    const fd = fs.openSync(controllers[0]!.namespaces[0]!.file, 'r');
-    try {
-      const buf = Buffer.alloc(SIZE_MIB << 20);
-      fs.readSync(fd, buf, 0, buf.length, OFFSET_MIB << 20);
-      expect(createHash('md5').update(buf).digest('hex')).toBe(value(report, 'inner_data_md5'));
-    } finally {
-      fs.closeSync(fd);
-    }
+    const buf = readBacking(controllers[0]!.namespaces[0]!.file, OFFSET_MIB << 20, SIZE_MIB << 20);
+    expect(createHash('md5').update(buf).digest('hex')).toBe(value(g.report, 'inner_data_md5'));
   });
 
   test('rnull mapped the inner guest memory once, logged nothing bad and shut the controller down', () => {
-    expect(count(report, 'rnull_exit')).toBe(0);
-    expect(count(report, 'rnull_dma_mapped_logged')).toBeGreaterThanOrEqual(1);
-    expect(count(report, 'rnull_errors_logged')).toBe(0);
-    expect(count(report, 'rnull_warnings_logged')).toBe(0);
-    expect(count(report, 'rnull_shutdown_logged')).toBe(1);
+    expect(count(g.report, 'rnull_exit')).toBe(0);
+    expect(count(g.report, 'rnull_dma_mapped_logged')).toBeGreaterThanOrEqual(1);
+    expect(count(g.report, 'rnull_errors_logged')).toBe(0);
+    expect(count(g.report, 'rnull_warnings_logged')).toBe(0);
+    expect(count(g.report, 'rnull_shutdown_logged')).toBe(1);
   });
 });

@@ -3,6 +3,7 @@ import { openPageStore, PAGE_SIZE } from '../../drivers/null/page-store';
 import { native } from '../../native';
 import { startBackend, TestBackend } from '../helpers/backend';
 import { TestFrontend } from '../helpers/frontend';
+import { randomOpsAgainstReference, seededRandom } from '../helpers/store-model';
 
 const newStore = openPageStore;
 
@@ -95,29 +96,7 @@ describe('PageStore against a flat reference (seeded random writes, reads, disca
     const DISK = 3 << 20; // 768 pages
     const ref = Buffer.alloc(DISK);
     const store = newStore();
-    let seed = 12345;
-    const rnd = (n: number): number => {
-      seed = (seed * 1103515245 + 12345) & 0x7fffffff;
-      return seed % n;
-    };
-    const src = Buffer.alloc(300_000);
-    for (let op = 0; op < 4000; op++) {
-      const pos = rnd(DISK - 1);
-      const len = 1 + rnd(Math.min(DISK - pos, [600, 5000, 70000, 300000][rnd(4)]));
-      const kind = rnd(10);
-      if (kind < 5) {
-        for (let i = 0; i < len; i++) src[i] = rnd(256);
-        store.write(pos, src, 0, len);
-        src.copy(ref, pos, 0, len);
-      } else if (kind < 7) {
-        store.discard(pos, len);
-        ref.fill(0, pos, pos + len);
-      } else {
-        const out = Buffer.alloc(len, 0xee);
-        store.read(pos, out, 0, len);
-        expect(out.equals(ref.subarray(pos, pos + len))).toBe(true);
-      }
-    }
+    randomOpsAgainstReference(store, ref, 4000, seededRandom(12345));
     const all = Buffer.alloc(DISK);
     store.read(0, all, 0, DISK);
     expect(all.equals(ref)).toBe(true);

@@ -16,6 +16,7 @@ import { memoryPageStore, type PageStore } from '../../drivers/null/page-store';
 import { openStoreFile, StoreError } from '../../drivers/null/store-file';
 import { WriteCache } from '../../drivers/null/write-cache';
 import { native } from '../../native';
+import { randomOpsAgainstReference, seededRandom } from '../helpers/store-model';
 
 const MIB = 1 << 20;
 const ROOT = path.join(__dirname, '..', '..');
@@ -99,31 +100,10 @@ describe('a store file', () => {
     const DISK = 3 * MIB;
     const file = path.join(shm, 'r.store');
     const ref = Buffer.alloc(DISK);
-    let seed = 4242;
-    const rnd = (n: number): number => {
-      seed = (seed * 1103515245 + 12345) & 0x7fffffff;
-      return seed % n;
-    };
-    const src = Buffer.alloc(300_000);
+    const rnd = seededRandom(4242);
     for (let round = 0; round < 4; round++) {
       const { store } = openStore(file, DISK);
-      for (let op = 0; op < 800; op++) {
-        const pos = rnd(DISK - 1);
-        const len = 1 + rnd(Math.min(DISK - pos, [600, 5000, 70000, 300000][rnd(4)]));
-        const kind = rnd(10);
-        if (kind < 5) {
-          for (let i = 0; i < len; i++) src[i] = rnd(256);
-          expect(store.write(pos, src, 0, len)).toBe(0);
-          src.copy(ref, pos, 0, len);
-        } else if (kind < 7) {
-          store.discard(pos, len);
-          ref.fill(0, pos, pos + len);
-        } else {
-          const out = Buffer.alloc(len, 0xee);
-          store.read(pos, out, 0, len);
-          expect(out.equals(ref.subarray(pos, pos + len))).toBe(true);
-        }
-      }
+      randomOpsAgainstReference(store, ref, 800, rnd);
       store.close();
     }
     const { store } = openStore(file, DISK);

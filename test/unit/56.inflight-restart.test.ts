@@ -126,6 +126,25 @@ let dir: string;
 let daemons: ChildDaemon[] = [];
 let fes: TestFrontend[] = [];
 let be: TestBackend | null = null;
+
+/** Completion modes for a daemon's two lives: requests end 10 s after they start (all still in flight at a kill), or at once. */
+const SLOW = ['--irqmode', '2', '--completion-nsec', '10000000000'];
+const FAST = ['--irqmode', '0'];
+
+/** Starts the daemon with `args` (killed after the test) and waits until it listens on `socket`. */
+async function serve(args: string[], socket: string): Promise<ChildDaemon> {
+  const d = new ChildDaemon(args);
+  daemons.push(d);
+  await d.listening(socket);
+  return d;
+}
+
+/** A front-end on `socket` over `ram` (closed after the test), after the handshake for `queues` queues with `region` (see handshake). */
+async function attach(socket: string, ram: GuestRam, queues: number, region: Region | null): Promise<{ fe: TestFrontend; hs: { region: Region; answers: Buffer[] } }> {
+  const fe = new TestFrontend(socket, ram);
+  fes.push(fe);
+  return { fe, hs: await handshake(fe, queues, region) };
+}
 beforeEach(() => {
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'rnull-56-'));
 });
@@ -254,13 +273,9 @@ describe('restart', () => {
     const socket = path.join(dir, 'd.sock');
     const common = ['--socket', socket, '--size', '16', '--num-queues', '2', '--threads', String(threads), '--poll-us', '0', '--memory-backed', 'false'];
     // First life: requests end 10 s after they start, so they are all in flight at the kill.
-    const d1 = new ChildDaemon([...common, '--irqmode', '2', '--completion-nsec', '10000000000']);
-    daemons.push(d1);
-    await d1.listening(socket);
+    const d1 = await serve([...common, ...SLOW], socket);
     const ram = new GuestRam();
-    const fe1 = new TestFrontend(socket, ram);
-    fes.push(fe1);
-    const first = await handshake(fe1, 2, null);
+    const { fe: fe1, hs: first } = await attach(socket, ram, 2, null);
     const rings = [new DriverRing(ram, QSIZE), new DriverRing(ram, QSIZE)];
     await startRings(fe1, rings, [0, 0]);
     const inflight: Array<Array<{ head: number; st: number }>> = [[], []];
@@ -278,12 +293,8 @@ describe('restart', () => {
       // While the daemon is down the guest offers more (its kicks go nowhere).
       const later = [0, 1].map((q) => [offerWrite(fe1, q, 1000, 0xa0), offerWrite(fe1, q, 1008, 0xa1)]);
       // Second life, the same disk (requests now end at once).
-      const d2 = new ChildDaemon([...common, '--irqmode', '0']);
-      daemons.push(d2);
-      await d2.listening(socket);
-      const fe2 = new TestFrontend(socket, ram);
-      fes.push(fe2);
-      const second = await handshake(fe2, 2, first.region);
+      const d2 = await serve([...common, ...FAST], socket);
+      const { fe: fe2, hs: second } = await attach(socket, ram, 2, first.region);
       expect(second.answers).toEqual(first.answers); // features, protocol features, queue count, config
       await startRings(fe2, rings, rings.map((r) => r.usedIdx())); // what QEMU 7.2 sends: used->idx
       for (const q of [0, 1]) {
@@ -307,13 +318,9 @@ describe('restart', () => {
   test('GET_VRING_BASE runs requests still to resubmit (a ring never enabled) before it answers', async () => {
     const socket = path.join(dir, 'd.sock');
     const common = ['--socket', socket, '--size', '16', '--num-queues', '1', '--poll-us', '0', '--memory-backed', 'false'];
-    const d1 = new ChildDaemon([...common, '--irqmode', '2', '--completion-nsec', '10000000000']);
-    daemons.push(d1);
-    await d1.listening(socket);
+    const d1 = await serve([...common, ...SLOW], socket);
     const ram = new GuestRam();
-    const fe1 = new TestFrontend(socket, ram);
-    fes.push(fe1);
-    const first = await handshake(fe1, 1, null);
+    const { fe: fe1, hs: first } = await attach(socket, ram, 1, null);
     const rings = [new DriverRing(ram, QSIZE)];
     await startRings(fe1, rings, [0]);
     const reqs = [offerWrite(fe1, 0, 0, 1), offerWrite(fe1, 0, 8, 2), offerWrite(fe1, 0, 16, 3)];
@@ -323,12 +330,8 @@ describe('restart', () => {
       await until(() => reqs.every(({ head }) => region.block(0)[16 + 16 * head] === 1), 'in flight', 10000);
       await d1.kill9();
       fe1.close();
-      const d2 = new ChildDaemon([...common, '--irqmode', '0']);
-      daemons.push(d2);
-      await d2.listening(socket);
-      const fe2 = new TestFrontend(socket, ram);
-      fes.push(fe2);
-      await handshake(fe2, 1, first.region);
+      await serve([...common, ...FAST], socket);
+      const { fe: fe2 } = await attach(socket, ram, 1, first.region);
       await startRings(fe2, rings, [0], false);
       const base = await fe2.call(Req.GET_VRING_BASE, state(0, 0), [], false, 10000);
       expect(base.payload.readUInt32LE(4)).toBe(3);

@@ -4,40 +4,13 @@
  * (exit 2 with a message naming the CPU): a CPU outside the allowed set or offline, a list
  * that does not give one CPU per thread, and disks that want the main thread on different CPUs.
  */
-import { ChildProcess, spawn } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { cpuListOf, formatCpuList, parseCpuList } from '../../config/cpu-list';
 import { native } from '../../native';
 import { until } from '../helpers/backend';
-
-const BIN = path.join(__dirname, '..', '..', 'bin', 'rnull');
-
-interface Daemon {
-  proc: ChildProcess;
-  out: string[];
-  exit: Promise<number | null>;
-}
-
-function start(cmd: string[], cwd: string): Daemon {
-  const proc = spawn(cmd[0], cmd.slice(1), { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
-  const out: string[] = [];
-  proc.stdout!.on('data', (d: Buffer) => out.push(...d.toString().split('\n').filter((l) => l !== '')));
-  proc.stderr!.on('data', (d: Buffer) => out.push(d.toString()));
-  const exit = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
-  return { proc, out, exit };
-}
-
-const rnull = (args: string[]): string[] => [process.execPath, BIN, ...args];
-
-/** Exit code of a daemon expected to stop by itself (bounded: 15 s). */
-async function exitOf(d: Daemon): Promise<number | null> {
-  const timeout = new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), 15000).unref());
-  const code = await Promise.race([d.exit, timeout]);
-  if (code === 'timeout') throw new Error(`daemon did not exit: ${d.out.join('')}`);
-  return code;
-}
+import { exitOf, killDaemon, rnullCommand, spawnDaemon, type Daemon } from '../helpers/daemon-process';
 
 /** tid -> Cpus_allowed_list of every thread of `pid`. */
 function threadCpus(pid: number): Map<number, string> {
@@ -63,10 +36,7 @@ beforeEach(() => {
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'rnull-pin-'));
 });
 afterEach(async () => {
-  if (d !== undefined && d.proc.exitCode === null) {
-    d.proc.kill('SIGKILL');
-    await d.exit;
-  }
+  await killDaemon(d);
   d = undefined;
   fs.rmSync(dir, { recursive: true, force: true });
 });
@@ -92,7 +62,7 @@ describe('CPU lists', () => {
 describe('pinned threads', () => {
   test('threads 2 with cpus [B, A]: the main thread runs on B only, its worker thread on A only', async () => {
     const sock = path.join(dir, 'p.sock');
-    d = start(rnull(['--socket', sock, '--memory-backed', 'false', '--num-queues', '2', '--threads', '2', '--cpus', `${cpuB},${cpuA}`]), dir);
+    d = spawnDaemon(rnullCommand(['--socket', sock, '--memory-backed', 'false', '--num-queues', '2', '--threads', '2', '--cpus', `${cpuB},${cpuA}`]), dir);
     await until(() => d!.out.some((l) => l.includes('serving null disk')), 'serving', 15000);
     const pid = d.proc.pid!;
     // The worker pins itself as it starts (asynchronously): wait for a thread besides the main one on A.
@@ -108,7 +78,7 @@ describe('pinned threads', () => {
 
   test('without cpus nothing is pinned: every thread keeps the allowed set', async () => {
     const sock = path.join(dir, 'u.sock');
-    d = start(rnull(['--socket', sock, '--memory-backed', 'false', '--num-queues', '2', '--threads', '2']), dir);
+    d = spawnDaemon(rnullCommand(['--socket', sock, '--memory-backed', 'false', '--num-queues', '2', '--threads', '2']), dir);
     await until(() => d!.out.some((l) => l.includes('serving null disk')), 'serving', 15000);
     const all = formatCpuList(allowed);
     for (const [, list] of threadCpus(d.proc.pid!)) expect(list).toBe(all);
@@ -121,7 +91,7 @@ describe('refused at start with exit 2', () => {
   test('an offline or absent CPU', async () => {
     const online = parseCpuList(fs.readFileSync('/sys/devices/system/cpu/online', 'utf8'));
     const absent = [...Array(1024).keys()].reverse().find((c) => !online.includes(c))!;
-    d = start(rnull(['--socket', path.join(dir, 'o.sock'), '--memory-backed', 'false', '--cpus', String(absent)]), dir);
+    d = spawnDaemon(rnullCommand(['--socket', path.join(dir, 'o.sock'), '--memory-backed', 'false', '--cpus', String(absent)]), dir);
     expect(await exitOf(d)).toBe(2);
     expect(d.out.join('')).toContain(`cpus: CPU ${absent} (thread 0) is not online`);
     expect(fs.existsSync(path.join(dir, 'o.sock'))).toBe(false);
@@ -136,16 +106,16 @@ describe('refused at start with exit 2', () => {
       expect(online).toEqual([cpuA]);
       return;
     }
-    d = start(['taskset', '-c', String(cpuA), ...rnull(['--socket', path.join(dir, 't.sock'), '--memory-backed', 'false', '--num-queues', '2', '--threads', '2', '--cpus', `${cpuA},${other}`])], dir);
+    d = spawnDaemon(['taskset', '-c', String(cpuA), ...rnullCommand(['--socket', path.join(dir, 't.sock'), '--memory-backed', 'false', '--num-queues', '2', '--threads', '2', '--cpus', `${cpuA},${other}`])], dir);
     expect(await exitOf(d)).toBe(2);
     expect(d.out.join('')).toContain(`cpus: CPU ${other} (thread 1) is outside the CPUs this daemon may run on (${cpuA}`);
   }, 30000);
 
   test('not one CPU per thread, and a malformed list', async () => {
-    d = start(rnull(['--socket', path.join(dir, 'n.sock'), '--memory-backed', 'false', '--num-queues', '2', '--threads', '2', '--cpus', String(cpuA)]), dir);
+    d = spawnDaemon(rnullCommand(['--socket', path.join(dir, 'n.sock'), '--memory-backed', 'false', '--num-queues', '2', '--threads', '2', '--cpus', String(cpuA)]), dir);
     expect(await exitOf(d)).toBe(2);
     expect(d.out.join('')).toContain('cpus: gives 1 CPU(s) for 2 thread(s)');
-    d = start(rnull(['--socket', path.join(dir, 'm.sock'), '--memory-backed', 'false', '--cpus', '1-0']), dir);
+    d = spawnDaemon(rnullCommand(['--socket', path.join(dir, 'm.sock'), '--memory-backed', 'false', '--cpus', '1-0']), dir);
     expect(await exitOf(d)).toBe(2);
     expect(d.out.join('')).toContain('range 1-0 runs backwards');
   }, 30000);
@@ -157,13 +127,13 @@ describe('refused at start with exit 2', () => {
       { name: 'two', socket: path.join(dir, 'two.sock'), memory_backed: false, num_queues: 2, threads: 2, cpus: `${cpuA + 1},${cpuA}` }, // the list form in a file
     ];
     fs.writeFileSync(file, JSON.stringify({ disks }));
-    d = start(rnull(['--config', file]), dir);
+    d = spawnDaemon(rnullCommand(['--config', file]), dir);
     expect(await exitOf(d)).toBe(2);
     expect(d.out.join('')).toContain(`disks one and two want the main thread (thread 0 of every disk) on CPU ${cpuA} and on CPU ${cpuA + 1}`);
     // Agreeing on thread 0 (a disk without cpus has its thread 0 there too) is fine.
     disks[1].cpus = [cpuA, cpuB];
     fs.writeFileSync(file, JSON.stringify({ disks: [...disks, { name: 'three', socket: path.join(dir, 'three.sock'), memory_backed: false }] }));
-    d = start(rnull(['--config', file]), dir);
+    d = spawnDaemon(rnullCommand(['--config', file]), dir);
     await until(() => d!.out.filter((l) => l.includes('serving null disk')).length === 3, 'three disks', 15000);
     expect(threadCpus(d.proc.pid!).get(d.proc.pid!)).toBe(String(cpuA));
     d.proc.kill('SIGTERM');

@@ -2,31 +2,15 @@
  * daemon/: the real `rnull` process (bin/rnull over dist/), started as a user would: its
  * defaults, its flags, its errors, and a clean SIGTERM/SIGINT shutdown with the socket removed.
  */
-import { ChildProcess, spawn, spawnSync } from 'child_process';
+import { spawnSync } from 'child_process';
 import * as fs from 'fs';
 import * as net from 'net';
 import * as os from 'os';
 import * as path from 'path';
 import { Req } from '../../vhost/protocol';
 import { until } from '../helpers/backend';
+import { BIN, killDaemon, startRnull, type Daemon } from '../helpers/daemon-process';
 import { TestFrontend } from '../helpers/frontend';
-
-const BIN = path.join(__dirname, '..', '..', 'bin', 'rnull');
-
-interface Daemon {
-  proc: ChildProcess;
-  out: string[];
-  exit: Promise<number | null>;
-}
-
-function start(args: string[], cwd: string): Daemon {
-  const proc = spawn(process.execPath, [BIN, ...args], { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
-  const out: string[] = [];
-  proc.stdout!.on('data', (d: Buffer) => out.push(...d.toString().split('\n').filter((l) => l !== '')));
-  proc.stderr!.on('data', (d: Buffer) => out.push(d.toString()));
-  const exit = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
-  return { proc, out, exit };
-}
 
 let dir: string;
 let d: Daemon | undefined;
@@ -34,16 +18,13 @@ beforeEach(() => {
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'rnull-daemon-'));
 });
 afterEach(async () => {
-  if (d !== undefined && d.proc.exitCode === null) {
-    d.proc.kill('SIGKILL');
-    await d.exit;
-  }
+  await killDaemon(d);
   d = undefined;
   fs.rmSync(dir, { recursive: true, force: true });
 });
 
 test('with no arguments it serves a 1 GiB disk at ./rnull.sock and logs the QEMU command line', async () => {
-  d = start([], dir);
+  d = startRnull([], dir);
   const sock = path.join(dir, 'rnull.sock');
   await until(() => fs.existsSync(sock), 'socket', 10000);
   await until(() => d!.out.some((l) => l.includes('vhost-user-blk-pci')), 'QEMU command line', 10000);
@@ -62,7 +43,7 @@ test('with no arguments it serves a 1 GiB disk at ./rnull.sock and logs the QEMU
 
 test('SIGINT with a front-end attached and rings running: exits 0, socket removed', async () => {
   const sock = path.join(dir, 'vm1.sock');
-  d = start(['--socket', sock, '--size', '8', '--blocksize', '4096', '--num-queues', '2'], dir);
+  d = startRnull(['--socket', sock, '--size', '8', '--blocksize', '4096', '--num-queues', '2'], dir);
   await until(() => fs.existsSync(sock), 'socket', 10000);
   const fe = new TestFrontend(sock);
   await fe.setup({ queues: 2 });
@@ -77,7 +58,7 @@ test('SIGINT with a front-end attached and rings running: exits 0, socket remove
 test('a config file with two disks serves both sockets', async () => {
   const cfg = path.join(dir, 'vm.json');
   fs.writeFileSync(cfg, JSON.stringify({ disks: [{ socket: path.join(dir, 'a.sock'), size: 4 }, { socket: path.join(dir, 'b.sock'), size: 8, blocksize: 4096 }] }));
-  d = start(['--config', cfg], dir);
+  d = startRnull(['--config', cfg], dir);
   await until(() => fs.existsSync(path.join(dir, 'a.sock')) && fs.existsSync(path.join(dir, 'b.sock')), 'sockets', 10000);
   for (const [name, sectors] of [['a.sock', 4n * 2048n], ['b.sock', 8n * 2048n]] as const) {
     const fe = new TestFrontend(path.join(dir, name));
@@ -105,7 +86,7 @@ test('a bad flag: non-zero exit and the reason', () => {
 
 test('a socket path in use by a live daemon is refused; a stale one is replaced', async () => {
   const sock = path.join(dir, 'x.sock');
-  d = start(['--socket', sock], dir);
+  d = startRnull(['--socket', sock], dir);
   await until(() => fs.existsSync(sock), 'socket', 10000);
   const r = spawnSync(process.execPath, [BIN, '--socket', sock], { cwd: dir, encoding: 'utf8' });
   expect(r.status).toBe(1);
@@ -113,7 +94,7 @@ test('a socket path in use by a live daemon is refused; a stale one is replaced'
   d.proc.kill('SIGKILL'); // leaves a stale socket file behind
   await d.exit;
   expect(fs.existsSync(sock)).toBe(true);
-  d = start(['--socket', sock], dir);
+  d = startRnull(['--socket', sock], dir);
   await until(() => d!.out.some((l) => l.includes('"listening"')), 'listening', 10000);
   const fe = new TestFrontend(sock);
   expect(await fe.getU64(Req.GET_QUEUE_NUM)).toBe(BigInt(Math.min(64, os.availableParallelism())));
@@ -123,7 +104,7 @@ test('a socket path in use by a live daemon is refused; a stale one is replaced'
 test('rnull ctl: bad blocks set at run time through the management socket fail guest I/O', async () => {
   const sock = path.join(dir, 'd.sock');
   const ctl = path.join(dir, 'ctl.sock');
-  d = start(['--socket', sock, '--size', '8', '--management-socket', ctl, '--badblocks', '0-7'], dir);
+  d = startRnull(['--socket', sock, '--size', '8', '--management-socket', ctl, '--badblocks', '0-7'], dir);
   await until(() => fs.existsSync(sock) && fs.existsSync(ctl), 'sockets', 10000);
   const run = (...args: string[]) => spawnSync(process.execPath, [BIN, 'ctl', '-m', ctl, ...args], { cwd: dir, encoding: 'utf8' });
   expect(JSON.parse(run('badblocks', 'd').stdout)).toMatchObject({ bad_blocks: [{ start: 0, end: 7 }] });

@@ -6,33 +6,18 @@
  * socket, a store in use by another daemon is refused, and the volatile write cache is lost on
  * a crash but written back on SIGTERM.
  */
-import { ChildProcess, spawn, spawnSync } from 'child_process';
+import { spawn, spawnSync } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { defaultStorePath } from '../../config/store-path';
 import { until } from '../helpers/backend';
+import { BIN, killDaemon, startRnull, type Daemon } from '../helpers/daemon-process';
 import { TestFrontend } from '../helpers/frontend';
 
-const BIN = path.join(__dirname, '..', '..', 'bin', 'rnull');
 const T_IN = 0;
 const T_OUT = 1;
 const T_FLUSH = 4;
-
-interface Daemon {
-  proc: ChildProcess;
-  out: string[];
-  exit: Promise<number | null>;
-}
-
-function start(args: string[], cwd: string, env: NodeJS.ProcessEnv = process.env): Daemon {
-  const proc = spawn(process.execPath, [BIN, ...args], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
-  const out: string[] = [];
-  proc.stdout!.on('data', (d: Buffer) => out.push(...d.toString().split('\n').filter((l) => l !== '')));
-  proc.stderr!.on('data', (d: Buffer) => out.push(d.toString()));
-  const exit = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
-  return { proc, out, exit };
-}
 
 /** A block of `n` bytes, different for every (seed, byte). */
 function pattern(n: number, seed: number): Buffer {
@@ -53,12 +38,7 @@ beforeEach(() => {
 afterEach(async () => {
   for (const fe of frontends) fe.close();
   frontends = [];
-  for (const d of running) {
-    if (d.proc.exitCode === null && d.proc.signalCode === null) {
-      d.proc.kill('SIGKILL');
-      await d.exit;
-    }
-  }
+  for (const d of running) await killDaemon(d);
   running = [];
   fs.rmSync(dir, { recursive: true, force: true });
   fs.rmSync(shm, { recursive: true, force: true });
@@ -66,7 +46,7 @@ afterEach(async () => {
 
 /** Starts the daemon and waits until its socket listens and it logged 'listening'. */
 async function serve(args: string[], sock: string, cwd = dir, env?: NodeJS.ProcessEnv): Promise<Daemon> {
-  const d = start(args, cwd, env);
+  const d = startRnull(args, cwd, env);
   running.push(d);
   await until(() => d.out.some((l) => l.includes('"listening"')) || d.proc.exitCode !== null, 'listening', 15000);
   if (d.proc.exitCode !== null) throw new Error(`daemon exited ${d.proc.exitCode}: ${d.out.join('\n')}`);
@@ -208,7 +188,7 @@ test('a second daemon on a store in use is refused (exit 1, the reason), and the
   const d = await serve(['--socket', sock, '--size', '16', '--store', store], sock);
   const fe = await connect(sock);
   const blocks = await writeSome(fe);
-  const other = start(['--socket', path.join(dir, 'b.sock'), '--size', '16', '--store', store], dir);
+  const other = startRnull(['--socket', path.join(dir, 'b.sock'), '--size', '16', '--store', store], dir);
   running.push(other);
   expect(await other.exit).toBe(1);
   expect(other.out.join('\n')).toContain(`store ${store} is in use by another process`);
@@ -290,7 +270,7 @@ test('cache_size: unflushed cached writes are lost on SIGKILL, flushed ones are 
 /** Runs the daemon with a store it must refuse: exit 2 within 20 s, the reason on stderr, no socket. */
 async function refused(store: string, extra: string[] = []): Promise<string> {
   const sock = path.join(dir, `r${running.length}.sock`);
-  const d = start(['--socket', sock, '--size', '16', '--store', store, ...extra], dir);
+  const d = startRnull(['--socket', sock, '--size', '16', '--store', store, ...extra], dir);
   running.push(d);
   const timer = setTimeout(() => d.proc.kill('SIGKILL'), 20_000);
   const code = await d.exit;

@@ -5,36 +5,20 @@
  * keys are refused with a log line naming them and the disk keeps its old value; a file that
  * does not load changes nothing.
  */
-import { ChildProcess, spawn } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { changedKeys } from '../../daemon/reload';
 import { until } from '../helpers/backend';
+import { killDaemon, startRnull, type Daemon } from '../helpers/daemon-process';
 import { TestFrontend } from '../helpers/frontend';
 
-const BIN = path.join(__dirname, '..', '..', 'bin', 'rnull');
 const IN = 0; // VIRTIO_BLK_T_IN
 const IOERR = 1;
-
-interface Daemon {
-  proc: ChildProcess;
-  out: string[];
-  exit: Promise<number | null>;
-}
 
 let dir: string;
 let d: Daemon | undefined;
 const fes: TestFrontend[] = [];
-
-function start(args: string[]): Daemon {
-  const proc = spawn(process.execPath, [BIN, ...args], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
-  const out: string[] = [];
-  proc.stdout!.on('data', (b: Buffer) => out.push(...b.toString().split('\n').filter((l) => l !== '')));
-  proc.stderr!.on('data', (b: Buffer) => out.push(b.toString()));
-  const exit = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
-  return { proc, out, exit };
-}
 
 /** Parsed JSON log lines whose msg matches. */
 function logged(daemon: Daemon, msg: RegExp): Array<Record<string, unknown>> {
@@ -65,10 +49,7 @@ beforeEach(() => {
 });
 afterEach(async () => {
   for (const fe of fes.splice(0)) fe.close();
-  if (d !== undefined && d.proc.exitCode === null) {
-    d.proc.kill('SIGKILL');
-    await d.exit;
-  }
+  await killDaemon(d);
   d = undefined;
   fs.rmSync(dir, { recursive: true, force: true });
 });
@@ -86,7 +67,7 @@ test('added disks start, removed ones stop (front-end disconnected), badblocks a
     { name: 'b', socket: sock('b'), size: 4 },
     { name: 't', socket: sock('t'), size: 4, num_queues: 2, threads: 2 },
   ]);
-  d = start(['--config', cfg]);
+  d = startRnull(['--config', cfg], dir);
   await until(() => ['a', 'b', 't'].every((n) => fs.existsSync(sock(n))), 'sockets', 15000);
   const feA = new TestFrontend(sock('a'));
   const feB = new TestFrontend(sock('b'));
@@ -135,7 +116,7 @@ test('log_level applies live, to the disks\' loggers too; management_socket is r
   const a = path.join(dir, 'a.sock');
   const cfg = path.join(dir, 'vm.json');
   fs.writeFileSync(cfg, JSON.stringify({ log_level: 'info', disks: [{ name: 'a', socket: a, size: 4 }] }));
-  d = start(['--config', cfg]);
+  d = startRnull(['--config', cfg], dir);
   await until(() => fs.existsSync(a), 'socket', 15000);
   const connects = (): number => logged(d!, /^front-end connected$/).length;
   const fe = new TestFrontend(a);
@@ -171,7 +152,7 @@ test('a disk the new file adds on a socket in use fails alone; the rest of the r
   const a = path.join(dir, 'a.sock');
   const cfg = path.join(dir, 'vm.json');
   fs.writeFileSync(cfg, JSON.stringify({ disks: [{ name: 'a', socket: a, size: 4 }] }));
-  d = start(['--config', cfg]);
+  d = startRnull(['--config', cfg], dir);
   await until(() => fs.existsSync(a), 'socket', 15000);
   const notSocket = path.join(dir, 'file.sock');
   fs.writeFileSync(notSocket, 'x');
@@ -192,7 +173,7 @@ test('a memory-backed disk removed by a reload and added back by the next finds 
   const disk = { name: 'm', socket: sock, size: 4, store };
   const keep = { name: 'k', socket: path.join(dir, 'k.sock'), size: 4, memory_backed: false };
   fs.writeFileSync(cfg, JSON.stringify({ disks: [keep, disk] }));
-  d = start(['--config', cfg]);
+  d = startRnull(['--config', cfg], dir);
   try {
     await until(() => fs.existsSync(sock), 'socket', 15000);
     const fe = new TestFrontend(sock);

@@ -28,6 +28,7 @@ import { connectNvmeWorkers, type NvmeMainMessage, type NvmeWorkerMessage } from
 import type { NativeGuestMemory } from '../../native';
 import { vfioShareRead32, vfioShareView, vfioShareWrite32 } from '../../native/vfio';
 import type { Logger } from 'pino';
+import { dispatchSegments } from '../helpers/dispatch';
 
 const MEMORY = { regionLayout: () => [{ size: 1 << 20, firstChunk: 0, hostPageOffset: 0 }] } as unknown as NativeGuestMemory;
 const NS = { nsze: 1 << 20, blockSize: 512, dlfeat: 1 } as IdentifyNamespace;
@@ -234,16 +235,7 @@ async function setup(): Promise<{
 }
 
 function submit(hctx: HwQueue, tag: number, op: ReqOp, sector: number, segs: Array<[number, number]>): Request {
-  const rq = hctx.requests[tag]!;
-  rq.op = op;
-  rq.sector = sector;
-  rq.bytes = segs.reduce((n, [, l]) => n + l, 0);
-  rq.segments = new Uint32Array(segs.flatMap(([o, l]) => [0, o, l, 0]));
-  rq.segBase = 0;
-  rq.segCount = segs.length;
-  rq.memory = [GUEST];
-  hctx.dispatch(rq, true, 0);
-  return rq;
+  return dispatchSegments(hctx, tag, op, sector, segs, GUEST);
 }
 
 test('each queue pair is driven by its own thread: qid 1 by the main thread, qid 2 by the worker, PRPs at the IOVA the main thread mapped', async () => {

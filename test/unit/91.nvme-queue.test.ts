@@ -6,6 +6,7 @@
 import { CQE_SIZE, SQE_SIZE, NvmOpcode, readWrite } from '../../drivers/nvme/command';
 import { QueuePair, TAG_BITS } from '../../drivers/nvme/queue';
 import type { Completion } from '../../drivers/nvme/command';
+import { postCqe } from '../helpers/fake-nvme';
 
 /** A fake controller: consumes SQEs on demand and posts CQEs with the right phase. */
 class FakeController {
@@ -13,9 +14,9 @@ class FakeController {
   readonly cq: Uint8Array;
   readonly sqTails: number[] = [];
   readonly cqHeads: number[] = [];
-  private sqHead = 0;
-  private cqTail = 0;
-  private phase = 1;
+  sqHead = 0;
+  cqTail = 0;
+  phase = 1;
   constructor(readonly entries: number) {
     this.sq = new Uint8Array(entries * SQE_SIZE);
     this.cq = new Uint8Array(entries * CQE_SIZE);
@@ -36,16 +37,7 @@ class FakeController {
   }
   /** Posts a completion for `cid` with `status` (without the phase bit). */
   post(cid: number, status = 0, dw0 = 0): void {
-    const v = new DataView(this.cq.buffer);
-    const at = this.cqTail * CQE_SIZE;
-    v.setUint32(at, dw0, true);
-    v.setUint32(at + 8, this.sqHead, true);
-    v.setUint32(at + 12, (cid | (this.phase << 16) | (status << 17)) >>> 0, true);
-    this.cqTail++;
-    if (this.cqTail === this.entries) {
-      this.cqTail = 0;
-      this.phase ^= 1;
-    }
+    postCqe(this, cid, status, dw0);
   }
 }
 

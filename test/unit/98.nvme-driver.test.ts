@@ -13,6 +13,7 @@ import type { NvmeController } from '../../drivers/nvme/controller';
 import { MAX_RETRIES, NvmeDriver } from '../../drivers/nvme/driver';
 import type { IdentifyNamespace } from '../../drivers/nvme/identify';
 import type { NativeGuestMemory } from '../../native';
+import { dispatchSegments } from '../helpers/dispatch';
 import { FakeController } from '../helpers/fake-nvme';
 
 const MEMORY = { regionLayout: () => [{ size: 1 << 20, firstChunk: 0, hostPageOffset: 0 }] } as unknown as NativeGuestMemory;
@@ -34,16 +35,7 @@ async function setup(entries = 64): Promise<{ hw: FakeController; driver: NvmeDr
 
 /** Dispatches a request with segments [offset, length] in chunk 0. */
 function submit(hctx: HwQueue, tag: number, op: ReqOp, sector: number, segs: Array<[number, number]>, isLast = true, bytes?: number): Request {
-  const rq = hctx.requests[tag]!;
-  rq.op = op;
-  rq.sector = sector;
-  rq.bytes = bytes ?? segs.reduce((n, [, l]) => n + l, 0);
-  rq.segments = new Uint32Array(segs.flatMap(([o, l]) => [0, o, l, 0]));
-  rq.segBase = 0;
-  rq.segCount = segs.length;
-  rq.memory = [GUEST];
-  hctx.dispatch(rq, isLast, 0);
-  return rq;
+  return dispatchSegments(hctx, tag, op, sector, segs, GUEST, isLast, bytes);
 }
 
 test('guest memory is mapped once per table at an allocator IOVA, and unmapped', async () => {

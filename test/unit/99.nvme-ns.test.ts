@@ -15,6 +15,7 @@ import { MAX_RETRIES, NvmeDriver } from '../../drivers/nvme/driver';
 import type { IdentifyNamespace } from '../../drivers/nvme/identify';
 import type { NvmeNamespace } from '../../drivers/nvme/namespace';
 import type { NativeGuestMemory } from '../../native';
+import { dispatchSegments } from '../helpers/dispatch';
 import { FakeController } from '../helpers/fake-nvme';
 
 const memoryTable = (): NativeGuestMemory => ({ regionLayout: () => [{ size: 1 << 20, firstChunk: 0, hostPageOffset: 0 }] }) as unknown as NativeGuestMemory;
@@ -69,16 +70,7 @@ async function setup(entries = 64, depth = 64): Promise<{ hw: FakeController; dr
 
 /** Dispatches a request on a disk with segments [offset, length] of its guest memory. */
 function submit(d: DiskUnderTest, tag: number, op: ReqOp, sector: number, segs: Array<[number, number]>, isLast = true): Request {
-  const rq = d.hctx.requests[tag]!;
-  rq.op = op;
-  rq.sector = sector;
-  rq.bytes = segs.reduce((n, [, l]) => n + l, 0);
-  rq.segments = new Uint32Array(segs.flatMap(([o, l]) => [0, o, l, 0]));
-  rq.segBase = 0;
-  rq.segCount = segs.length;
-  rq.memory = [d.guest];
-  d.hctx.dispatch(rq, isLast, 0);
-  return rq;
+  return dispatchSegments(d.hctx, tag, op, sector, segs, d.guest, isLast);
 }
 
 describe('several namespaces of one controller, one set of queue pairs', () => {
