@@ -25,6 +25,11 @@ export interface CompletionSink {
   requestEnded(request: Request): void;
   /** The request exceeded the timeout (before the driver's timeout operation runs); for logs. */
   requestTimedOut(request: Request): void;
+  /**
+   * A completion batch (HwQueue.endCompletionBatch) is over: publish what ended in it now. Not
+   * called for requests ended inside queueRq (the submission side publishes those itself).
+   */
+  completionBatchEnded?(): void;
 }
 
 const TAG_SPACE = 1 << TAG_BITS;
@@ -47,6 +52,11 @@ export class HwQueue {
    * the timer in time.
    */
   pollEndNs = 0;
+  /**
+   * Open completion batches (begin/endCompletionBatch): while > 0 the sink waits for the end of
+   * the batch to publish, instead of scheduling a publish of its own for the next event-loop turn.
+   */
+  completing = 0;
 
   readonly tags: Tags;
 
@@ -170,6 +180,21 @@ export class HwQueue {
     request.generation++;
     request.status = status;
     this.requestEnded(request);
+  }
+
+  /**
+   * A driver about to end several requests outside queueRq (an interrupt's or a poll's reap, a
+   * timer expiry) brackets them with begin/endCompletionBatch, as blk_mq_end_request_batch
+   * does with an io_comp_batch: the sink then publishes them together, once, when the batch
+   * ends, in the same call (no event-loop turn in between, nothing allocated). Batches nest.
+   */
+  beginCompletionBatch(): void {
+    this.completing++;
+  }
+
+  /** Ends a batch begun by beginCompletionBatch; the outermost end tells the sink. */
+  endCompletionBatch(): void {
+    if (this.completing > 0 && --this.completing === 0 && this.sink !== null && this.sink.completionBatchEnded !== undefined) this.sink.completionBatchEnded();
   }
 
   /** Runs the deferred completions collected during the batch (softirq-style). */

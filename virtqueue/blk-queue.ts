@@ -417,10 +417,21 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
     const status = rq.status;
     if (status !== BlkStatus.Ok) this.stats.failedRequests++;
     this.finish(head, this.statusChunk[head], this.statusOffset[head], status, status === BlkStatus.Ok ? this.usedLen[head] : 1);
-    if (!this.draining && !this.publishScheduled) {
+    // Inside a drain the batch publishes it; inside a driver's completion batch its end does.
+    if (!this.draining && !this.publishScheduled && this.hctx.completing === 0) {
       this.publishScheduled = true;
       setImmediate(this.publishLater);
     }
+  }
+
+  /**
+   * CompletionSink: a driver's completion batch ended (interrupt, poll, timer): its requests are
+   * published now, as publishLater would on the next turn, one event-loop turn earlier.
+   */
+  completionBatchEnded(): void {
+    if (this.draining || this.usedCount === 0) return;
+    this.drain();
+    this.publish();
   }
 
   /** CompletionSink: logged at warn, at most once a second per queue. */
@@ -534,6 +545,7 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
       calls: ring?.calls ?? 0,
       spins: ring?.spins ?? 0,
       spinHits: ring?.spinHits ?? 0,
+      spinYields: ring?.spinYields ?? 0,
       pollNs: ring?.pollNs ?? 0,
     };
   }
