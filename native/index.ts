@@ -74,6 +74,8 @@ export interface VirtqueueState {
   pollNs: number;
   spins: number;
   spinHits: number;
+  /** Polling spins ended early because another virtqueue of this thread had work. */
+  spinYields: number;
   /** An inflight region block is attached (setInflight). */
   inflightTracked: boolean;
   /** Heads to resubmit that pop() has not returned yet. */

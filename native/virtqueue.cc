@@ -5,6 +5,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "errors.h"
 #include "fd_ops.h"
 
@@ -19,6 +22,10 @@ inline uint64_t NowNs() {
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
 }
+
+// The configured virtqueues of this thread (see Virtqueue::JoinSiblings). Each Node thread
+// (main, workers) has its own event loop and its own list.
+thread_local std::vector<Virtqueue*> tlsSiblings;
 
 inline void CpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -69,6 +76,28 @@ void Virtqueue::Init(Napi::Env env, Napi::Object exports) {
 }
 
 Virtqueue::Virtqueue(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Virtqueue>(info) {}
+
+Virtqueue::~Virtqueue() { LeaveSiblings(); }
+
+void Virtqueue::JoinSiblings() {
+  if (std::find(tlsSiblings.begin(), tlsSiblings.end(), this) == tlsSiblings.end()) tlsSiblings.push_back(this);
+}
+
+void Virtqueue::LeaveSiblings() {
+  auto it = std::find(tlsSiblings.begin(), tlsSiblings.end(), this);
+  if (it != tlsSiblings.end()) tlsSiblings.erase(it);
+}
+
+// Whether another virtqueue of this thread sleeps on its kick (notifications armed) while the
+// guest has made entries available past what its last pop() saw: a few loads per sibling (its
+// avail index lies in guest memory it keeps mapped). A sibling that is not asleep (out of free
+// tags, or resuming after its drain budget) has its own way back and does not count.
+bool Virtqueue::SiblingHasWork() const {
+  for (const Virtqueue* v : tlsSiblings) {
+    if (v != this && v->sleeping_ && v->Usable() && v->ring_.AvailIdx() != v->seenAvail_) return true;
+  }
+  return false;
+}
 
 // configure({ memory, size, descAddr, availAddr, usedAddr, lastAvailIdx, eventIdx, indirect,
 //             segments, batch, used, info?, batchBytes?, maxDescriptors?, maxBytes? }): starts
@@ -168,6 +197,8 @@ Napi::Value Virtqueue::Configure(const Napi::CallbackInfo& info) {
   sleeping_ = true;
   sleptAtNs_ = 0;
   pollNs_ = pollMaxNs_;
+  seenAvail_ = static_cast<uint16_t>(lastAvail);
+  JoinSiblings();
   return env.Undefined();
 }
 
@@ -274,9 +305,21 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
         cut = true;
       }
       uint16_t seen = availIdx;
+      bool yield = false;
+      const bool siblings = tlsSiblings.size() > 1;
       while (seen == availIdx && NowNs() < deadline) {
         CpuRelax();
         seen = ring_.AvailIdx();
+        // Another ring of this thread has work: end the spin (without shrinking the budget)
+        // so the event loop serves it now rather than after this spin.
+        if (siblings && seen == availIdx && SiblingHasWork()) {
+          yield = true;
+          break;
+        }
+      }
+      if (yield) {
+        spinYields_++;
+        cut = true;
       }
       if (seen != availIdx) {
         spinHits_++;
@@ -302,6 +345,7 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
     sleptAtNs_ = NowNs();
     break;
   }
+  seenAvail_ = availIdx;
   // Chains popped before the queue broke are still returned (they are in flight); -1 after.
   return Napi::Number::New(env, ring_.broken() && count == 0 ? -1 : static_cast<double>(count));
 }
@@ -351,6 +395,7 @@ void Virtqueue::Notify() {
 Napi::Value Virtqueue::Stop(const Napi::CallbackInfo& info) {
   uint16_t lastAvail = ring_.lastAvail();
   ring_.Stop();
+  LeaveSiblings();
   memory_ = nullptr;
   regions_.Assign(nullptr, 0);
   if (!memoryRef_.IsEmpty()) memoryRef_.Reset();
@@ -379,6 +424,7 @@ Napi::Value Virtqueue::State(const Napi::CallbackInfo& info) {
   o.Set("pollNs", static_cast<double>(pollNs_));
   o.Set("spins", spins_);
   o.Set("spinHits", spinHits_);
+  o.Set("spinYields", spinYields_);
   o.Set("inflightTracked", ring_.hasInflight());
   o.Set("resubmitPending", ring_.resubmitPending());
   o.Set("inflightCounter", static_cast<double>(ring_.inflightCounter()));

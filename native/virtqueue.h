@@ -40,6 +40,7 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
  public:
   static void Init(Napi::Env env, Napi::Object exports);
   explicit Virtqueue(const Napi::CallbackInfo& info);
+  ~Virtqueue() override;
 
  private:
   Napi::Value Configure(const Napi::CallbackInfo& info);
@@ -55,6 +56,12 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   void CheckInflightMapping();
 
   bool Usable() const { return ring_.ready() && !ring_.broken() && memory_ != nullptr && memory_->mapped(); }
+  // Polling siblings: the configured virtqueues of this thread (one event loop) share its
+  // core, so a polling spin on one ring ends as soon as another of them has new avail entries
+  // (a two-queue guest would otherwise wait out the whole spin of the other queue).
+  void JoinSiblings();
+  void LeaveSiblings();
+  bool SiblingHasWork() const;
   uint32_t PublishUsed(uint32_t n);
   void Notify();
 
@@ -77,7 +84,8 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   uint64_t pollNs_ = 0;
   uint64_t sleptAtNs_ = 0;
   bool sleeping_ = true;  // notifications re-armed, waiting for a kick
-  double spins_ = 0, spinHits_ = 0;  // statistics
+  uint16_t seenAvail_ = 0;  // the avail index the last pop() saw (entries past it are new work)
+  double spins_ = 0, spinHits_ = 0, spinYields_ = 0;  // statistics (yields: spins ended for a sibling)
 };
 
 }  // namespace rnull
