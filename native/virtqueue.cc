@@ -338,6 +338,10 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     uint16_t again = ring_.AvailIdx();
     if (again != availIdx) {
+      // Arrived after the spin (or instead of it): now is their start time, not this pop's
+      // beginning (a timer-mode request stamped with the older time could end up to a whole
+      // spin earlier than completion_nsec after its arrival).
+      if (info_ != nullptr) info_[0] = static_cast<double>(NowNs());
       availIdx = again;
       continue;
     }
