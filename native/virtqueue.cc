@@ -5,8 +5,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <algorithm>
-#include <vector>
+#include <atomic>
+
 
 #include "errors.h"
 #include "fd_ops.h"
@@ -24,8 +24,12 @@ inline uint64_t NowNs() {
 }
 
 // The configured virtqueues of this thread (see Virtqueue::JoinSiblings). Each Node thread
-// (main, workers) has its own event loop and its own list.
-thread_local std::vector<Virtqueue*> tlsSiblings;
+// (main, workers) has its own event loop and its own list. Plain arrays, nothing to destroy at
+// thread exit (a Virtqueue finalized after that must still find a valid list). A queue beyond
+// the capacity just does not take part (its spins never yield, nobody yields to it).
+constexpr uint32_t kMaxSiblings = 512;
+thread_local Virtqueue* tlsSiblings[kMaxSiblings];
+thread_local uint32_t tlsSiblingCount = 0;
 
 inline void CpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -65,6 +69,7 @@ void Virtqueue::Init(Napi::Env env, Napi::Object exports) {
                                      InstanceMethod<&Virtqueue::State>("state"),
                                      InstanceMethod<&Virtqueue::SetInflight>("setInflight"),
                                      InstanceMethod<&Virtqueue::Signal>("signal"),
+                                     InstanceAccessor<&Virtqueue::PollId>("pollId"),
                                  });
   exports.Set("Virtqueue", f);
   Napi::Object c = Napi::Object::New(env);
@@ -75,28 +80,43 @@ void Virtqueue::Init(Napi::Env env, Napi::Object exports) {
   exports.Set("virtqueueConstants", c);
 }
 
-Virtqueue::Virtqueue(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Virtqueue>(info) {}
+// Poll ids are unique in the process (not reused), so an id read back from info[3] can never
+// name another virtqueue than the one that had the work.
+Virtqueue::Virtqueue(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Virtqueue>(info) {
+  static std::atomic<uint32_t> nextPollId{0};
+  pollId_ = static_cast<double>(nextPollId.fetch_add(1) + 1);
+}
+
+Napi::Value Virtqueue::PollId(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), pollId_); }
 
 Virtqueue::~Virtqueue() { LeaveSiblings(); }
 
 void Virtqueue::JoinSiblings() {
-  if (std::find(tlsSiblings.begin(), tlsSiblings.end(), this) == tlsSiblings.end()) tlsSiblings.push_back(this);
+  for (uint32_t i = 0; i < tlsSiblingCount; i++) {
+    if (tlsSiblings[i] == this) return;
+  }
+  if (tlsSiblingCount < kMaxSiblings) tlsSiblings[tlsSiblingCount++] = this;
 }
 
 void Virtqueue::LeaveSiblings() {
-  auto it = std::find(tlsSiblings.begin(), tlsSiblings.end(), this);
-  if (it != tlsSiblings.end()) tlsSiblings.erase(it);
+  for (uint32_t i = 0; i < tlsSiblingCount; i++) {
+    if (tlsSiblings[i] == this) {
+      tlsSiblings[i] = tlsSiblings[--tlsSiblingCount];
+      return;
+    }
+  }
 }
 
 // Whether another virtqueue of this thread sleeps on its kick (notifications armed) while the
 // guest has made entries available past what its last pop() saw: a few loads per sibling (its
 // avail index lies in guest memory it keeps mapped). A sibling that is not asleep (out of free
 // tags, or resuming after its drain budget) has its own way back and does not count.
-bool Virtqueue::SiblingHasWork() const {
-  for (const Virtqueue* v : tlsSiblings) {
-    if (v != this && v->sleeping_ && v->Usable() && v->ring_.AvailIdx() != v->seenAvail_) return true;
+const Virtqueue* Virtqueue::SiblingWithWork() const {
+  for (uint32_t i = 0; i < tlsSiblingCount; i++) {
+    const Virtqueue* v = tlsSiblings[i];
+    if (v != this && v->sleeping_ && v->Usable() && v->ring_.AvailIdx() != v->seenAvail_) return v;
   }
-  return false;
+  return nullptr;
 }
 
 // configure({ memory, size, descAddr, availAddr, usedAddr, lastAvailIdx, eventIdx, indirect,
@@ -186,9 +206,11 @@ Napi::Value Virtqueue::Configure(const Napi::CallbackInfo& info) {
     infoRef_ = Napi::Persistent(infov.As<Napi::Float64Array>());
     info_ = infov.As<Napi::Float64Array>().Data();
     infoSpinLimit_ = infov.As<Napi::Float64Array>().ElementLength() >= 3;
+    infoSibling_ = infov.As<Napi::Float64Array>().ElementLength() >= 4;
   } else {
     info_ = nullptr;
     infoSpinLimit_ = false;
+    infoSibling_ = false;
   }
   regions_ = regions;
   ring_.Configure(&regions_, static_cast<uint32_t>(size), descAddr, availAddr, usedAddr, static_cast<uint16_t>(lastAvail),
@@ -265,6 +287,7 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
   if (ring_.broken()) return Napi::Number::New(env, -1);
   if (!Usable() || max == 0) return Napi::Number::New(env, 0);
   if (info_ != nullptr) info_[0] = static_cast<double>(NowNs());
+  if (infoSibling_) info_[3] = -1;
   // pop(n, max, true): only requests resubmitted after a restart (GET_VRING_BASE drains them
   // before answering; nothing new is taken from the avail ring).
   if (info.Length() > 2 && info[2].ToBoolean().Value()) {
@@ -305,21 +328,19 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
         cut = true;
       }
       uint16_t seen = availIdx;
-      bool yield = false;
-      const bool siblings = tlsSiblings.size() > 1;
+      const Virtqueue* yieldTo = nullptr;
+      const bool siblings = tlsSiblingCount > 1;
       while (seen == availIdx && NowNs() < deadline) {
         CpuRelax();
         seen = ring_.AvailIdx();
         // Another ring of this thread has work: end the spin (without shrinking the budget)
-        // so the event loop serves it now rather than after this spin.
-        if (siblings && seen == availIdx && SiblingHasWork()) {
-          yield = true;
-          break;
-        }
+        // and say which (info[3]), so the caller serves it now rather than after this spin.
+        if (siblings && seen == availIdx && (yieldTo = SiblingWithWork()) != nullptr) break;
       }
-      if (yield) {
+      if (yieldTo != nullptr) {
         spinYields_++;
         cut = true;
+        if (infoSibling_) info_[3] = yieldTo->pollId_;
       }
       if (seen != availIdx) {
         spinHits_++;

@@ -12,7 +12,9 @@
 //   [chunk, offsetInChunk, lengthBytes, flags(bit 0 = device-writable)];
 // - batch:    size * 3 words: [head, segmentCount, chainError] per popped chain;
 // - used:     size * 2 words: [head, bytesWritten] per element to publish;
-// - info:     optional Float64Array(2): [monotonic ns at the last pop, published by pop(n)].
+// - info:     optional Float64Array(2..4): [monotonic ns at the last pop, published by pop(n),
+//             when the polling spin must end (0: no limit), pollId of the sibling virtqueue the
+//             last spin gave way to (-1: none)].
 //
 // Invariants:
 // - a head is "in flight" from pop() to the push() that returns it; a head the guest offers
@@ -52,6 +54,7 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   Napi::Value State(const Napi::CallbackInfo& info);
   Napi::Value SetInflight(const Napi::CallbackInfo& info);
   Napi::Value Signal(const Napi::CallbackInfo& info);
+  Napi::Value PollId(const Napi::CallbackInfo& info);
   // Drops the inflight block if its mapping went away (the ring then runs untracked).
   void CheckInflightMapping();
 
@@ -61,7 +64,7 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   // (a two-queue guest would otherwise wait out the whole spin of the other queue).
   void JoinSiblings();
   void LeaveSiblings();
-  bool SiblingHasWork() const;
+  const Virtqueue* SiblingWithWork() const;
   uint32_t PublishUsed(uint32_t n);
   void Notify();
 
@@ -75,6 +78,8 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   Napi::ObjectReference inflightRef_;
   double* info_ = nullptr;   // [0] monotonic ns of the last pop, [1] published by the last pop(n)
   bool infoSpinLimit_ = false;  // info_ has [2]: the polling spin ends by that time (0: no limit)
+  bool infoSibling_ = false;    // info_ has [3]: the pollId of the sibling a spin yielded to (-1: none)
+  double pollId_ = 0;           // unique in the process (pollId accessor), reported in a sibling's info[3]
   uint64_t batchBytes_ = 0;  // a batch ends once its chains hold this many bytes (0: no limit)
   int callFd_ = -1;
   double calls_ = 0;  // statistics: calls signalled

@@ -2,7 +2,7 @@
  * issue 12, the data path: completions a driver ends in a batch outside queueRq (an interrupt's
  * reap, a timer) are published when the batch ends, in the same call, rather than on the next
  * event-loop turn; and a polling spin on one virtqueue gives way as soon as another virtqueue
- * of the same thread has work.
+ * of the same thread has work, which is then drained at once.
  */
 import pino from 'pino';
 import { hctxOf } from '../../block/disk';
@@ -29,6 +29,12 @@ function offerRead(ram: GuestRam, ring: DriverRing, sector: number): number {
 
 const nextTurn = (): Promise<void> => new Promise((r) => setImmediate(r));
 
+/** Queues a test started: afterEach stops those still running before their fds are closed. */
+const started: VirtioBlkQueue[] = [];
+async function stopAll(): Promise<void> {
+  for (const q of started.splice(0)) if (q.isRunning) await q.stop();
+}
+
 describe('completion batches (HwQueue.begin/endCompletionBatch)', () => {
   let be: TestBackend;
   let ram: GuestRam;
@@ -46,6 +52,7 @@ describe('completion batches (HwQueue.begin/endCompletionBatch)', () => {
     be = startBackend({ num_queues: 1 }, holding);
   });
   afterEach(async () => {
+    await stopAll();
     native.close(kick);
     await be.close();
     memory.release();
@@ -57,6 +64,7 @@ describe('completion batches (HwQueue.begin/endCompletionBatch)', () => {
     const q = new VirtioBlkQueue(0, hctx, be.disk, silent);
     const ring = new DriverRing(ram, 16);
     q.start(ring.setup(memory, kick), true);
+    started.push(q);
     const st = [offerRead(ram, ring, 0), offerRead(ram, ring, 8), offerRead(ram, ring, 16)];
     native.eventfdWrite(kick);
     await until(() => held.length === 3, 'the driver to hold 3 requests');
@@ -89,6 +97,7 @@ describe('completion batches (HwQueue.begin/endCompletionBatch)', () => {
     const q = new VirtioBlkQueue(0, hctx, be.disk, silent);
     const ring = new DriverRing(ram, 16);
     q.start(ring.setup(memory, kick), true);
+    started.push(q);
     offerRead(ram, ring, 0);
     native.eventfdWrite(kick);
     await until(() => held.length === 1, 'the driver to hold the request');
@@ -106,7 +115,7 @@ describe('completion batches (HwQueue.begin/endCompletionBatch)', () => {
   });
 });
 
-describe('polling siblings: a spin on one virtqueue ends when another of the thread has work', () => {
+describe('polling siblings: a spin on one virtqueue ends when another of the thread has work, which is served at once', () => {
   let be: TestBackend;
   let ram: GuestRam;
   let memory: GuestMemoryMap;
@@ -118,6 +127,7 @@ describe('polling siblings: a spin on one virtqueue ends when another of the thr
     be = startBackend({ num_queues: 2 });
   });
   afterEach(async () => {
+    await stopAll();
     for (const fd of fds.splice(0)) native.close(fd);
     await be.close();
     memory.release();
@@ -132,6 +142,7 @@ describe('polling siblings: a spin on one virtqueue ends when another of the thr
       const kick = native.eventfd();
       fds.push(kick);
       q.start({ ...ring.setup(memory, kick), pollUs: 1000 }, true);
+      started.push(q);
       return { q, ring, kick };
     });
   }
@@ -145,9 +156,7 @@ describe('polling siblings: a spin on one virtqueue ends when another of the thr
 
     // Queue 1 idle: queue 0's drain serves its request, then spins until its budget ends.
     offerRead(ram, a.ring, 0);
-    const t = process.hrtime.bigint();
     a.q.drain();
-    const idleSpinNs = Number(process.hrtime.bigint() - t);
     const a1 = a.q.state();
     expect(a.ring.usedIdx()).toBe(1);
     expect(a1.spins - a0.spins).toBe(1);
@@ -155,7 +164,8 @@ describe('polling siblings: a spin on one virtqueue ends when another of the thr
     expect(a1.spinHits).toBe(0);
 
     // Queue 1 has a request (made available, its kick pending on the event loop): queue 0's
-    // spin after its next request gives way instead of running out its budget.
+    // spin after its next request gives way instead of running out its budget, and queue 1 is
+    // drained right away, in the same call (one polling loop for the thread's queues).
     const st = offerRead(ram, b.ring, 8);
     native.eventfdWrite(b.kick);
     offerRead(ram, a.ring, 16);
@@ -164,14 +174,16 @@ describe('polling siblings: a spin on one virtqueue ends when another of the thr
     expect(a.ring.usedIdx()).toBe(2);
     expect(a2.spins - a1.spins).toBe(1);
     expect(a2.spinYields).toBe(1);
-    // A yield does not shrink queue 0's budget (it was cut short, not idle).
-    expect(a2.pollNs).toBe(a1.pollNs);
+    // A yield does not shrink queue 0's budget (it was cut short, not idle); the wake-up at the
+    // start of this drain may have raised it (twice the idle gap, if the test was slow).
+    expect(a2.pollNs).toBeGreaterThanOrEqual(a1.pollNs);
     expect(a.q.snapshot().spinYields).toBe(1);
-    // The spin that ran out took its whole budget (500 us: the first, empty pop halved 1 ms).
-    expect(idleSpinNs).toBeGreaterThanOrEqual(500_000);
-    // The event loop then serves queue 1 through its kick.
-    await until(() => b.ring.usedIdx() === 1, 'queue 1 to complete its request');
+    expect(b.ring.usedIdx()).toBe(1);
     expect(ram.bytes(st, 1)[0]).toBe(BlkStatus.Ok);
+    // Its kick, still pending, finds nothing more to do.
+    await nextTurn();
+    await nextTurn();
+    expect(b.ring.usedIdx()).toBe(1);
     expect(await a.q.stop()).toBe(2);
     expect(await b.q.stop()).toBe(1);
   });
