@@ -36,7 +36,21 @@ const WORKLOADS = [
   { id: '4k-randwrite-qd32', label: '4k randwrite QD32', rw: 'randwrite', bs: 4096, qd: 32, queues: 1 },
   { id: '128k-seqread-qd8', label: '128k seqread QD8', rw: 'read', bs: 131072, qd: 8, queues: 1 },
   { id: '4k-randread-qd32-2q', label: '4k randread QD32 x2 queues', rw: 'randread', bs: 4096, qd: 32, queues: 2 },
+  // The client busy-polls the used ring (no call eventfd, no sleep): the back-end alone sets the pace.
+  { id: '4k-randread-qd32-poll', label: '4k randread QD32, client polls', rw: 'randread', bs: 4096, qd: 32, queues: 1, wait: 'poll', disks: ['null'] },
+  // Timer mode against direct completion, both seen by a polling client (so its own wake-up
+  // is not part of the figure): every request ends 50 us after it starts: rnull --irqmode 2
+  // --completion-nsec 50000, QSD null-co latency-ns=50000 (the ceiling has no such mode).
+  { id: '4k-randread-qd1-poll', label: '4k randread QD1, client polls', rw: 'randread', bs: 4096, qd: 1, queues: 1, wait: 'poll', disks: ['null'] },
+  { id: '4k-randread-qd1-timer', label: '4k randread QD1, 50 us completion, client polls', rw: 'randread', bs: 4096, qd: 1, queues: 1, wait: 'poll', completionNs: 50000, disks: ['null'], noCeiling: true },
 ];
+
+/** Every case: each workload on each disk kind it applies to, as {id, disk, workload}. */
+function allCases() {
+  const cases = [];
+  for (const disk of Object.keys(DISKS)) for (const w of WORKLOADS) if (!w.disks || w.disks.includes(disk)) cases.push({ id: `${disk}/${w.id}`, disk, workload: w });
+  return cases;
+}
 
 /** Disk kinds: equivalent rnull and QSD configurations. */
 const DISKS = {
@@ -44,7 +58,7 @@ const DISKS = {
   mem: { label: 'memory', rnull: 'memory-backed null disk (--memory-backed true)', qsd: 'raw file in /dev/shm' },
 };
 
-const BACKEND_NAMES = { rnull: 'rnull', qsd: 'QSD', ceiling: 'ceiling' };
+const BACKEND_NAMES = { rnull: 'rnull', base: 'rnull before', qsd: 'QSD', ceiling: 'ceiling' };
 /** The do-nothing back-end (bench/ceiling): completes every request without touching data. */
 const CEILING_DIR = path.join(__dirname, 'ceiling');
 const CEILING = path.join(CEILING_DIR, 'build', 'vhost-ceiling');
@@ -61,9 +75,13 @@ const HELP = `usage: node bench/run.js [options]        (npm run bench -- [optio
   --ramp SEC          warm-up seconds per run, not measured (default 1)
   --backends LIST     rnull,qsd (default: both, or rnull alone if qemu-storage-daemon is missing);
                       add ceiling for the do-nothing back-end (bench/ceiling), e.g. rnull,qsd,ceiling
+  --baseline DIR      another rnull checkout, built (DIR/dist/daemon/main.js), run as back-end
+                      "rnull before" in the same interleaved rounds: a before/after table of two
+                      builds (e.g. git worktree add /tmp/before <rev> && (cd /tmp/before && npm ci
+                      && npm run build))
   --workloads LIST    comma-separated filters on case ids "<disk>/<workload>" (see --list): a full id
                       selects that case, anything else every id containing it, e.g.
-                      "null/4k-randread-qd32,mem/" or "qd32" (default: all ${WORKLOADS.length * 2} cases)
+                      "null/4k-randread-qd32,mem/" or "qd32" (default: all ${allCases().length} cases)
   --size MIB          disk size (default 1024)
   --backend-cpu N     core for the back-ends (default 0)
   --client-cpu N      core for the client (default 1)
@@ -101,6 +119,7 @@ function parseArgs(argv) {
     qsdAio: 'auto',
     timeoutMs: 5000,
     out: path.join(__dirname, 'out'),
+    baseline: null,
     quick: false,
     build: true,
     list: false,
@@ -144,6 +163,7 @@ function parseArgs(argv) {
       case '--qsd-aio': o.qsdAio = String(val()); break;
       case '--timeout-ms': o.timeoutMs = num(a, val(), 100, 600000, true); break;
       case '--out': o.out = path.resolve(String(val())); break;
+      case '--baseline': o.baseline = path.resolve(String(val())); break;
       case '--quick': o.quick = true; break;
       case '--no-build': o.build = false; break;
       case '--list': o.list = true; break;
@@ -160,8 +180,11 @@ function parseArgs(argv) {
     throw new Error(`--qsd-aio expects auto, ${Object.keys(QSD_FILE_MODES).join(', ')}, got "${o.qsdAio}"`);
   }
   if (o.backends !== null) {
-    for (const b of o.backends) if (!(b in BACKEND_NAMES)) throw new Error(`--backends: unknown back-end "${b}" (rnull, qsd, ceiling)`);
+    for (const b of o.backends) if (!(b in BACKEND_NAMES) || b === 'base') throw new Error(`--backends: unknown back-end "${b}" (rnull, qsd, ceiling)`);
     if (o.backends.length === 0) throw new Error('--backends is empty');
+  }
+  if (o.baseline !== null && !fs.existsSync(path.join(o.baseline, 'dist', 'daemon', 'main.js'))) {
+    throw new Error(`--baseline ${o.baseline}: no dist/daemon/main.js there (build that checkout first)`);
   }
   if (o.quick) {
     if (!given.has('--rounds')) o.rounds = 1;
@@ -291,23 +314,35 @@ const QSD_FILE_MODES = {
   threads: 'aio=threads',
 };
 
-function qsdArgs(disk, socket, sizeBytes, image, mode) {
+function qsdArgs(disk, socket, sizeBytes, image, mode, completionNs = 0) {
   const exp = (node) =>
     `type=vhost-user-blk,id=e0,node-name=${node},addr.type=unix,addr.path=${socket},writable=on,num-queues=2,iothread=io0`;
   const args = ['--object', 'iothread,id=io0'];
   if (disk === 'null') {
-    args.push('--blockdev', `driver=null-co,node-name=n0,size=${sizeBytes},read-zeroes=on`, '--export', exp('n0'));
+    const latency = completionNs > 0 ? `,latency-ns=${completionNs}` : '';
+    args.push('--blockdev', `driver=null-co,node-name=n0,size=${sizeBytes},read-zeroes=on${latency}`, '--export', exp('n0'));
   } else {
     args.push('--blockdev', `driver=file,node-name=f0,filename=${image},${QSD_FILE_MODES[mode]}`, '--export', exp('f0'));
   }
   return args;
 }
 
-function rnullArgs(disk, socket, sizeMiB, threads, store) {
+function rnullArgs(main, disk, socket, sizeMiB, threads, store, completionNs = 0) {
   // A memory-backed disk's store is a fresh file in /dev/shm, as QSD's image (removed after).
   const storeArgs = store !== null ? ['--store', store, '--store-fresh', 'true'] : [];
-  return [RNULL_MAIN, '--socket', socket, '--size', String(sizeMiB), '--blocksize', '512', '--memory-backed', disk === 'mem' ? 'true' : 'false',
-    ...storeArgs, '--num-queues', '2', '--threads', String(threads), '--log-level', 'warn'];
+  const timerArgs = completionNs > 0 ? ['--irqmode', '2', '--completion-nsec', String(completionNs)] : [];
+  return [main, '--socket', socket, '--size', String(sizeMiB), '--blocksize', '512', '--memory-backed', disk === 'mem' ? 'true' : 'false',
+    ...storeArgs, ...timerArgs, '--num-queues', '2', '--threads', String(threads), '--log-level', 'warn'];
+}
+
+/** Whether the rnull at `main` knows `option` (a --baseline build may predate it). */
+const knownOptions = new Map();
+function rnullKnows(main, option) {
+  if (!knownOptions.has(main)) {
+    const r = spawnSync(process.execPath, [main, '--help'], { encoding: 'utf8', timeout: 30000 });
+    knownOptions.set(main, `${r.stdout}${r.stderr}`);
+  }
+  return knownOptions.get(main).includes(option);
 }
 
 /** Waits until `socket` exists (the back-end listens), the child dies, or `ms` passes. */
@@ -331,7 +366,7 @@ function tail(s, n = 600) {
 let runSeq = 0;
 
 /** Starts one back-end for `disk`; returns {child, socket, pid, stop()}. */
-async function startBackend(ctx, backend, disk) {
+async function startBackend(ctx, backend, disk, completionNs = 0) {
   const o = ctx.o;
   const n = ++runSeq;
   const socket = path.join(ctx.tmp, `${backend}-${disk}-${n}.sock`);
@@ -339,12 +374,15 @@ async function startBackend(ctx, backend, disk) {
   let image = null;
   let cmd;
   let args;
-  if (backend === 'rnull') {
-    if (disk === 'mem') image = path.join(ctx.shm, `rnull-bench-${process.pid}-${n}.store`);
+  if (backend === 'rnull' || backend === 'base') {
+    const main = backend === 'base' ? path.join(o.baseline, 'dist', 'daemon', 'main.js') : RNULL_MAIN;
+    // An older build without store files keeps a memory-backed disk in its heap.
+    if (disk === 'mem' && rnullKnows(main, '--store ')) image = path.join(ctx.shm, `rnull-bench-${process.pid}-${n}.store`);
     const cpus = rnullCpus(o);
-    if (cpus === null) [cmd, args] = pinned(o, o.backendCpu, process.execPath, rnullArgs(disk, socket, o.size, o.rnullThreads, image));
+    const base = rnullArgs(main, disk, socket, o.size, o.rnullThreads, image, completionNs);
+    if (cpus === null) [cmd, args] = pinned(o, o.backendCpu, process.execPath, base);
     // Each thread pins itself (rnull --cpus); taskset keeps Node's other threads on those CPUs.
-    else [cmd, args] = pinned(o, [...new Set(cpus)].join(','), process.execPath, [...rnullArgs(disk, socket, o.size, o.rnullThreads, image), '--cpus', cpus.join(',')]);
+    else [cmd, args] = pinned(o, [...new Set(cpus)].join(','), process.execPath, [...base, '--cpus', cpus.join(',')]);
   } else if (backend === 'ceiling') {
     [cmd, args] = pinned(o, o.backendCpu, CEILING, ['--socket', socket, '--queues', '2', '--size', String(o.size), '--blocksize', '512', '--quiet']);
   } else {
@@ -353,7 +391,7 @@ async function startBackend(ctx, backend, disk) {
       fs.writeFileSync(image, '');
       fs.truncateSync(image, bytes);
     }
-    [cmd, args] = pinned(o, o.backendCpu, 'qemu-storage-daemon', qsdArgs(disk, socket, bytes, image, ctx.qsdAio));
+    [cmd, args] = pinned(o, o.backendCpu, 'qemu-storage-daemon', qsdArgs(disk, socket, bytes, image, ctx.qsdAio, completionNs));
   }
   if (o.verbose) process.stdout.write(`  $ ${cmd} ${args.join(' ')}\n`);
   const child = startChild(cmd, args, { cwd: ctx.tmp });
@@ -391,6 +429,7 @@ async function runClient(ctx, socket, pid, spec, jsonPath) {
   else args.push('--runtime', String(spec.runtime), '--ramp', String(spec.ramp));
   if (spec.ringSize) args.push('--ring-size', String(spec.ringSize));
   if (spec.verify) args.push('--verify');
+  if (spec.wait) args.push('--wait', spec.wait);
   if (o.pin) args.push('--pin', String(o.clientCpu));
   if (pid) args.push('--backend-pid', String(pid));
   if (o.verbose) process.stdout.write(`  $ ${CLIENT} ${args.join(' ')}\n`);
@@ -424,6 +463,7 @@ function summarize(json) {
     p99: json.lat_us.p99,
     p999: json.lat_us.p999,
     max: json.lat_us.max,
+    min: json.lat_us.min,
     mean: json.lat_us.mean,
     cpu_us_per_io: typeof cpu.schedstat === 'number' ? cpu.schedstat : typeof cpu.stat === 'number' ? cpu.stat : null,
     cpu_stat_us_per_io: typeof cpu.stat === 'number' ? cpu.stat : null,
@@ -478,6 +518,8 @@ function caseMedians(runs) {
     p50: pick('p50'),
     p99: pick('p99'),
     p999: pick('p999'),
+    // The lowest latency any round saw (not a median): timer mode must never end a request early.
+    min: ok.length ? Math.min(...ok.map((r) => r.summary.min)) : null,
     cpu_us_per_io: pick('cpu_us_per_io'),
     client_cpu_us_per_io: pick('client_cpu_us_per_io'),
     errors: ok.reduce((s, r) => s + r.summary.errors, 0),
@@ -517,36 +559,77 @@ function ceilingTable(cases, backends) {
   return lines.join('\n');
 }
 
-/** The issue's targets, checked against the medians. */
+/** rnull against the --baseline build, case by case. */
+function beforeAfterTable(cases) {
+  const lines = ['| workload | disk | before IOPS | after IOPS | after/before | before p50 / p99.9 us | after p50 / p99.9 us | before CPU us/IO | after CPU us/IO | CPU after/before |',
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|'];
+  for (const c of cases) {
+    const [a, b] = [c.median.rnull, c.median.base];
+    const lat = (m) => (m ? `${fmtUs(m.p50)} / ${fmtUs(m.p999)}` : '–');
+    lines.push(
+      `| ${c.workload.label} | ${DISKS[c.disk].label} | ${b ? fmtIops(b.iops) : '–'} | ${a ? fmtIops(a.iops) : '–'} | ${fmtRatio(c.ratio.before)} | ${lat(b)} | ${lat(a)} | ` +
+        `${b ? fmtCpu(b.cpu_us_per_io) : '–'} | ${a ? fmtCpu(a.cpu_us_per_io) : '–'} | ${fmtRatio(c.ratio.cpuBefore)} |`,
+    );
+  }
+  return lines.join('\n');
+}
+
+/**
+ * The data path's targets (issue 12), checked against the medians; `unit` is 'x' for ratios,
+ * 'us' for microseconds. A target whose cases or back-ends were not run is "not measured".
+ */
 function checkTargets(byId) {
   const get = (id) => byId.get(id);
   const out = [];
-  const add = (name, value, ok, want, how) => out.push({ target: name, value, met: value === null ? null : ok, want, how });
-  for (const qd of [32, 128]) {
-    const c = get(`null/4k-randread-qd${qd}`);
+  const add = (name, value, ok, want, unit = 'x') => out.push({ target: name, value, met: value === null ? null : ok, want, unit });
+  {
+    const c = get('null/4k-randread-qd32');
     const ri = c ? c.ratio.iops : null;
     const rc = c ? c.ratio.cpu : null;
-    add(`4k randread QD${qd}, null disk: IOPS rnull/QSD`, ri, ri !== null && ri >= 1.5, '>= 1.5x', 'ratio');
-    add(`4k randread QD${qd}, null disk: CPU per I/O rnull/QSD`, rc, rc !== null && rc <= 0.67, '<= 0.67x', 'ratio');
+    add('4k randread QD32, null disk, sleeping client: IOPS rnull/QSD', ri, ri !== null && ri >= 2.0, '>= 2x');
+    add('4k randread QD32, null disk, sleeping client: CPU per I/O rnull/QSD', rc, rc !== null && rc <= 0.67, '<= 0.67x');
+    const v = c && c.median.rnull ? ratio(c.median.rnull.p999, c.median.rnull.p50) : null;
+    add('4k randread QD32, null disk: rnull p99.9 / rnull p50', v, v !== null && v <= 3.0, '<= 3x');
+  }
+  {
+    const c = get('null/4k-randread-qd128');
+    const v = c ? c.ratio.ceiling : null;
+    add('4k randread QD128, null disk: IOPS rnull/ceiling', v, v !== null && v >= 0.85, '>= 0.85x');
+    const q = c ? c.ratio.iops : null;
+    add('4k randread QD128, null disk: IOPS rnull/QSD', q, q !== null && q >= 1.5, '>= 1.5x');
   }
   {
     const c = get('null/4k-randread-qd1');
     const v = c && c.median.rnull && c.median.qsd ? ratio(c.median.rnull.p50, c.median.qsd.p50) : null;
-    add('4k randread QD1, null disk: p50 latency rnull/QSD', v, v !== null && v <= 1.0, '<= 1.0x (rnull p50 <= QSD p50)', 'ratio');
+    add('4k randread QD1, null disk: p50 latency rnull/QSD', v, v !== null && v <= 1.0, '<= 1.0x');
   }
   {
-    const c = get('null/4k-randread-qd32');
-    const v = c && c.median.rnull ? ratio(c.median.rnull.p999, c.median.rnull.p50) : null;
-    add('4k randread QD32, null disk: rnull p99.9 / rnull p50', v, v !== null && v <= 3.0, '<= 3x', 'ratio');
+    const c = get('null/4k-randread-qd32-2q');
+    const v = c ? c.ratio.iops : null;
+    add('4k randread QD32 on 2 queues, null disk: IOPS rnull/QSD', v, v !== null && v >= 1.5, '>= 1.5x');
   }
-  for (const [id, want, label] of [
-    ['mem/4k-randread-qd32', 1.2, '4k randread QD32'],
-    ['mem/4k-randwrite-qd32', 1.2, '4k randwrite QD32'],
-    ['mem/128k-seqread-qd8', 1.0, '128k seqread QD8'],
+  {
+    // Timer mode: the delay over direct completion a polling QD1 client sees, against completion_nsec.
+    const t = get('null/4k-randread-qd1-timer');
+    const d = get('null/4k-randread-qd1-poll');
+    const tr = t && t.median.rnull;
+    const dr = d && d.median.rnull;
+    const ns = t ? t.workload.completionNs : 50000;
+    const extra = tr && dr ? tr.p50 - dr.p50 : null;
+    add(`timer mode (completion_nsec ${ns}), QD1: rnull p50 over direct mode`, extra, extra !== null && extra <= ns / 1000 + 5, `<= ${ns / 1000 + 5} us`, 'us');
+    const min = tr ? tr.min : null;
+    add(`timer mode (completion_nsec ${ns}), QD1: rnull's shortest latency`, min, min !== null && min >= ns / 1000, `>= ${ns / 1000} us`, 'us');
+  }
+  for (const [id, label] of [
+    ['mem/4k-randread-qd32', '4k randread QD32'],
+    ['mem/4k-randread-qd128', '4k randread QD128'],
+    ['mem/4k-randwrite-qd32', '4k randwrite QD32'],
+    ['mem/128k-seqread-qd8', '128k seqread QD8'],
+    ['mem/4k-randread-qd32-2q', '4k randread QD32 on 2 queues'],
   ]) {
     const c = get(id);
     const v = c ? c.ratio.iops : null;
-    add(`${label}, memory-backed: IOPS rnull/QSD`, v, v !== null && v >= want, `>= ${want.toFixed(1)}x`, 'ratio');
+    add(`${label}, memory-backed: IOPS rnull/QSD`, v, v !== null && v >= 1.5, '>= 1.5x');
   }
   return out;
 }
@@ -555,7 +638,8 @@ function targetsMarkdown(targets) {
   const lines = ['| target | wanted | measured | |', '|---|---|---:|---|'];
   for (const t of targets) {
     const status = t.met === null ? 'not measured' : t.met ? 'met' : 'missed';
-    lines.push(`| ${t.target} | ${t.want} | ${t.value === null ? '–' : t.value.toFixed(2) + 'x'} | ${status} |`);
+    const value = t.value === null ? '–' : t.unit === 'us' ? `${t.value.toFixed(1)} us` : `${t.value.toFixed(2)}x`;
+    lines.push(`| ${t.target} | ${t.want} | ${value} | ${status} |`);
   }
   return lines.join('\n');
 }
@@ -576,7 +660,7 @@ function niceMax(v) {
 
 function svgPlot(cases, backends) {
   const W = 1000;
-  const colors = { rnull: ['#9ecae1', '#4292c6', '#08519c'], qsd: ['#fdae6b', '#f16913', '#a63603'], ceiling: ['#d9d9d9', '#969696', '#525252'] };
+  const colors = { rnull: ['#9ecae1', '#4292c6', '#08519c'], qsd: ['#fdae6b', '#f16913', '#a63603'], ceiling: ['#d9d9d9', '#969696', '#525252'], base: ['#c7e9c0', '#74c476', '#238b45'] };
   const parts = [];
   const text = (x, y, s, attrs = '') => parts.push(`<text x="${x.toFixed(1)}" y="${y.toFixed(1)}" ${attrs}>${esc(s)}</text>`);
   const line = (x1, y1, x2, y2, attrs) =>
@@ -696,8 +780,8 @@ function svgPlot(cases, backends) {
 // ---------------------------------------------------------------------------------------------
 // Main.
 
-function gitDescribe() {
-  const r = spawnSync('git', ['-C', ROOT, 'describe', '--always', '--dirty'], { encoding: 'utf8', timeout: 10000 });
+function gitDescribe(dir = ROOT) {
+  const r = spawnSync('git', ['-C', dir, 'describe', '--always', '--dirty'], { encoding: 'utf8', timeout: 10000 });
   return r.status === 0 ? r.stdout.trim() : null;
 }
 
@@ -734,14 +818,13 @@ async function probeQsdAio(ctx) {
 async function main() {
   installExitHandlers();
   const o = parseArgs(process.argv.slice(2));
-  const allCases = [];
-  for (const disk of Object.keys(DISKS)) for (const w of WORKLOADS) allCases.push({ id: `${disk}/${w.id}`, disk, workload: w });
+  const cases0 = allCases();
   if (o.list) {
-    for (const c of allCases) process.stdout.write(`${c.id}\n`);
+    for (const c of cases0) process.stdout.write(`${c.id}\n`);
     return 0;
   }
-  const matches = (id, f) => (allCases.some((c) => c.id === f) ? id === f : id.includes(f));
-  const selected = o.workloads === null ? allCases : allCases.filter((c) => o.workloads.some((f) => matches(c.id, f)));
+  const matches = (id, f) => (cases0.some((c) => c.id === f) ? id === f : id.includes(f));
+  const selected = o.workloads === null ? cases0 : cases0.filter((c) => o.workloads.some((f) => matches(c.id, f)));
   if (selected.length === 0) throw new Error(`--workloads ${o.workloads.join(',')} matches no case (see --list)`);
 
   const qsdVersion = haveCommand('qemu-storage-daemon');
@@ -759,6 +842,8 @@ async function main() {
     o.pin = false;
   }
   if (o.pin && !haveCommand('taskset', ['--version'])) throw new Error('taskset not found (util-linux); use --no-pin to run unpinned');
+  // The baseline build runs right after rnull in every round, so each pair is taken side by side.
+  if (o.baseline !== null) backends = [...backends.slice(0, backends.indexOf('rnull') + 1), 'base', ...backends.slice(backends.indexOf('rnull') + 1)];
 
   // Build.
   const mk = spawnSync('make', ['-s', '-C', CLIENT_DIR], { encoding: 'utf8', timeout: 300000 });
@@ -783,7 +868,8 @@ async function main() {
   const startedAt = new Date().toISOString();
   const loadStart = os.loadavg();
   const t0 = Date.now();
-  const total = o.rounds * selected.length * backends.length;
+  const runsOf = (c) => backends.filter((b) => !(b === 'ceiling' && c.workload.noCeiling));
+  const total = o.rounds * selected.reduce((n, c) => n + runsOf(c).length, 0);
   let done = 0;
   process.stdout.write(
     `bench: ${selected.length} case(s) x ${backends.length} back-end(s) x ${o.rounds} round(s), ${o.ramp}+${o.runtime} s each; ` +
@@ -793,13 +879,13 @@ async function main() {
 
   for (let round = 1; round <= o.rounds; round++) {
     for (const c of selected) {
-      for (const b of backends) {
+      for (const b of runsOf(c)) {
         done++;
         const label = `[${done}/${total}] round ${round} ${c.id} ${BACKEND_NAMES[b]}`;
         const rec = { round, backend: b, summary: null, error: null, exit_code: null };
         let be = null;
         try {
-          be = await startBackend(ctx, b, c.disk);
+          be = await startBackend(ctx, b, c.disk, c.workload.completionNs ?? 0);
           if (c.disk === 'mem') await precondition(ctx, be.socket, be.pid);
           const spec = { ...c.workload, runtime: o.runtime, ramp: o.ramp };
           const r = await runClient(ctx, be.socket, be.pid, spec, path.join(tmp, 'run.json'));
@@ -842,7 +928,8 @@ async function main() {
       workload: c.workload,
       median,
       ratio: { iops: r && q ? ratio(r.iops, q.iops) : null, cpu: r && q ? ratio(r.cpu_us_per_io, q.cpu_us_per_io) : null,
-        ceiling: r && median.ceiling ? ratio(r.iops, median.ceiling.iops) : null },
+        ceiling: r && median.ceiling ? ratio(r.iops, median.ceiling.iops) : null,
+        before: r && median.base ? ratio(r.iops, median.base.iops) : null, cpuBefore: r && median.base ? ratio(r.cpu_us_per_io, median.base.cpu_us_per_io) : null },
       runs: runs.get(c.id),
     };
   });
@@ -865,7 +952,7 @@ async function main() {
     load_average_start: loadStart,
     load_average_end: loadEnd,
     options: { rnull_threads: o.rnullThreads, rnull_cpus: rnullCpus(o), rounds: o.rounds, runtime_s: o.runtime, ramp_s: o.ramp, size_mib: o.size, pin: o.pin, backend_cpu: o.backendCpu, client_cpu: o.clientCpu,
-      timeout_ms: o.timeoutMs, backends, quick: o.quick },
+      timeout_ms: o.timeoutMs, backends, baseline: o.baseline, baseline_version: o.baseline === null ? null : gitDescribe(o.baseline), quick: o.quick },
     lifecycle: 'a fresh back-end process per run (round x case x back-end), on a fresh socket; memory-backed disks written once before the measured run',
     client: 'vhost-bench defaults: --wait call, --event-idx on, --ring-size 256 (512 for QD128), direct descriptors',
     cpu_metric: 'back-end CPU us/IO = sum over its threads of /proc/PID/task/*/schedstat run time over the measured window, divided by I/Os (utime+stime ticks as a fallback)',
@@ -885,6 +972,7 @@ async function main() {
   md.push('');
   md.push('Ratios are rnull / QSD: above 1 is better for rnull for IOPS, below 1 is better for rnull for CPU per I/O.');
   if (backends.includes('ceiling')) md.push('', ceilingTable(cases, backends), '', 'rnull / ceiling: the share of the do-nothing back-end (bench/ceiling) rnull reaches.');
+  if (backends.includes('base')) md.push('', `## Before and after: rnull ${meta.rnull_version ?? '?'} against ${o.baseline} (${meta.options.baseline_version ?? '?'})`, '', beforeAfterTable(cases));
   if (targets.length) {
     md.push('');
     md.push('## Targets');

@@ -25,6 +25,11 @@ export interface CompletionSink {
   requestEnded(request: Request): void;
   /** The request exceeded the timeout (before the driver's timeout operation runs); for logs. */
   requestTimedOut(request: Request): void;
+  /**
+   * A completion batch (HwQueue.endCompletionBatch) is over: publish what ended in it now. Not
+   * called for requests ended inside queueRq (the submission side publishes those itself).
+   */
+  completionBatchEnded?(): void;
 }
 
 const TAG_SPACE = 1 << TAG_BITS;
@@ -47,6 +52,11 @@ export class HwQueue {
    * the timer in time.
    */
   pollEndNs = 0;
+  /**
+   * Open completion batches (begin/endCompletionBatch): while > 0 the sink waits for the end of
+   * the batch to publish, instead of scheduling a publish of its own for the next event-loop turn.
+   */
+  completing = 0;
 
   readonly tags: Tags;
 
@@ -72,6 +82,8 @@ export class HwQueue {
 
   private watchdog: NodeJS.Timeout | null = null;
   private timeoutNs = 0;
+  /** One more than the highest tag ever dispatched: no request at or above it is in flight. */
+  private tagLimit = 0;
 
   /**
    * Connects the queue to its driver and its completion sink (a virtqueue starting), runs the
@@ -100,12 +112,18 @@ export class HwQueue {
     this.sink = null;
   }
 
-  /** Fails (or hands to Operations.timeout) every request started more than the timeout ago. */
+  /**
+   * Fails (or hands to Operations.timeout) every request started more than the timeout ago.
+   * Looks at the tags below `tagLimit` only (a ring of 256 entries never uses tag 300), so the
+   * check, which runs too rarely to be optimized by the JIT, stays short.
+   */
   checkTimeouts(nowNs: number): void {
     if (this.inFlight === 0 || this.timeoutNs <= 0) return;
     const limit = nowNs - this.timeoutNs;
     const ops = this.ops as Operations;
-    for (const rq of this.requests) {
+    const requests = this.requests;
+    for (let tag = 0; tag < this.tagLimit; tag++) {
+      const rq = requests[tag];
       if (rq.refcount === 0 || rq.startNs > limit) continue;
       if (this.sink !== null) this.sink.requestTimedOut(rq);
       if (ops.timeout === undefined) {
@@ -122,6 +140,7 @@ export class HwQueue {
    * other than Ok from queueRq ends it with that status.
    */
   dispatch(request: Request, isLast: boolean, nowNs: number): void {
+    if (request.tag >= this.tagLimit) this.tagLimit = request.tag + 1;
     request.refcount = 2;
     request.generation++;
     request.startNs = nowNs;
@@ -170,6 +189,21 @@ export class HwQueue {
     request.generation++;
     request.status = status;
     this.requestEnded(request);
+  }
+
+  /**
+   * A driver about to end several requests outside queueRq (an interrupt's or a poll's reap, a
+   * timer expiry) brackets them with begin/endCompletionBatch, as blk_mq_end_request_batch
+   * does with an io_comp_batch: the sink then publishes them together, once, when the batch
+   * ends, in the same call (no event-loop turn in between, nothing allocated). Batches nest.
+   */
+  beginCompletionBatch(): void {
+    this.completing++;
+  }
+
+  /** Ends a batch begun by beginCompletionBatch; the outermost end tells the sink. */
+  endCompletionBatch(): void {
+    if (this.completing > 0 && --this.completing === 0 && this.sink !== null && this.sink.completionBatchEnded !== undefined) this.sink.completionBatchEnded();
   }
 
   /** Runs the deferred completions collected during the batch (softirq-style). */

@@ -138,19 +138,26 @@ export class RequestTimer {
       const first = this.deadlines[this.head];
       if (first > now && first - now <= this.spinNs) now = native.spinUntil(first, this.spinNs);
     }
-    while (this.count > 0 && this.deadlines[this.head] <= now) {
-      const ref = this.refs[this.head];
-      this.head = (this.head + 1) % cap;
-      this.count--;
-      const rq = this.hctx.reclaim(ref);
-      if (rq !== null) this.onExpire(rq);
-      else {
-        this.stale++;
-        this.onStale(ref % (1 << TAG_BITS));
+    const hctx = this.hctx;
+    hctx.beginCompletionBatch();
+    try {
+      while (this.count > 0 && this.deadlines[this.head] <= now) {
+        const ref = this.refs[this.head];
+        this.head = (this.head + 1) % cap;
+        this.count--;
+        const rq = hctx.reclaim(ref);
+        if (rq !== null) this.onExpire(rq);
+        else {
+          this.stale++;
+          this.onStale(ref % (1 << TAG_BITS));
+        }
       }
+      if (this.count > 0) this.arm(this.deadlines[this.head]);
+      else hctx.pollEndNs = 0;
+    } finally {
+      // Publishes what ended, at once (and the queue's drain may catch the next request).
+      hctx.endCompletionBatch();
     }
-    if (this.count > 0) this.arm(this.deadlines[this.head]);
-    else this.hctx.pollEndNs = 0;
   }
 
   /** Teardown: every pending request is aborted with IOERR; the timer stops. */

@@ -46,7 +46,9 @@ export interface VirtqueueConfig {
   /**
    * Optional: [monotonic ns at the last pop, used elements published by the last pop(n)], and
    * optionally [2]: written by the caller, the polling spin of pop() ends by this monotonic ns
-   * (0: no limit), e.g. when a request timer is due; such a cut spin keeps the budget.
+   * (0: no limit), e.g. when a request timer is due; such a cut spin keeps the budget; and [3]:
+   * written by pop(), the pollId of the virtqueue of this thread its spin gave way to because
+   * that one had new work (-1: none).
    */
   info?: Float64Array;
   /** A batch ends after the chain that brings its buffers to this many bytes (0: no limit). */
@@ -74,6 +76,8 @@ export interface VirtqueueState {
   pollNs: number;
   spins: number;
   spinHits: number;
+  /** Polling spins ended early because another virtqueue of this thread had work. */
+  spinYields: number;
   /** An inflight region block is attached (setInflight). */
   inflightTracked: boolean;
   /** Heads to resubmit that pop() has not returned yet. */
@@ -99,6 +103,8 @@ export interface InflightAttach {
 }
 
 export interface NativeVirtqueue {
+  /** Unique in the process, never reused: what another virtqueue's pop() reports in info[3]. */
+  readonly pollId: number;
   configure(config: VirtqueueConfig): void;
   setCallFd(fd: number): void;
   /** Adaptive busy-polling limit in ns after a batch (0: sleep on the kick eventfd at once). */

@@ -5,6 +5,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <atomic>
+
+
 #include "errors.h"
 #include "fd_ops.h"
 
@@ -19,6 +22,14 @@ inline uint64_t NowNs() {
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
 }
+
+// The configured virtqueues of this thread (see Virtqueue::JoinSiblings). Each Node thread
+// (main, workers) has its own event loop and its own list. Plain arrays, nothing to destroy at
+// thread exit (a Virtqueue finalized after that must still find a valid list). A queue beyond
+// the capacity just does not take part (its spins never yield, nobody yields to it).
+constexpr uint32_t kMaxSiblings = 512;
+thread_local Virtqueue* tlsSiblings[kMaxSiblings];
+thread_local uint32_t tlsSiblingCount = 0;
 
 inline void CpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -58,6 +69,7 @@ void Virtqueue::Init(Napi::Env env, Napi::Object exports) {
                                      InstanceMethod<&Virtqueue::State>("state"),
                                      InstanceMethod<&Virtqueue::SetInflight>("setInflight"),
                                      InstanceMethod<&Virtqueue::Signal>("signal"),
+                                     InstanceAccessor<&Virtqueue::PollId>("pollId"),
                                  });
   exports.Set("Virtqueue", f);
   Napi::Object c = Napi::Object::New(env);
@@ -68,7 +80,44 @@ void Virtqueue::Init(Napi::Env env, Napi::Object exports) {
   exports.Set("virtqueueConstants", c);
 }
 
-Virtqueue::Virtqueue(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Virtqueue>(info) {}
+// Poll ids are unique in the process (not reused), so an id read back from info[3] can never
+// name another virtqueue than the one that had the work.
+Virtqueue::Virtqueue(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Virtqueue>(info) {
+  static std::atomic<uint32_t> nextPollId{0};
+  pollId_ = static_cast<double>(nextPollId.fetch_add(1) + 1);
+}
+
+Napi::Value Virtqueue::PollId(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), pollId_); }
+
+Virtqueue::~Virtqueue() { LeaveSiblings(); }
+
+void Virtqueue::JoinSiblings() {
+  for (uint32_t i = 0; i < tlsSiblingCount; i++) {
+    if (tlsSiblings[i] == this) return;
+  }
+  if (tlsSiblingCount < kMaxSiblings) tlsSiblings[tlsSiblingCount++] = this;
+}
+
+void Virtqueue::LeaveSiblings() {
+  for (uint32_t i = 0; i < tlsSiblingCount; i++) {
+    if (tlsSiblings[i] == this) {
+      tlsSiblings[i] = tlsSiblings[--tlsSiblingCount];
+      return;
+    }
+  }
+}
+
+// Whether another virtqueue of this thread sleeps on its kick (notifications armed) while the
+// guest has made entries available past what its last pop() saw: a few loads per sibling (its
+// avail index lies in guest memory it keeps mapped). A sibling that is not asleep (out of free
+// tags, or resuming after its drain budget) has its own way back and does not count.
+const Virtqueue* Virtqueue::SiblingWithWork() const {
+  for (uint32_t i = 0; i < tlsSiblingCount; i++) {
+    const Virtqueue* v = tlsSiblings[i];
+    if (v != this && v->sleeping_ && v->Usable() && v->ring_.AvailIdx() != v->seenAvail_) return v;
+  }
+  return nullptr;
+}
 
 // configure({ memory, size, descAddr, availAddr, usedAddr, lastAvailIdx, eventIdx, indirect,
 //             segments, batch, used, info?, batchBytes?, maxDescriptors?, maxBytes? }): starts
@@ -157,9 +206,11 @@ Napi::Value Virtqueue::Configure(const Napi::CallbackInfo& info) {
     infoRef_ = Napi::Persistent(infov.As<Napi::Float64Array>());
     info_ = infov.As<Napi::Float64Array>().Data();
     infoSpinLimit_ = infov.As<Napi::Float64Array>().ElementLength() >= 3;
+    infoSibling_ = infov.As<Napi::Float64Array>().ElementLength() >= 4;
   } else {
     info_ = nullptr;
     infoSpinLimit_ = false;
+    infoSibling_ = false;
   }
   regions_ = regions;
   ring_.Configure(&regions_, static_cast<uint32_t>(size), descAddr, availAddr, usedAddr, static_cast<uint16_t>(lastAvail),
@@ -168,6 +219,8 @@ Napi::Value Virtqueue::Configure(const Napi::CallbackInfo& info) {
   sleeping_ = true;
   sleptAtNs_ = 0;
   pollNs_ = pollMaxNs_;
+  seenAvail_ = static_cast<uint16_t>(lastAvail);
+  JoinSiblings();
   return env.Undefined();
 }
 
@@ -234,6 +287,7 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
   if (ring_.broken()) return Napi::Number::New(env, -1);
   if (!Usable() || max == 0) return Napi::Number::New(env, 0);
   if (info_ != nullptr) info_[0] = static_cast<double>(NowNs());
+  if (infoSibling_) info_[3] = -1;
   // pop(n, max, true): only requests resubmitted after a restart (GET_VRING_BASE drains them
   // before answering; nothing new is taken from the avail ring).
   if (info.Length() > 2 && info[2].ToBoolean().Value()) {
@@ -274,9 +328,19 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
         cut = true;
       }
       uint16_t seen = availIdx;
+      const Virtqueue* yieldTo = nullptr;
+      const bool siblings = tlsSiblingCount > 1;
       while (seen == availIdx && NowNs() < deadline) {
         CpuRelax();
         seen = ring_.AvailIdx();
+        // Another ring of this thread has work: end the spin (without shrinking the budget)
+        // and say which (info[3]), so the caller serves it now rather than after this spin.
+        if (siblings && seen == availIdx && (yieldTo = SiblingWithWork()) != nullptr) break;
+      }
+      if (yieldTo != nullptr) {
+        spinYields_++;
+        cut = true;
+        if (infoSibling_) info_[3] = yieldTo->pollId_;
       }
       if (seen != availIdx) {
         spinHits_++;
@@ -295,6 +359,10 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     uint16_t again = ring_.AvailIdx();
     if (again != availIdx) {
+      // Arrived after the spin (or instead of it): now is their start time, not this pop's
+      // beginning (a timer-mode request stamped with the older time could end up to a whole
+      // spin earlier than completion_nsec after its arrival).
+      if (info_ != nullptr) info_[0] = static_cast<double>(NowNs());
       availIdx = again;
       continue;
     }
@@ -302,6 +370,7 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
     sleptAtNs_ = NowNs();
     break;
   }
+  seenAvail_ = availIdx;
   // Chains popped before the queue broke are still returned (they are in flight); -1 after.
   return Napi::Number::New(env, ring_.broken() && count == 0 ? -1 : static_cast<double>(count));
 }
@@ -351,6 +420,7 @@ void Virtqueue::Notify() {
 Napi::Value Virtqueue::Stop(const Napi::CallbackInfo& info) {
   uint16_t lastAvail = ring_.lastAvail();
   ring_.Stop();
+  LeaveSiblings();
   memory_ = nullptr;
   regions_.Assign(nullptr, 0);
   if (!memoryRef_.IsEmpty()) memoryRef_.Reset();
@@ -379,6 +449,7 @@ Napi::Value Virtqueue::State(const Napi::CallbackInfo& info) {
   o.Set("pollNs", static_cast<double>(pollNs_));
   o.Set("spins", spins_);
   o.Set("spinHits", spinHits_);
+  o.Set("spinYields", spinYields_);
   o.Set("inflightTracked", ring_.hasInflight());
   o.Set("resubmitPending", ring_.resubmitPending());
   o.Set("inflightCounter", static_cast<double>(ring_.inflightCounter()));

@@ -12,7 +12,9 @@
 //   [chunk, offsetInChunk, lengthBytes, flags(bit 0 = device-writable)];
 // - batch:    size * 3 words: [head, segmentCount, chainError] per popped chain;
 // - used:     size * 2 words: [head, bytesWritten] per element to publish;
-// - info:     optional Float64Array(2): [monotonic ns at the last pop, published by pop(n)].
+// - info:     optional Float64Array(2..4): [monotonic ns at the last pop, published by pop(n),
+//             when the polling spin must end (0: no limit), pollId of the sibling virtqueue the
+//             last spin gave way to (-1: none)].
 //
 // Invariants:
 // - a head is "in flight" from pop() to the push() that returns it; a head the guest offers
@@ -40,6 +42,7 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
  public:
   static void Init(Napi::Env env, Napi::Object exports);
   explicit Virtqueue(const Napi::CallbackInfo& info);
+  ~Virtqueue() override;
 
  private:
   Napi::Value Configure(const Napi::CallbackInfo& info);
@@ -51,10 +54,17 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   Napi::Value State(const Napi::CallbackInfo& info);
   Napi::Value SetInflight(const Napi::CallbackInfo& info);
   Napi::Value Signal(const Napi::CallbackInfo& info);
+  Napi::Value PollId(const Napi::CallbackInfo& info);
   // Drops the inflight block if its mapping went away (the ring then runs untracked).
   void CheckInflightMapping();
 
   bool Usable() const { return ring_.ready() && !ring_.broken() && memory_ != nullptr && memory_->mapped(); }
+  // Polling siblings: the configured virtqueues of this thread (one event loop) share its
+  // core, so a polling spin on one ring ends as soon as another of them has new avail entries
+  // (a two-queue guest would otherwise wait out the whole spin of the other queue).
+  void JoinSiblings();
+  void LeaveSiblings();
+  const Virtqueue* SiblingWithWork() const;
   uint32_t PublishUsed(uint32_t n);
   void Notify();
 
@@ -68,6 +78,8 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   Napi::ObjectReference inflightRef_;
   double* info_ = nullptr;   // [0] monotonic ns of the last pop, [1] published by the last pop(n)
   bool infoSpinLimit_ = false;  // info_ has [2]: the polling spin ends by that time (0: no limit)
+  bool infoSibling_ = false;    // info_ has [3]: the pollId of the sibling a spin yielded to (-1: none)
+  double pollId_ = 0;           // unique in the process (pollId accessor), reported in a sibling's info[3]
   uint64_t batchBytes_ = 0;  // a batch ends once its chains hold this many bytes (0: no limit)
   int callFd_ = -1;
   double calls_ = 0;  // statistics: calls signalled
@@ -77,7 +89,8 @@ class Virtqueue : public Napi::ObjectWrap<Virtqueue> {
   uint64_t pollNs_ = 0;
   uint64_t sleptAtNs_ = 0;
   bool sleeping_ = true;  // notifications re-armed, waiting for a kick
-  double spins_ = 0, spinHits_ = 0;  // statistics
+  uint16_t seenAvail_ = 0;  // the avail index the last pop() saw (entries past it are new work)
+  double spins_ = 0, spinHits_ = 0, spinYields_ = 0;  // statistics (yields: spins ended for a sibling)
 };
 
 }  // namespace rnull

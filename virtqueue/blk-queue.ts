@@ -41,6 +41,43 @@ const BATCH_BYTES = 65536;
  */
 const DRAIN_BUDGET_NS = 1_000_000;
 
+/**
+ * The running virtqueues of this thread (module state is per thread: each worker loads its
+ * own), by poll id. When a queue's polling spin gives way to another of them (native pop,
+ * info[3]), that one is drained right away, in the same event-loop turn: several queues on one
+ * thread share one polling loop instead of taking an event-loop turn and a guest kick each.
+ */
+const pollGroup = new Map<number, VirtioBlkQueue>();
+/** A hand-off loop is running (handOff): a nested hand-off only names the next queue. */
+let handingOff = false;
+let nextHandoff: VirtioBlkQueue | undefined;
+
+/**
+ * Drains `first`, then each queue a drain's spin gave way to, until none is named or
+ * DRAIN_BUDGET_NS has passed (then the event loop turns: the queue not served yet sleeps with
+ * its notifications armed, so the guest's kick brings it back).
+ */
+function handOff(first: VirtioBlkQueue): void {
+  if (handingOff) {
+    nextHandoff = first;
+    return;
+  }
+  handingOff = true;
+  const start = native.monotonicNs();
+  try {
+    let q: VirtioBlkQueue | undefined = first;
+    while (q !== undefined) {
+      nextHandoff = undefined;
+      q.drain();
+      q = nextHandoff;
+      if (q !== undefined && native.monotonicNs() - start >= DRAIN_BUDGET_NS) break;
+    }
+  } finally {
+    handingOff = false;
+    nextHandoff = undefined;
+  }
+}
+
 /** Driver failures logged per second per queue at most (the rest are counted). */
 const FAILURE_LOGS_PER_SECOND = 10;
 
@@ -76,8 +113,13 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
   private segments = new Uint32Array(0);
   private batch = new Uint32Array(0);
   private used = new Uint32Array(0);
-  /** Written by native pop(): [monotonic ns of the batch, used elements published by it]. */
-  private readonly info = new Float64Array(3);
+  /**
+   * Shared with native pop(): [monotonic ns of the batch, used elements published by it, when
+   * its polling spin must end (0: no limit), poll id of the queue its spin gave way to (-1)].
+   */
+  private readonly info = new Float64Array(4);
+  /** This queue is in pollGroup (under its native virtqueue's poll id). */
+  private polled = false;
   /** Status byte location and used length per head, kept while the head is in flight. */
   private statusChunk = new Uint32Array(0);
   private statusOffset = new Uint32Array(0);
@@ -174,6 +216,7 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
     );
     let watcher: NativeFdWatcher | null = null;
     let attached = false;
+    this.joinPollGroup();
     try {
       this.configureRing(setup);
       // Watched once now even for a disabled ring, so a kick fd the event loop refuses fails
@@ -187,6 +230,7 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
       if (watcher !== null) watcher.stop();
       if (attached) this.hctx.detach();
       this.vq.stop(); // forgets the ring and its memory (a no-op if configure() failed first)
+      this.leavePollGroup();
       throw e;
     }
     this.running = true;
@@ -312,7 +356,20 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
     this.stopping = false;
     this.running = false;
     this.hctx.detach();
-    return this.vq.stop();
+    const next = this.vq.stop();
+    this.leavePollGroup();
+    return next;
+  }
+
+  private joinPollGroup(): void {
+    pollGroup.set(this.vq.pollId, this);
+    this.polled = true;
+  }
+
+  private leavePollGroup(): void {
+    if (!this.polled) return;
+    pollGroup.delete(this.vq.pollId);
+    this.polled = false;
   }
 
   private stopWatching(): void {
@@ -336,6 +393,7 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
     const requests = this.hctx.requests;
     const batch = this.batch;
     let firstNs = -1;
+    let yieldTo: VirtioBlkQueue | undefined;
     try {
       const tags = this.hctx.tags;
       for (;;) {
@@ -354,6 +412,7 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
         if (toPublish > 0) this.published(this.info[1]);
         if (n <= 0) {
           if (n < 0) this.reportBroken();
+          else if (this.info[3] > 0) yieldTo = pollGroup.get(this.info[3]);
           break;
         }
         this.stats.batches++;
@@ -409,6 +468,8 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
     } finally {
       this.draining = false;
     }
+    // The spin gave way to another queue of this thread: serve it now (see handOff).
+    if (yieldTo !== undefined && yieldTo !== this) handOff(yieldTo);
   }
 
   /** CompletionSink: a request ended; its used element joins the current batch. */
@@ -417,10 +478,21 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
     const status = rq.status;
     if (status !== BlkStatus.Ok) this.stats.failedRequests++;
     this.finish(head, this.statusChunk[head], this.statusOffset[head], status, status === BlkStatus.Ok ? this.usedLen[head] : 1);
-    if (!this.draining && !this.publishScheduled) {
+    // Inside a drain the batch publishes it; inside a driver's completion batch its end does.
+    if (!this.draining && !this.publishScheduled && this.hctx.completing === 0) {
       this.publishScheduled = true;
       setImmediate(this.publishLater);
     }
+  }
+
+  /**
+   * CompletionSink: a driver's completion batch ended (interrupt, poll, timer): its requests are
+   * published now, as publishLater would on the next turn, one event-loop turn earlier.
+   */
+  completionBatchEnded(): void {
+    if (this.draining || this.usedCount === 0) return;
+    this.drain();
+    this.publish();
   }
 
   /** CompletionSink: logged at warn, at most once a second per queue. */
@@ -534,6 +606,7 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
       calls: ring?.calls ?? 0,
       spins: ring?.spins ?? 0,
       spinHits: ring?.spinHits ?? 0,
+      spinYields: ring?.spinYields ?? 0,
       pollNs: ring?.pollNs ?? 0,
     };
   }

@@ -43,6 +43,8 @@ export interface QueueSnapshot {
   calls: number;
   spins: number;
   spinHits: number;
+  /** Polling spins ended early for another virtqueue of the same thread. */
+  spinYields: number;
   pollNs: number;
 }
 

@@ -75,6 +75,7 @@ message QueueStats {
   uint64 poll_ns = 12;
   uint32 thread = 13;  // 0: the main thread; n: worker thread n (disk option threads)
   NvmeQueueStats nvme = 14;  // driver nvme: the queue's I/O queue pair
+  uint64 spin_yields = 15;  // polling spins ended early for another virtqueue of the same thread
 }
 
 message NvmeQueueStats {
@@ -130,6 +131,7 @@ export interface QueueStatsMsg {
   calls: number;
   spins: number;
   spin_hits: number;
+  spin_yields: number;
   poll_ns: number;
   thread: number;
   nvme?: NvmeQueueStatsMsg;

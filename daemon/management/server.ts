@@ -210,6 +210,7 @@ export class ManagementServer {
             calls: q.calls,
             spins: q.spins,
             spin_hits: q.spinHits,
+            spin_yields: q.spinYields,
             poll_ns: q.pollNs,
             nvme: nvmeQueueStats(nvme?.[index]),
           })),

@@ -886,12 +886,27 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
     else q.polling = false;
   }
 
-  /** Reaps every completion there now, resumes waiting requests, rings the SQ doorbell once. */
+  /**
+   * Reaps every completion there now, resumes waiting requests, rings the SQ doorbell once. The
+   * requests it ends reach their virtqueues as one completion batch per hardware queue,
+   * published when the reap is over (HwQueue.beginCompletionBatch).
+   */
   private reap(q: IoQueue): void {
     if (this.resetting) return; // the queues are being reset: nothing there is valid
-    const fn = this.completeFns[q.pair.qp.qid - 1] as (ref: number, status: number, dw0: number, cmdTag: number) => void;
-    while (q.pair.qp.reap(fn) > 0);
     const i = q.pair.qp.qid - 1;
+    const namespaces = this.namespaces;
+    for (let n = 0; n < namespaces.length; n++) namespaces[n]!.queues[i]?.hctx?.beginCompletionBatch();
+    try {
+      this.reapLocked(q, i);
+    } finally {
+      for (let n = 0; n < namespaces.length; n++) namespaces[n]!.queues[i]?.hctx?.endCompletionBatch();
+    }
+  }
+
+  /** reap() inside its completion batches. */
+  private reapLocked(q: IoQueue, i: number): void {
+    const fn = this.completeFns[i] as (ref: number, status: number, dw0: number, cmdTag: number) => void;
+    while (q.pair.qp.reap(fn) > 0);
     while (q.waitCount > 0 && q.pair.qp.nextTag >= 0 && !this.resetting) {
       const entry = q.waitRing[q.waitHead] as number;
       q.waitHead = (q.waitHead + 1) % q.waitRing.length;

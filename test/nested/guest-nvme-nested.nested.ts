@@ -10,10 +10,10 @@
  * has the checksum of what it wrote; the host's backing file holds those bytes at the offset the
  * inner guest wrote (so they went through rnull and the NVMe controller, not a cache); rnull mapped the inner guest's memory once, logged no error or
  * warning, shut the controller down cleanly on SIGTERM; no DMAR fault in the outer guest.
- * Slow (nested TCG: the inner kernel alone takes minutes to boot), so it is not in test/e2e:
- * `npm run test:nvme-nested` runs it (this file is named *.nested.ts so that plain `jest` and
- * `npm run test:e2e` leave it out). The timings are printed. RNULL_NESTED_INNER_TIMEOUT_S
- * bounds the inner QEMU (default 1200 s).
+ * Slow (nested TCG: the inner kernel alone takes minutes to boot, ~8 minutes in all on a 2-core
+ * machine), so it is not in test/e2e: `npm test` (and so CI) runs it with everything else,
+ * `npm run test:nvme-nested` alone, `npm run test:e2e` leaves it out. The timings are printed.
+ * RNULL_NESTED_INNER_TIMEOUT_S bounds the inner QEMU (default 1200 s).
  */
 import { createHash } from 'node:crypto';
 import * as path from 'node:path';

@@ -249,6 +249,17 @@ describe('timeouts', () => {
     hctx.detach();
   });
 
+  test('the highest tag dispatched is checked too (the check stops above it, not below)', () => {
+    const { hctx, sink, held } = holdingQueue();
+    hctx.attach({ queueRq: (rq) => (held.push(rq), BlkStatus.Ok) }, sink, 100);
+    hctx.dispatch(hctx.requests[7], false, 1e9); // the last tag of the 8
+    hctx.dispatch(hctx.requests[2], true, 1e9);
+    hctx.checkTimeouts(1.2e9);
+    expect(sink.timedOut).toEqual([2, 7]);
+    expect(sink.ended).toEqual([[2, BlkStatus.IoErr], [7, BlkStatus.IoErr]]);
+    hctx.detach();
+  });
+
   test("the driver's timeout operation decides: 'reset' restarts the clock", () => {
     const sink = new RecordingSink();
     const hctx = new HwQueue(0, 8);
