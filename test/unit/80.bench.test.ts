@@ -279,7 +279,10 @@ test('npm run bench --quick writes the markdown table, the JSON and the SVG', as
     }
     if (haveQsd) expect(typeof c.ratio.iops).toBe('number');
   }
-  expect(json.targets.length).toBe(haveQsd ? 9 : 0);
+  // The data path's targets, listed whether or not this run measured them.
+  expect(json.targets.length).toBe(haveQsd ? 14 : 0);
+  // --quick measures two cases: QD32 (IOPS, CPU, p99.9) and the memory-backed random write.
+  expect(json.targets.filter((t) => t.met === null).length).toBe(haveQsd ? 10 : 0);
 
   const svg = fs.readFileSync(path.join(out, 'results.svg'), 'utf8');
   expect(svg.startsWith('<svg')).toBe(true);
@@ -287,6 +290,31 @@ test('npm run bench --quick writes the markdown table, the JSON and the SVG', as
   expect(svg).toContain('IOPS against queue depth');
   expect(svg).toContain('<path');
   expect(svg).toContain('<rect');
+}, 300000);
+
+test('--baseline runs a second rnull build in the same rounds and prints the before/after table', async () => {
+  const out = path.join(dir, 'out-baseline');
+  const args = [RUNNER, '--quick', '--no-build', '--backends', 'rnull', '--baseline', ROOT, '--workloads', 'null/4k-randread-qd32', '--out', out];
+  if (os.cpus().length < 2) args.push('--no-pin');
+  const r = await run(process.execPath, args, 240000);
+  expect(r.stderr).toBe('');
+  expect(r.code).toBe(0);
+  const json = JSON.parse(fs.readFileSync(path.join(out, 'results.json'), 'utf8')) as {
+    meta: { options: { backends: string[]; baseline: string } };
+    cases: Array<{ median: Record<string, { iops: number; errors: number } | null>; ratio: { before: number | null } }>;
+  };
+  expect(json.meta.options.backends).toEqual(['rnull', 'base']);
+  expect(json.meta.options.baseline).toBe(path.resolve(ROOT));
+  expect(json.cases[0].median.base!.iops).toBeGreaterThan(0);
+  expect(json.cases[0].median.base!.errors).toBe(0);
+  expect(typeof json.cases[0].ratio.before).toBe('number');
+  const md = fs.readFileSync(path.join(out, 'results.md'), 'utf8');
+  expect(md).toContain('## Before and after');
+  expect(md).toMatch(/\| 4k randread QD32 \| null \| [\d.]+ [kM]? ?\| [\d.]+ [kM]? ?\| [\d.]+x \|/);
+  // A checkout without a build is refused before anything runs.
+  const bad = await run(process.execPath, [RUNNER, '--quick', '--no-build', '--baseline', dir], 30000);
+  expect(bad.code).toBe(2);
+  expect(bad.stderr).toContain('no dist/daemon/main.js');
 }, 300000);
 
 test('bench/micro/dispatch.js runs the dispatch path and reports ns per request', () => {
