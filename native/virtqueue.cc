@@ -7,7 +7,6 @@
 
 #include <atomic>
 
-
 #include "errors.h"
 #include "fd_ops.h"
 
