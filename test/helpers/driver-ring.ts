@@ -154,3 +154,16 @@ export function blkHeader(type: number, sector: number): Buffer {
   h.writeBigUInt64LE(BigInt(sector), 8);
   return h;
 }
+
+/**
+ * Offers a 512-byte read of `sector` (512-byte units) on `ring`: header, a device-writable data
+ * buffer and a status byte preset to 0xff. Returns the status byte's guest address.
+ */
+export function offerRead(ram: GuestRam, ring: DriverRing, sector: number): number {
+  const h = ram.alloc(16);
+  ram.bytes(h, 16).set(blkHeader(0, sector));
+  const st = ram.alloc(1);
+  ram.bytes(st, 1)[0] = 0xff;
+  ring.addChain([{ addr: h, len: 16 }, { addr: ram.alloc(512, 512), len: 512, write: true }, { addr: st, len: 1, write: true }]);
+  return st;
+}

@@ -12,21 +12,11 @@ import { native } from '../../native';
 import { VirtioBlkQueue } from '../../virtqueue/blk-queue';
 import { GuestMemoryMap } from '../../virtqueue/guest-memory';
 import { startBackend, TestBackend, until } from '../helpers/backend';
-import { blkHeader, DESC_F_NEXT, DESC_F_WRITE, DriverRing } from '../helpers/driver-ring';
+import { blkHeader, DESC_F_NEXT, DESC_F_WRITE, DriverRing, offerRead } from '../helpers/driver-ring';
 import { TestFrontend } from '../helpers/frontend';
 import { GuestRam } from '../helpers/guest-ram';
 
 const silent = pino({ level: 'silent' });
-
-/** Offers a 512-byte read of `sector` on `ring`; returns the status byte's address. */
-function offerRead(ram: GuestRam, ring: DriverRing, sector: number): number {
-  const h = ram.alloc(16);
-  ram.bytes(h, 16).set(blkHeader(0, sector));
-  const st = ram.alloc(1);
-  ram.bytes(st, 1)[0] = 0xff;
-  ring.addChain([{ addr: h, len: 16 }, { addr: ram.alloc(512, 512), len: 512, write: true }, { addr: st, len: 1, write: true }]);
-  return st;
-}
 
 describe('a ring start that fails half-way (kick fd epoll refuses: /dev/null) leaves nothing started', () => {
   let be: TestBackend;

@@ -6,26 +6,17 @@
  */
 import pino from 'pino';
 import { hctxOf } from '../../block/disk';
+import type { HwQueue } from '../../block/hw-queue';
 import { BlkStatus, type Operations } from '../../block/operations';
 import type { Request } from '../../block/request';
 import { native } from '../../native';
 import { VirtioBlkQueue } from '../../virtqueue/blk-queue';
 import { GuestMemoryMap } from '../../virtqueue/guest-memory';
 import { startBackend, TestBackend, until } from '../helpers/backend';
-import { blkHeader, DriverRing } from '../helpers/driver-ring';
+import { DriverRing, offerRead } from '../helpers/driver-ring';
 import { GuestRam } from '../helpers/guest-ram';
 
 const silent = pino({ level: 'silent' });
-
-/** Offers a 512-byte read of `sector` on `ring`; returns the status byte's address. */
-function offerRead(ram: GuestRam, ring: DriverRing, sector: number): number {
-  const h = ram.alloc(16);
-  ram.bytes(h, 16).set(blkHeader(0, sector));
-  const st = ram.alloc(1);
-  ram.bytes(st, 1)[0] = 0xff;
-  ring.addChain([{ addr: h, len: 16 }, { addr: ram.alloc(512, 512), len: 512, write: true }, { addr: st, len: 1, write: true }]);
-  return st;
-}
 
 const nextTurn = (): Promise<void> => new Promise((r) => setImmediate(r));
 
@@ -44,6 +35,16 @@ describe('completion batches (HwQueue.begin/endCompletionBatch)', () => {
   /** A driver that keeps every request, for the test to end. */
   const holding: Operations = { queueRq: (rq) => (held.push(rq), BlkStatus.Ok) };
 
+  /** Queue 0 of the disk on a 16-entry ring, started and enabled. */
+  function startQueue(): { hctx: HwQueue; q: VirtioBlkQueue; ring: DriverRing } {
+    const hctx = hctxOf(be.disk, 0);
+    const q = new VirtioBlkQueue(0, hctx, be.disk, silent);
+    const ring = new DriverRing(ram, 16);
+    q.start(ring.setup(memory, kick), true);
+    started.push(q);
+    return { hctx, q, ring };
+  }
+
   beforeEach(() => {
     held.length = 0;
     ram = new GuestRam();
@@ -60,11 +61,7 @@ describe('completion batches (HwQueue.begin/endCompletionBatch)', () => {
   });
 
   test('requests ended inside a batch reach the used ring when it ends, in the same call; outside a batch, on the next turn', async () => {
-    const hctx = hctxOf(be.disk, 0);
-    const q = new VirtioBlkQueue(0, hctx, be.disk, silent);
-    const ring = new DriverRing(ram, 16);
-    q.start(ring.setup(memory, kick), true);
-    started.push(q);
+    const { hctx, q, ring } = startQueue();
     const st = [offerRead(ram, ring, 0), offerRead(ram, ring, 8), offerRead(ram, ring, 16)];
     native.eventfdWrite(kick);
     await until(() => held.length === 3, 'the driver to hold 3 requests');
@@ -93,11 +90,7 @@ describe('completion batches (HwQueue.begin/endCompletionBatch)', () => {
   });
 
   test('an unbalanced end (no batch open) is ignored and publishes nothing twice', async () => {
-    const hctx = hctxOf(be.disk, 0);
-    const q = new VirtioBlkQueue(0, hctx, be.disk, silent);
-    const ring = new DriverRing(ram, 16);
-    q.start(ring.setup(memory, kick), true);
-    started.push(q);
+    const { hctx, q, ring } = startQueue();
     offerRead(ram, ring, 0);
     native.eventfdWrite(kick);
     await until(() => held.length === 1, 'the driver to hold the request');
