@@ -5,24 +5,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "errors.h"
 
 namespace rnull {
 
 namespace {
-double NowNs() {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<double>(ts.tv_sec) * 1e9 + static_cast<double>(ts.tv_nsec);
-}
-
-inline void CpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield" ::: "memory");
-#endif
-}
+// CLOCK_MONOTONIC as a double: exact for 104 days of uptime.
+double NowNs() { return static_cast<double>(MonotonicNowNs()); }
 
 // monotonicNs(): CLOCK_MONOTONIC in nanoseconds, as a double (exact for 104 days of uptime).
 Napi::Value MonotonicNs(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), NowNs()); }

@@ -7,6 +7,7 @@
 
 #include <atomic>
 
+#include "clock.h"
 #include "errors.h"
 #include "fd_ops.h"
 
@@ -16,11 +17,7 @@ namespace {
 // Smallest non-zero polling budget: below a few microseconds a spin cannot beat a wake-up.
 constexpr uint64_t kMinPollNs = 2000;
 
-inline uint64_t NowNs() {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
-}
+inline uint64_t NowNs() { return MonotonicNowNs(); }
 
 // The configured virtqueues of this thread (see Virtqueue::JoinSiblings). Each Node thread
 // (main, workers) has its own event loop and its own list. Plain arrays, nothing to destroy at
@@ -30,13 +27,6 @@ constexpr uint32_t kMaxSiblings = 512;
 thread_local Virtqueue* tlsSiblings[kMaxSiblings];
 thread_local uint32_t tlsSiblingCount = 0;
 
-inline void CpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield" ::: "memory");
-#endif
-}
 
 
 // o[key] as a safe non-negative integer, or *out = 0 when absent or undefined; false if it is
