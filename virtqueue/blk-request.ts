@@ -175,11 +175,11 @@ export class BlkRequestParser {
         }
         if (!isRead && this.disk.readOnly) return this.fail(BlkStatus.IoErr, 'write to a read-only disk');
         if (bytes > MAX_TRANSFER_BYTES) return this.fail(BlkStatus.IoErr, `data of ${bytes} bytes exceeds ${MAX_TRANSFER_BYTES} per request`);
-        const lbs = this.disk.logicalBlockSize;
-        if (bytes % lbs !== 0) return this.fail(BlkStatus.IoErr, `data length ${bytes} is not a multiple of the ${lbs}-byte block`);
+        const lbs = this.disk.logicalBlockSize; // a power of two (Disk checks it): masks, not divisions
+        if ((bytes & (lbs - 1)) !== 0) return this.fail(BlkStatus.IoErr, `data length ${bytes} is not a multiple of the ${lbs}-byte block`);
         if (sectorHi > MAX_SECTOR_HI) return this.fail(BlkStatus.IoErr, 'sector beyond the disk');
         const sector = sectorHi * 0x100000000 + sectorLo;
-        if (sector % (lbs / SECTOR) !== 0) return this.fail(BlkStatus.IoErr, `sector ${sector} is not aligned to the ${lbs}-byte block`);
+        if ((sectorLo & (lbs / SECTOR - 1)) !== 0) return this.fail(BlkStatus.IoErr, `sector ${sector} is not aligned to the ${lbs}-byte block`);
         const cap = this.disk.capacitySectors;
         const nsect = bytes / SECTOR;
         // Overflow-safe: sector <= cap first, then the length against what is left.
