@@ -43,6 +43,9 @@ const WORKLOADS = [
   // --completion-nsec 50000, QSD null-co latency-ns=50000 (the ceiling has no such mode).
   { id: '4k-randread-qd1-poll', label: '4k randread QD1, client polls', rw: 'randread', bs: 4096, qd: 1, queues: 1, wait: 'poll', disks: ['null'] },
   { id: '4k-randread-qd1-timer', label: '4k randread QD1, 50 us completion, client polls', rw: 'randread', bs: 4096, qd: 1, queues: 1, wait: 'poll', completionNs: 50000, disks: ['null'], noCeiling: true },
+  // Timer mode under load: 32 requests each ending 50 us after it starts, a sleeping client
+  // (at most 32 / 50 us = 640 k IOPS; how close each back-end gets and how late its timers are).
+  { id: '4k-randread-qd32-timer', label: '4k randread QD32, 50 us completion', rw: 'randread', bs: 4096, qd: 32, queues: 1, completionNs: 50000, disks: ['null'], noCeiling: true },
 ];
 
 /** Every case: each workload on each disk kind it applies to, as {id, disk, workload}. */
