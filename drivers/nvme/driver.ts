@@ -235,7 +235,7 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
   readonly namespaces: NvmeNamespace[] = [];
   readonly log: LogFn;
   private readonly lateLogged = { done: false };
-  private readonly completeFns: Array<(ref: number, status: number, dw0: number, cmdTag: number) => void> = [];
+  private readonly completeFns: Array<(ctx: number, status: number, dw0: number, cmdTag: number) => void> = [];
   private readonly pollFns: Array<() => void> = [];
   private readonly served: (index: number) => boolean;
   private readonly main: NvmeMain | undefined;
@@ -319,7 +319,10 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
     const q = new IoQueue(a.pair, a.lists, a.bounce, this.maxTransferBytes, this.namespaces.length);
     q.local = this.served(i);
     this.queues.push(q);
-    this.completeFns.push((ref, status, _dw0, cmdTag) => this.completed(i, ref, status, cmdTag));
+    // The request's ref comes from cmdRef, not from the queue pair's context: refs pass 2^30
+    // (a small integer no more) after 16 k uses of a tag, and storing one in the pair's generic
+    // context array would then allocate a heap number per command; its context is always 0.
+    this.completeFns.push((_ctx, status, _dw0, cmdTag) => this.completed(i, q.cmdRef[cmdTag] as number, status, cmdTag));
     this.pollFns.push(() => this.pollTick(i));
   }
 
@@ -745,18 +748,18 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
             nq.off[tag] = p.off;
           }
           blocks = bytes / bs;
-          qp.submitIo(rq.op === ReqOp.Read ? NvmOpcode.Read : NvmOpcode.Write, nsid, p.prp1, p.prp2, lbaLo, lbaHi, blocks - 1, 0, ref);
+          qp.submitIo(rq.op === ReqOp.Read ? NvmOpcode.Read : NvmOpcode.Write, nsid, p.prp1, p.prp2, lbaLo, lbaHi, blocks - 1, 0, 0);
           nq.left[tag] = (nq.left[tag] as number) - bytes;
           break;
         }
         case ReqOp.Flush:
-          qp.submitIo(NvmOpcode.Flush, nsid, 0, 0, 0, 0, 0, 0, ref);
+          qp.submitIo(NvmOpcode.Flush, nsid, 0, 0, 0, 0, 0, 0, 0);
           nq.left[tag] = 0;
           sent = true;
           break;
         case ReqOp.WriteZeroes:
           blocks = Math.min((nq.left[tag] as number) / bs, WZ_MAX_BLOCKS);
-          qp.submitIo(NvmOpcode.WriteZeroes, nsid, 0, 0, lbaLo, lbaHi, ((blocks - 1) | (rq.unmap && ns.deallocateZeroes ? WZ_DEAC : 0)) >>> 0, 0, ref);
+          qp.submitIo(NvmOpcode.WriteZeroes, nsid, 0, 0, lbaLo, lbaHi, ((blocks - 1) | (rq.unmap && ns.deallocateZeroes ? WZ_DEAC : 0)) >>> 0, 0, 0);
           nq.left[tag] = (nq.left[tag] as number) - blocks * bs;
           break;
         case ReqOp.Discard: {
@@ -766,7 +769,7 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
           q.list[listWord + 1] = blocks;
           q.list[listWord + 2] = lbaLo;
           q.list[listWord + 3] = lbaHi;
-          qp.submitIo(NvmOpcode.DatasetManagement, nsid, listIova, 0, 0, DSM_ATTR_DEALLOCATE, 0, 0, ref);
+          qp.submitIo(NvmOpcode.DatasetManagement, nsid, listIova, 0, 0, DSM_ATTR_DEALLOCATE, 0, 0, 0);
           nq.left[tag] = (nq.left[tag] as number) - blocks * bs;
           break;
         }
@@ -905,7 +908,7 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
 
   /** reap() inside its completion batches. */
   private reapLocked(q: IoQueue, i: number): void {
-    const fn = this.completeFns[i] as (ref: number, status: number, dw0: number, cmdTag: number) => void;
+    const fn = this.completeFns[i] as (ctx: number, status: number, dw0: number, cmdTag: number) => void;
     while (q.pair.qp.reap(fn) > 0);
     while (q.waitCount > 0 && q.pair.qp.nextTag >= 0 && !this.resetting) {
       const entry = q.waitRing[q.waitHead] as number;
