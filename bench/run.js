@@ -260,7 +260,7 @@ function startChild(cmd, args, opts = {}) {
       resolve({ code, signal });
     });
   });
-  return { proc, out, exited };
+  return { proc, out, exited, what: [path.basename(cmd), ...args.slice(0, 4)].join(' ') };
 }
 
 /** Waits for `exited` at most `ms`; on timeout SIGKILLs and reports it. */
@@ -281,7 +281,7 @@ async function stopChild(child) {
   if (child.proc.exitCode !== null || child.proc.signalCode !== null) return;
   child.proc.kill('SIGTERM');
   const r = await waitExit(child, 5000);
-  if (r.timedOut) process.stderr.write(`bench: pid ${child.proc.pid} ignored SIGTERM for 5 s: killed\n`);
+  if (r.timedOut) process.stderr.write(`bench: pid ${child.proc.pid} (${child.what} ...) ignored SIGTERM for 5 s: killed\n`);
 }
 
 // ---------------------------------------------------------------------------------------------
