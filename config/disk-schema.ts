@@ -43,6 +43,7 @@ export interface DiskConfig {
   pci: string;
   nsid: number;
   nvme_poll: boolean;
+  shadow_doorbells: boolean;
 }
 
 /** The default num_queues: the host's CPU count, at most 64 (the largest queue count). */
@@ -210,6 +211,11 @@ export const diskSchema = {
     doc: 'driver nvme: poll the completion queues instead of waiting for MSI-X interrupts (lower latency, one core busy while requests are in flight).',
     format: 'bool',
     default: false,
+  },
+  shadow_doorbells: {
+    doc: 'driver nvme: shadow doorbells (Doorbell Buffer Config) when the controller offers them: doorbell values go to a page in memory and the doorbell registers are written only when the controller asks (fewer MMIO writes; each one is a VM exit on an emulated controller). false: the registers only.',
+    format: 'bool',
+    default: true,
   },
   serial: {
     doc: 'Serial number answered to VIRTIO_BLK_T_GET_ID: at most 20 printable ASCII characters.',
