@@ -3,6 +3,7 @@
 // front-end (vhost-bench, bench/client) against several back-ends of one emulated NVMe controller
 // bound to vfio-pci, interleaved: for every round, every workload, every back-end (A B C A B C):
 //  - rnull:      `rnull --driver nvme` (MSI-X completions), rnull-poll: the same with --nvme-poll;
+//                rnull-nodb, rnull-poll-nodb: the same with --shadow-doorbells false (registers only);
 //  - qsd:        qemu-storage-daemon's `nvme` block driver on the same controller, exported as
 //                vhost-user-blk from an iothread (its event loop polls adaptively);
 //  - ceiling:    bench/ceiling's do-nothing back-end (touches no data: the ceiling).
@@ -28,13 +29,16 @@ function backendCommand(plan, name, sock, profDir) {
   switch (name) {
     case 'rnull':
     case 'rnull-poll':
+    case 'rnull-nodb':
+    case 'rnull-poll-nodb':
       return [
         process.execPath,
         ...(plan.nodeFlags ?? []),
         ...(profDir ? ['--cpu-prof', '--cpu-prof-interval', '2000', '--cpu-prof-dir', profDir] : []),
         path.join(ROOT, 'dist', 'daemon', 'main.js'),
         '--driver', 'nvme', '--pci', plan.bdf, '--nsid', String(plan.nsid), '--socket', sock,
-        '--num-queues', '2', '--nvme-poll', name === 'rnull-poll' ? 'true' : 'false', '--log-level', 'warn',
+        '--num-queues', '2', '--nvme-poll', name.startsWith('rnull-poll') ? 'true' : 'false', '--log-level', 'warn',
+        '--shadow-doorbells', name.endsWith('-nodb') ? 'false' : 'true',
         '--management-socket', MGMT, ...(plan.rnullArgs ?? []),
       ];
     case 'qsd':

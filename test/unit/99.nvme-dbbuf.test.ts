@@ -1,0 +1,333 @@
+/**
+ * Shadow doorbells (drivers/nvme/shadow-doorbell.ts, QueuePair with setShadow): the event-index
+ * test at the wrap-around edges against a plain model of the circular window; the order of one
+ * update (shadow store, fence, EventIdx load); a queue whose EventIdx says "no MMIO" gets none,
+ * one that says "MMIO" gets it, one whose EventIdx was never written gets every write; and the
+ * driver against the fake controller modelled on QEMU 7.2 (it runs only when an MMIO doorbell
+ * write came, reads the shadow tail, writes the EventIdx): nothing is lost whether the fake
+ * writes EventIdx entries or not, and after a controller reset no EventIdx from before the reset
+ * suppresses a needed write (the fake would never see the commands: the hang this guards).
+ */
+import { HwQueue, type CompletionSink } from '../../block/hw-queue';
+import { BlkStatus, ReqOp } from '../../block/operations';
+import { CQE_SIZE, SQE_SIZE } from '../../drivers/nvme/command';
+import type { NvmeController } from '../../drivers/nvme/controller';
+import { NvmeDriver } from '../../drivers/nvme/driver';
+import type { IdentifyNamespace } from '../../drivers/nvme/identify';
+import { QueuePair } from '../../drivers/nvme/queue';
+import { DOORBELL_BUFFER_BYTES, DoorbellBuffer, EVENT_IDX_UNKNOWN, needEvent, type ShadowDoorbell } from '../../drivers/nvme/shadow-doorbell';
+import type { NativeGuestMemory } from '../../native';
+import { vfioFence } from '../../native/vfio';
+import { dispatchSegments } from '../helpers/dispatch';
+import { FakeController, postCqe, type FakeCq } from '../helpers/fake-nvme';
+
+/** The circular window [old, new) of a ring of `entries`: does it hold `ei`? */
+function inWindow(ei: number, oldIdx: number, newIdx: number, entries: number): boolean {
+  return (ei - oldIdx + entries) % entries < (newIdx - oldIdx + entries) % entries;
+}
+
+describe('needEvent: (u16)(new - ei - 1) < (u16)(new - old)', () => {
+  test.each([2, 3, 7, 16, 33])('every (ei, old, new) of a %i-entry ring agrees with the circular window', (entries) => {
+    const wrong: number[][] = [];
+    for (let ei = 0; ei < entries; ei++) {
+      for (let o = 0; o < entries; o++) for (let n = 0; n < entries; n++) if (needEvent(ei, n, o, entries) !== inWindow(ei, o, n, entries)) wrong.push([ei, o, n]);
+    }
+    expect(wrong).toEqual([]);
+  });
+
+  test('the driver\'s ring sizes (1024, 4097) around the wrap', () => {
+    for (const entries of [1024, 4097]) {
+      const edge = [0, 1, 2, entries - 3, entries - 2, entries - 1];
+      for (const ei of edge) for (const o of edge) for (const n of edge) expect(needEvent(ei, n, o, entries)).toBe(inWindow(ei, o, n, entries));
+    }
+  });
+
+  test('16-bit wrap-around edges (a 65536-entry ring: indexes are full u16 values)', () => {
+    const E = 65536;
+    // Window [65534, 1): 65534, 65535, 0.
+    expect(needEvent(65534, 1, 65534, E)).toBe(true);
+    expect(needEvent(65535, 1, 65534, E)).toBe(true);
+    expect(needEvent(0, 1, 65534, E)).toBe(true);
+    expect(needEvent(1, 1, 65534, E)).toBe(false); // the new value itself is not passed
+    expect(needEvent(65533, 1, 65534, E)).toBe(false); // behind the old value
+    // Window [65535, 0): only 65535.
+    expect(needEvent(65535, 0, 65535, E)).toBe(true);
+    expect(needEvent(0, 0, 65535, E)).toBe(false);
+    // The whole ring but one.
+    expect(needEvent(32768, 65535, 0, E)).toBe(true);
+    expect(needEvent(65535, 65535, 0, E)).toBe(false);
+    for (const [ei, o, n] of [[65535, 65530, 3], [2, 65530, 3], [3, 65530, 3], [65529, 65530, 3], [100, 65530, 3]] as const) expect(needEvent(ei, n, o, E)).toBe(inWindow(ei, o, n, E));
+  });
+
+  test('an EventIdx that is no index of the ring (never written: EVENT_IDX_UNKNOWN, or garbage) says ring; nothing moved says not', () => {
+    for (const [n, o] of [[1, 0], [5, 3], [0, 15]]) {
+      expect(needEvent(EVENT_IDX_UNKNOWN, n!, o!, 16)).toBe(true);
+      expect(needEvent(16, n!, o!, 16)).toBe(true);
+      expect(needEvent(0xffff, n!, o!, 16)).toBe(true);
+      expect(needEvent(-1, n!, o!, 16)).toBe(true);
+    }
+    expect(needEvent(3, 3, 3, 16)).toBe(false);
+  });
+});
+
+describe('DoorbellBuffer: the layout of the doorbell registers, one page each', () => {
+  test('queue qid: SQ entry at 2 x qid x stride, CQ entry at (2 x qid + 1) x stride; reset fills shadow 0 and EventIdx unknown', () => {
+    const sh = new Uint8Array(DOORBELL_BUFFER_BYTES).fill(7);
+    const ei = new Uint8Array(DOORBELL_BUFFER_BYTES);
+    const b = new DoorbellBuffer(sh, ei, 4, () => undefined);
+    expect(b.forQueue(1)).toMatchObject({ sqOffset: 8, cqOffset: 12 });
+    expect(b.forQueue(3)).toMatchObject({ sqOffset: 24, cqOffset: 28 });
+    expect(new DoorbellBuffer(sh, ei, 16, () => undefined).forQueue(2)).toMatchObject({ sqOffset: 64, cqOffset: 80 });
+    expect(b.fits(511)).toBe(true);
+    expect(b.fits(512)).toBe(false);
+    expect(() => b.forQueue(512)).toThrow(RangeError);
+    b.reset();
+    expect(sh.every((x) => x === 0)).toBe(true);
+    const v = new DataView(ei.buffer);
+    for (let at = 0; at < DOORBELL_BUFFER_BYTES; at += 4) expect(v.getUint32(at, true)).toBe(EVENT_IDX_UNKNOWN);
+    const q = b.forQueue(2);
+    q.shadow.setUint32(q.sqOffset, 9, true);
+    q.eventIdx.setUint32(q.cqOffset, 4, true);
+    b.resetQueue(2);
+    expect(q.shadow.getUint32(q.sqOffset, true)).toBe(0);
+    expect(q.eventIdx.getUint32(q.cqOffset, true)).toBe(EVENT_IDX_UNKNOWN);
+    expect(() => new DoorbellBuffer(sh.subarray(0, 100), ei, 4, () => undefined)).toThrow(RangeError);
+  });
+
+  test('the native fence is there (x86 MFENCE between the shadow store and the EventIdx load)', () => {
+    expect(typeof vfioFence).toBe('function');
+    expect(vfioFence()).toBeUndefined();
+  });
+});
+
+/** A queue pair with shadow entries for qid 1, doorbell writes recorded. */
+function shadowedQueue(entries = 16): { qp: QueuePair<number>; e: ShadowDoorbell; mmio: string[]; order: string[]; cq: FakeCq } {
+  const sh = new Uint8Array(DOORBELL_BUFFER_BYTES);
+  const ei = new Uint8Array(DOORBELL_BUFFER_BYTES);
+  const order: string[] = [];
+  const b = new DoorbellBuffer(sh, ei, 4, () => void order.push('fence'));
+  b.reset();
+  const mmio: string[] = [];
+  const cqMem = new Uint8Array(entries * CQE_SIZE);
+  const qp = new QueuePair<number>({ qid: 1, entries, sq: new Uint8Array(entries * SQE_SIZE), cq: cqMem, doorbells: { sqTail: (v) => void mmio.push(`sq ${v}`), cqHead: (v) => void mmio.push(`cq ${v}`) } });
+  const e = b.forQueue(1);
+  qp.setShadow(e);
+  return { qp, e, mmio, order, cq: { cq: cqMem, entries, cqTail: 0, phase: 1, sqHead: 0 } };
+}
+
+const submitN = (qp: QueuePair<number>, n: number): number[] => Array.from({ length: n }, (_, i) => qp.submitIo(2, 1, 0x10000, 0, i, 0, 0, 0, i));
+
+describe('QueuePair with shadow doorbells', () => {
+  test('the EventIdx was never written: every SQ tail and CQ head goes to the register too (and to the shadow entry)', () => {
+    const { qp, e, mmio, cq } = shadowedQueue();
+    const cids = submitN(qp, 3);
+    qp.commit();
+    expect(e.shadow.getUint32(e.sqOffset, true)).toBe(3);
+    submitN(qp, 2);
+    qp.commit();
+    for (const cid of cids) postCqe(cq, cid);
+    expect(qp.reap(() => undefined)).toBe(3);
+    expect(e.shadow.getUint32(e.cqOffset, true)).toBe(3);
+    expect(mmio).toEqual(['sq 3', 'sq 5', 'cq 3']);
+    expect(qp.stats).toMatchObject({ sqDoorbells: 2, cqDoorbells: 1, sqDoorbellsSkipped: 0, cqDoorbellsSkipped: 0 });
+  });
+
+  test('an EventIdx outside [old, new): no MMIO write, the value in the shadow entry; one inside: the write', () => {
+    const { qp, e, mmio } = shadowedQueue();
+    submitN(qp, 2);
+    qp.commit(); // EventIdx unknown: rung
+    e.eventIdx.setUint32(e.sqOffset, 0, true); // the controller has read tail 0 only: it is still at work
+    submitN(qp, 3);
+    qp.commit(); // 2 -> 5 does not pass 0
+    expect(e.shadow.getUint32(e.sqOffset, true)).toBe(5);
+    expect(mmio).toEqual(['sq 2']);
+    e.eventIdx.setUint32(e.sqOffset, 5, true); // it caught up with tail 5 and wants to hear of more
+    submitN(qp, 1);
+    qp.commit();
+    expect(mmio).toEqual(['sq 2', 'sq 6']);
+    expect(qp.stats).toMatchObject({ sqDoorbells: 2, sqDoorbellsSkipped: 1 });
+  });
+
+  test('around the ring\'s wrap: old 14, new 1 of 16 entries passes EventIdx 15 and 0, not 1 or 13', () => {
+    for (const [ei, rung] of [[15, true], [0, true], [14, true], [1, false], [13, false]] as const) {
+      const { qp, e, mmio, cq } = shadowedQueue(16);
+      // Walk the tail to 14 (and complete everything, to free the tags).
+      for (const n of [10, 4]) {
+        for (const cid of submitN(qp, n)) postCqe(cq, cid);
+        qp.commit();
+        qp.reap(() => undefined);
+      }
+      mmio.length = 0;
+      e.eventIdx.setUint32(e.sqOffset, ei, true);
+      submitN(qp, 3); // 14 -> 1
+      qp.commit();
+      expect([ei, mmio]).toEqual([ei, rung ? ['sq 1'] : []]);
+    }
+  });
+
+  test('CQ head: an EventIdx behind the batch: no write; at the old head: the write', () => {
+    const { qp, e, mmio, cq } = shadowedQueue();
+    const cids = submitN(qp, 6);
+    qp.commit();
+    postCqe(cq, cids[0]!);
+    postCqe(cq, cids[1]!);
+    qp.reap(() => undefined); // unknown: rung (head 2)
+    e.eventIdx.setUint32(e.cqOffset, 1, true); // the controller knew head 1 when it last posted
+    postCqe(cq, cids[2]!);
+    qp.poll(() => undefined); // 2 -> 3 does not pass 1
+    e.eventIdx.setUint32(e.cqOffset, 3, true);
+    postCqe(cq, cids[3]!);
+    qp.reap(() => undefined); // 3 -> 4 passes 3
+    expect(mmio).toEqual(['sq 6', 'cq 2', 'cq 4']);
+    expect(e.shadow.getUint32(e.cqOffset, true)).toBe(4);
+    expect(qp.stats).toMatchObject({ cqDoorbells: 2, cqDoorbellsSkipped: 1 });
+  });
+
+  test('order: the shadow value is stored before the fence and the EventIdx loaded after it', () => {
+    const { qp, e, mmio, order } = shadowedQueue();
+    submitN(qp, 1);
+    qp.commit();
+    e.eventIdx.setUint32(e.sqOffset, 0, true); // stale: 1 -> 2 would not pass it
+    // The controller finishes and writes EventIdx 1 exactly while the host fences: a load
+    // before the fence would see 0 and leave out the write the controller now waits for.
+    order.length = 0;
+    const fence = e.fence;
+    e.fence = (): void => {
+      order.push(`fence with shadow ${e.shadow.getUint32(e.sqOffset, true)}`);
+      e.eventIdx.setUint32(e.sqOffset, 1, true);
+      fence();
+    };
+    submitN(qp, 1);
+    qp.commit();
+    expect(order).toEqual(['fence with shadow 2', 'fence']);
+    expect(mmio).toEqual(['sq 1', 'sq 2']);
+  });
+
+  test('setShadow(null): the registers only again', () => {
+    const { qp, e, mmio } = shadowedQueue();
+    e.eventIdx.setUint32(e.sqOffset, 9, true);
+    qp.setShadow(null);
+    expect(qp.shadowed).toBe(false);
+    submitN(qp, 2);
+    qp.commit();
+    expect(mmio).toEqual(['sq 2']);
+    expect(e.shadow.getUint32(e.sqOffset, true)).toBe(0);
+  });
+});
+
+describe('the driver against the fake controller (QEMU 7.2 model) with shadow doorbells', () => {
+  const MEMORY = { regionLayout: () => [{ size: 1 << 20, firstChunk: 0, hostPageOffset: 0 }] } as unknown as NativeGuestMemory;
+  const NS = { nsze: 1 << 20, blockSize: 512, dlfeat: 1 } as IdentifyNamespace;
+  const GUEST = Buffer.alloc(1 << 20);
+  const tick = (): Promise<void> => new Promise((r) => setImmediate(r));
+  const drivers: NvmeDriver[] = [];
+  afterEach(() => {
+    for (const d of drivers.splice(0)) d.close(); // their poll loops stop
+  });
+
+  async function setup(offer: { updatesEventIdx: boolean } | null, shadowDoorbells?: boolean): Promise<{ hw: FakeController; driver: NvmeDriver; hctx: HwQueue; ended: Array<[number, BlkStatus]> }> {
+    const hw = new FakeController();
+    hw.offerShadow = offer;
+    const driver = await NvmeDriver.open({ controller: hw as unknown as NvmeController, nsid: 1, namespace: NS, queues: 1, entries: 64, poll: true, log: () => undefined, shadowDoorbells });
+    drivers.push(driver);
+    const ended: Array<[number, BlkStatus]> = [];
+    const sink: CompletionSink = { requestEnded: (rq) => ended.push([rq.tag, rq.status]), requestTimedOut: () => undefined };
+    const hctx = new HwQueue(0, 64);
+    hctx.attach(driver, sink);
+    driver.memoryMapped(MEMORY);
+    return { hw, driver, hctx, ended };
+  }
+  const read = (hctx: HwQueue, tag: number, isLast = true): void => void dispatchSegments(hctx, tag, ReqOp.Read, tag * 8, [[tag * 4096, 4096]], GUEST, isLast);
+
+  test('a controller that writes EventIdx: a batch published while it has not run yet gets no MMIO write, and it still sees every command', async () => {
+    const { hw, driver, hctx, ended } = await setup({ updatesEventIdx: true });
+    expect(driver.stats()[0]!.shadowDoorbells).toBe(true);
+    read(hctx, 0);
+    expect(hw.sqTails).toEqual([1]); // EventIdx unknown yet: rung
+    const first = hw.fetch(); // it ran: EventIdx 1
+    expect(first.map((c) => c.cdw10)).toEqual([0]);
+    read(hctx, 1);
+    expect(hw.sqTails).toEqual([1, 2]); // 1 -> 2 passes EventIdx 1: rung
+    read(hctx, 2, false);
+    read(hctx, 3, true);
+    expect(hw.sqTails).toEqual([1, 2]); // it has not run since: 2 -> 4 passes nothing it asked for
+    const cmds = hw.fetch(); // it runs (for the MMIO write of 2) and reads the shadow tail 4
+    expect(cmds.map((c) => c.cdw10)).toEqual([8, 16, 24]);
+    // Completions: the first batch's head is rung (EventIdx unknown); later the fake's CQ
+    // EventIdx is the head it knew before the batch, which the next heads do not pass.
+    hw.complete(first[0]!.cid);
+    hw.complete(cmds[0]!.cid);
+    await tick();
+    hw.complete(cmds[1]!.cid);
+    await tick();
+    hw.complete(cmds[2]!.cid);
+    await tick();
+    expect(ended.map(([t]) => t)).toEqual([0, 1, 2, 3]);
+    expect(ended.every(([, s]) => s === BlkStatus.Ok)).toBe(true);
+    expect(hw.cqHeads).toEqual([2]);
+    expect(hw.cqHeadSeen).toBe(3); // read from the shadow entry when it posted the last completion
+    expect(driver.stats()[0]).toMatchObject({ sqDoorbells: 2, sqDoorbellsSkipped: 1, cqDoorbells: 1, cqDoorbellsSkipped: 2, inFlight: 0 });
+    expect(hw.fences).toBe(6); // one per doorbell update
+  });
+
+  test('a controller that accepts the buffers and never writes EventIdx: every doorbell is an MMIO write; nothing is lost', async () => {
+    const { hw, driver, hctx, ended } = await setup({ updatesEventIdx: false });
+    const seen: number[] = [];
+    for (let round = 0; round < 5; round++) {
+      read(hctx, 2 * round, false);
+      read(hctx, 2 * round + 1, true);
+      read(hctx, 40 + round, true);
+      const cmds = hw.fetch();
+      seen.push(...cmds.map((c) => c.cdw10 / 8));
+      for (const c of cmds) hw.complete(c.cid);
+      await tick();
+    }
+    expect(seen).toEqual([0, 1, 40, 2, 3, 41, 4, 5, 42, 6, 7, 43, 8, 9, 44]);
+    expect(ended).toHaveLength(15);
+    const st = driver.stats()[0]!;
+    expect(st).toMatchObject({ shadowDoorbells: true, sqDoorbellsSkipped: 0, cqDoorbellsSkipped: 0, sqDoorbells: 10 });
+    expect(st.cqDoorbells).toBeGreaterThanOrEqual(5);
+  });
+
+  test('after a controller reset the EventIdx entries start over: the first doorbell is an MMIO write (a stale EventIdx would hang the queue)', async () => {
+    const { hw, driver, hctx, ended } = await setup({ updatesEventIdx: true });
+    read(hctx, 0);
+    const c0 = hw.fetch();
+    expect(c0).toHaveLength(1); // EventIdx 1 now
+    await driver.resetController('test'); // tag 0 requeued and resubmitted at tail 0 -> 1
+    expect(hw.resets).toBe(1);
+    expect(hw.sqTails).toEqual([1]); // (the fake's record starts over) unknown after the reset: rung; EventIdx 1 would have said 0 -> 1 needs none
+    const again = hw.fetch();
+    expect(again.map((c) => c.cdw10)).toEqual([0]);
+    hw.complete(again[0]!.cid);
+    await tick();
+    expect(ended).toEqual([[0, BlkStatus.Ok]]);
+
+    // The guarded failure, shown on the same fake: a stale EventIdx (1, from before a reset)
+    // with a ring started over at 0 leaves out the write, and the fake never runs.
+    const { hw: hw2, hctx: hctx2 } = await setup({ updatesEventIdx: true });
+    read(hctx2, 0);
+    hw2.fetch();
+    const e = hw2.shadow!.buffer.forQueue(1);
+    const stale = e.eventIdx.getUint32(e.sqOffset, true);
+    await hw2.reset(() => undefined);
+    e.eventIdx.setUint32(e.sqOffset, stale, true); // what a reset that did not start the buffers over would leave
+    hw2.sqTails.length = 0;
+    read(hctx2, 5);
+    expect(hw2.sqTails).toEqual([]);
+    expect(hw2.fetch()).toEqual([]); // the command is never seen
+  });
+
+  test('shadow_doorbells false (or a controller that does not offer them): the registers only', async () => {
+    for (const [offer, on] of [[{ updatesEventIdx: true }, false], [null, undefined]] as const) {
+      const { hw, driver, hctx } = await setup(offer, on);
+      expect(hw.shadow).toBeNull();
+      expect(driver.stats()[0]).toMatchObject({ shadowDoorbells: false });
+      read(hctx, 0, false);
+      read(hctx, 1, true);
+      expect(hw.sqTails).toEqual([2]);
+      expect(hw.fetch()).toHaveLength(2);
+      expect(hw.fences).toBe(0);
+    }
+  });
+});
