@@ -161,7 +161,7 @@ async function runCase(plan, c) {
   const sock = `/run/${k}.sock`;
   const logFile = `/run/${k}.log`;
   const mgmt = `/run/${k}.mgmt`;
-  const args = ['--driver', 'nvme', '--pci', c.bdf, '--nsid', String(c.nsid), '--socket', sock, '--num-queues', '2', '--nvme-poll', String(c.poll), '--io-timeout', '20000', '--management-socket', mgmt];
+  const args = ['--driver', 'nvme', '--pci', c.bdf, '--nsid', String(c.nsid), '--socket', sock, '--num-queues', '2', '--nvme-poll', String(c.poll), '--io-timeout', '20000', '--management-socket', mgmt, '--shadow-doorbells', 'true'];
   const d = startDaemon(args, logFile);
   try {
     await waitFor(() => fs.existsSync(sock), 30000, `${k}: the daemon's socket`);

@@ -6,18 +6,19 @@
  * driver against the fake controller modelled on QEMU 7.2 (it runs only when an MMIO doorbell
  * write came, reads the shadow tail, writes the EventIdx): nothing is lost whether the fake
  * writes EventIdx entries or not, and after a controller reset no EventIdx from before the reset
- * suppresses a needed write (the fake would never see the commands: the hang this guards).
+ * suppresses a needed write (the fake would never see the commands: the hang this guards);
+ * NvmeController sending Doorbell Buffer Config after the queues exist and again after a reset.
  */
 import { HwQueue, type CompletionSink } from '../../block/hw-queue';
 import { BlkStatus, ReqOp } from '../../block/operations';
 import { CQE_SIZE, SQE_SIZE } from '../../drivers/nvme/command';
-import type { NvmeController } from '../../drivers/nvme/controller';
+import { NvmeController, type LogFn } from '../../drivers/nvme/controller';
 import { NvmeDriver } from '../../drivers/nvme/driver';
 import type { IdentifyNamespace } from '../../drivers/nvme/identify';
 import { QueuePair } from '../../drivers/nvme/queue';
 import { DOORBELL_BUFFER_BYTES, DoorbellBuffer, EVENT_IDX_UNKNOWN, needEvent, type ShadowDoorbell } from '../../drivers/nvme/shadow-doorbell';
 import type { NativeGuestMemory } from '../../native';
-import { vfioFence } from '../../native/vfio';
+import { vfioFence, type DmaAllocation, type IommuInfo, type NativeVfioDevice, type RegionInfo } from '../../native/vfio';
 import { dispatchSegments } from '../helpers/dispatch';
 import { FakeController, postCqe, type FakeCq } from '../helpers/fake-nvme';
 
@@ -328,6 +329,239 @@ describe('the driver against the fake controller (QEMU 7.2 model) with shadow do
       expect(hw.sqTails).toEqual([2]);
       expect(hw.fetch()).toHaveLength(2);
       expect(hw.fences).toBe(0);
+    }
+  });
+});
+
+/**
+ * A fake NVMe controller behind a fake VFIO device, for NvmeController's part: registers, the
+ * admin queue (Identify with OACS, Number of Queues, Create CQ/SQ, Doorbell Buffer Config), and
+ * the I/O SQ doorbell registers recorded. Polled admin completions (no MSI-X).
+ */
+class DbbcDevice implements NativeVfioDevice {
+  readonly events: string[] = [];
+  /** I/O SQ tail register writes: "qid:tail". */
+  readonly mmio: string[] = [];
+  dbbc: { prp1: number; prp2: number } | null = null;
+  cc = 0;
+  csts = 0;
+  private aqa = 0;
+  private asq = 0;
+  private acq = 0;
+  private readonly blocks = new Map<number, { bytes: Uint8Array; iova?: number }>();
+  private nextId = 1;
+  private sqHead = 0;
+  private cqTail = 0;
+  private phase = 1;
+  constructor(private readonly o: { oacs: number; refuseDbbc?: boolean }) {}
+  info(): ReturnType<NativeVfioDevice['info']> {
+    return { iommuType: 'TYPE1v2', numRegions: 9, numIrqs: 5, configSize: 4096 };
+  }
+  iommuInfo(): IommuInfo {
+    return { pageSizes: 0x40201000n, minPageSize: 4096, ranges: [{ start: 0, end: 2 ** 39 - 1 }] };
+  }
+  regionInfo(): RegionInfo {
+    return { size: 16384, offset: 0, flags: 7, read: true, write: true, mmap: true };
+  }
+  irqCount(): number {
+    return 65;
+  }
+  mapBar(): number {
+    return 16384;
+  }
+  read32(_bar: number, off: number): number {
+    const cap = 0x7ffn | (1n << 16n) | (1n << 24n) | (1n << 37n) | (4n << 52n); // DSTRD 0: stride 4
+    if (off === 0x00) return Number(cap & 0xffffffffn);
+    if (off === 0x04) return Number(cap >> 32n);
+    if (off === 0x08) return 0x10400;
+    if (off === 0x14) return this.cc;
+    if (off === 0x1c) return this.csts;
+    return 0;
+  }
+  write32(_bar: number, off: number, v: number): void {
+    if (off === 0x14) {
+      const was = this.cc & 1;
+      this.cc = v;
+      if ((v & 1) === 1 && was === 0) {
+        this.events.push('CC.EN=1');
+        this.sqHead = 0;
+        this.cqTail = 0;
+        this.phase = 1;
+        setTimeout(() => (this.csts |= 1), 1);
+      } else if ((v & 1) === 0 && was === 1) {
+        this.events.push('CC.EN=0');
+        this.dbbc = null; // a controller reset forgets the buffers (QEMU 7.2: nvme_ctrl_reset)
+        setTimeout(() => (this.csts &= ~1), 1);
+      }
+      if (((v >>> 14) & 3) === 1) setTimeout(() => (this.csts = (this.csts & ~0xc) | (2 << 2)), 1);
+    } else if (off === 0x24) this.aqa = v;
+    else if (off === 0x28) this.asq = v;
+    else if (off === 0x30) this.acq = v;
+    else if (off === 0x1000) this.admin(v);
+    else if (off > 0x1000 && (off - 0x1000) % 8 === 0) this.mmio.push(`${(off - 0x1000) / 8}:${v}`);
+  }
+  read64(): bigint {
+    throw new Error('unused');
+  }
+  write64(): void {
+    throw new Error('unused');
+  }
+  configRead(): number {
+    return 0;
+  }
+  configWrite(): void {}
+  dmaAlloc(size: number): DmaAllocation {
+    const id = this.nextId++;
+    const buffer = new ArrayBuffer(size);
+    this.blocks.set(id, { bytes: new Uint8Array(buffer) });
+    return { id, buffer };
+  }
+  dmaMap(id: number, iova: number): void {
+    this.blocks.get(id)!.iova = iova;
+  }
+  dmaUnmap(id: number): void {
+    delete this.blocks.get(id)!.iova;
+  }
+  dmaFree(id: number): void {
+    this.blocks.delete(id);
+  }
+  dmaMapGuest(): number {
+    throw new Error('not emulated');
+  }
+  dmaUnmapGuest(): void {}
+  setMsix(): void {}
+  reset(): void {}
+  close(): void {}
+  mem(iova: number, len: number): Uint8Array {
+    for (const b of this.blocks.values()) {
+      if (b.iova !== undefined && iova >= b.iova && iova + len <= b.iova + b.bytes.byteLength) return b.bytes.subarray(iova - b.iova, iova - b.iova + len);
+    }
+    throw new Error(`DMA to unmapped IOVA 0x${iova.toString(16)}`);
+  }
+  private admin(tail: number): void {
+    const entries = (this.aqa & 0xfff) + 1;
+    while (this.sqHead !== tail) {
+      const sqe = new DataView(this.mem(this.asq + this.sqHead * 64, 64).slice().buffer);
+      this.sqHead = (this.sqHead + 1) % entries;
+      const opcode = sqe.getUint8(0);
+      const cid = sqe.getUint16(2, true);
+      const prp1 = Number(sqe.getBigUint64(24, true));
+      const prp2 = Number(sqe.getBigUint64(32, true));
+      const cdw10 = sqe.getUint32(40, true);
+      let dw0 = 0;
+      let status = 0;
+      if (opcode === 0x06) {
+        const out = this.mem(prp1, 4096);
+        out.fill(0);
+        if (cdw10 === 1) {
+          out.set(Buffer.from('dbbc-fake'.padEnd(20)), 4);
+          new DataView(out.buffer, out.byteOffset).setUint16(256, this.o.oacs, true);
+        }
+      } else if (opcode === 0x09) dw0 = (3 << 16) | 3;
+      else if (opcode === 0x05) this.events.push(`Create CQ ${cdw10 & 0xffff}`);
+      else if (opcode === 0x01) this.events.push(`Create SQ ${cdw10 & 0xffff}`);
+      else if (opcode === 0x7c) {
+        this.events.push('Doorbell Buffer Config');
+        if (this.o.refuseDbbc === true) status = 0x4002; // Invalid Field, DNR
+        else this.dbbc = { prp1, prp2 };
+      }
+      const at = this.acq + this.cqTail * 16;
+      const cq = new DataView(this.mem(at, 16).slice().buffer);
+      cq.setUint32(0, dw0, true);
+      cq.setUint32(8, this.sqHead, true);
+      cq.setUint32(12, (cid | (this.phase << 16) | (status << 17)) >>> 0, true);
+      this.mem(at, 16).set(new Uint8Array(cq.buffer));
+      this.cqTail = (this.cqTail + 1) % entries;
+      if (this.cqTail === 0) this.phase ^= 1;
+    }
+  }
+}
+
+describe('NvmeController.enableShadowDoorbells and its reset', () => {
+  const open = (o: { oacs: number; refuseDbbc?: boolean }, log: LogFn = () => undefined): Promise<[NvmeController, DbbcDevice]> => {
+    const dev = new DbbcDevice(o);
+    return NvmeController.attach(dev, { bdf: '0000:00:04.0', ioQueues: 3, interrupts: false, log }).then((c) => [c, dev]);
+  };
+  const eventIdxAt = (dev: DbbcDevice, off: number): number => new DataView(dev.mem(dev.dbbc!.prp2, 4096).slice().buffer).getUint32(off, true);
+
+  test('OACS bit 8: Doorbell Buffer Config after the queues exist, two distinct aligned pages, EventIdx "unknown"; each queue publishes through its entries', async () => {
+    const [c, dev] = await open({ oacs: 0x100 });
+    try {
+      const q1 = await c.createIoQueuePair<number>(1, 16, 'poll');
+      const q2 = await c.createIoQueuePair<number>(2, 16, 'poll');
+      expect(await c.enableShadowDoorbells()).toBe(true);
+      expect(c.shadowDoorbells).toBe(true);
+      expect(dev.events.slice(-1)).toEqual(['Doorbell Buffer Config']);
+      const { prp1, prp2 } = dev.dbbc!;
+      expect(prp1 % 4096).toBe(0);
+      expect(prp2 % 4096).toBe(0);
+      expect(prp1).not.toBe(prp2);
+      expect([prp1, prp2]).toEqual([c.doorbellBuffer!.shadow.iova, c.doorbellBuffer!.eventIdx.iova]);
+      for (let off = 0; off < 4096; off += 4) expect(eventIdxAt(dev, off)).toBe(EVENT_IDX_UNKNOWN);
+      expect([q1.qp.shadowed, q2.qp.shadowed, c.admin.qp.shadowed]).toEqual([true, true, false]);
+      q2.qp.submitIo(2, 1, 0x10000, 0, 0, 0, 0, 0, 7);
+      q2.qp.commit();
+      expect(new DataView(dev.mem(prp1, 4096).slice().buffer).getUint32(16, true)).toBe(1); // SQ 2 entry: 2 x 2 x 4
+      expect(dev.mmio).toEqual(['2:1']); // EventIdx unknown: rung
+      // The controller says it has read tail 0 only (still at work): the next tail is not rung.
+      new DataView(dev.mem(prp2, 4096).buffer, dev.mem(prp2, 4096).byteOffset).setUint32(16, 0, true);
+      q2.qp.submitIo(2, 1, 0x10000, 0, 1, 0, 0, 0, 8);
+      q2.qp.commit();
+      expect(dev.mmio).toEqual(['2:1']);
+      expect(q2.qp.stats).toMatchObject({ sqDoorbells: 1, sqDoorbellsSkipped: 1 });
+
+      // A queue created later: its entries start over before the controller creates it.
+      const sh = dev.mem(prp1, 4096);
+      new DataView(sh.buffer, sh.byteOffset).setUint32(24, 99, true);
+      const q3 = await c.createIoQueuePair<number>(3, 16, 'poll');
+      expect(q3.qp.shadowed).toBe(true);
+      expect(new DataView(sh.slice().buffer).getUint32(24, true)).toBe(0);
+      expect(eventIdxAt(dev, 24)).toBe(EVENT_IDX_UNKNOWN);
+
+      // Reset: the controller forgets the buffers at CC.EN=0; the EventIdx entries start over
+      // (a stale "0" would leave out the first write after the reset), the queues are created
+      // again, then Doorbell Buffer Config again.
+      dev.events.length = 0;
+      dev.mmio.length = 0;
+      await c.reset(() => undefined);
+      expect(dev.events).toEqual(['CC.EN=0', 'CC.EN=1', 'Create CQ 1', 'Create SQ 1', 'Create CQ 2', 'Create SQ 2', 'Create CQ 3', 'Create SQ 3', 'Doorbell Buffer Config']);
+      expect(dev.dbbc).toEqual({ prp1, prp2 });
+      expect(eventIdxAt(dev, 16)).toBe(EVENT_IDX_UNKNOWN);
+      q2.qp.submitIo(2, 1, 0x10000, 0, 2, 0, 0, 0, 9);
+      q2.qp.commit();
+      expect(dev.mmio).toEqual(['2:1']);
+    } finally {
+      await c.shutdown();
+    }
+  });
+
+  test('no OACS bit 8: nothing sent, the registers only', async () => {
+    const [c, dev] = await open({ oacs: 0 });
+    try {
+      const q = await c.createIoQueuePair<number>(1, 16, 'poll');
+      expect(await c.enableShadowDoorbells()).toBe(false);
+      expect(dev.events).not.toContain('Doorbell Buffer Config');
+      expect(q.qp.shadowed).toBe(false);
+      expect(c.doorbellBuffer).toBeNull();
+    } finally {
+      await c.shutdown();
+    }
+  });
+
+  test('refused: false, logged, the registers only', async () => {
+    const logs: string[] = [];
+    const [c, dev] = await open({ oacs: 0x100, refuseDbbc: true }, (level, msg) => logs.push(`${level} ${msg}`));
+    try {
+      const q = await c.createIoQueuePair<number>(1, 16, 'poll');
+      expect(await c.enableShadowDoorbells()).toBe(false);
+      expect(dev.events).toContain('Doorbell Buffer Config');
+      expect(q.qp.shadowed).toBe(false);
+      expect(logs.some((l) => /^warn .*Doorbell Buffer Config.*registers only/.test(l))).toBe(true);
+      q.qp.submitIo(2, 1, 0x10000, 0, 0, 0, 0, 0, 1);
+      q.qp.commit();
+      expect(dev.mmio).toEqual(['1:1']);
+    } finally {
+      await c.shutdown();
     }
   });
 });
