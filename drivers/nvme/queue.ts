@@ -252,6 +252,22 @@ export class QueuePair<T> {
     return n;
   }
 
+  /** How many new completions the CQ holds now, up to `max`, consuming none (diagnostics, tests). */
+  peek(max: number): number {
+    let n = 0;
+    let head = this.cqHead;
+    let phase = this.phase;
+    while (n < max && n < this.entries) {
+      if (((this.cqView.getUint32(head * CQE_SIZE + 12, true) >>> 16) & 1) !== phase) break;
+      n++;
+      if (++head === this.entries) {
+        head = 0;
+        phase ^= 1;
+      }
+    }
+    return n;
+  }
+
   /**
    * Tells the controller the SQ tail if commands were added since the last commit: the doorbell
    * register, or with shadow doorbells the shadow entry (and the register if the EventIdx asks).
