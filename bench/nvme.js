@@ -23,7 +23,7 @@ const WORKLOADS = [
   { id: '4k-randread-qd32-2q', title: '4k randread QD32 x 2 queues', args: ['--rw', 'randread', '--bs', '4096', '--qd', '32', '--queues', '2'] },
   { id: '4k-randwrite-qd32', title: '4k randwrite QD32', args: ['--rw', 'randwrite', '--bs', '4096', '--qd', '32', '--queues', '1'] },
 ];
-const BACKENDS = ['rnull', 'rnull-poll', 'rnull-nodb', 'rnull-poll-nodb', 'qsd', 'ceiling'];
+const BACKENDS = ['rnull', 'rnull-poll', 'rnull-db', 'rnull-poll-db', 'rnull-nodb', 'rnull-poll-nodb', 'qsd', 'ceiling'];
 
 function usage() {
   return `usage: node bench/nvme.js [options]
@@ -260,7 +260,7 @@ async function main() {
     '',
     table(med, opts),
     '',
-    ...(doorbells(runs, opts) ? ['Doorbell writes (round 1, from `rnull ctl stats`; `-nodb`: --shadow-doorbells false):', '', doorbells(runs, opts), ''] : []),
+    ...(doorbells(runs, opts) ? ['Doorbell writes (round 1, from `rnull ctl stats`; `-db`/`-nodb`: --shadow-doorbells true/false):', '', doorbells(runs, opts), ''] : []),
     ...targets.map((t) => `- Target: ${t.target}: **${t.status}** (${fx(t.factor)})`),
     `- DMAR faults in the guest's dmesg: ${dmar}`,
     `- qemu-storage-daemon start retries per run: ${qsdRetries.join(' ') || '—'}`,

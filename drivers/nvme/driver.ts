@@ -13,7 +13,7 @@
  * finding its queue pair full waits in a FIFO and goes on as completions free command ids. The
  * SQ tail doorbell is rung once per batch (isLast / commitRqs, and once after each completion
  * batch that submitted), the CQ is reaped by phase with one CQ head doorbell per batch; with
- * shadow doorbells (on when the controller offers Doorbell Buffer Config, unless turned off) a
+ * shadow doorbells (shadowDoorbells, when the controller offers Doorbell Buffer Config) a
  * doorbell is a store into the shadow page and an MMIO write only when the controller's
  * EventIdx asks for it (sqDoorbellsSkipped/cqDoorbellsSkipped count the others). Each
  * queue pair completes by its MSI-X eventfd (default) or by a poll loop (setImmediate) while
@@ -178,7 +178,7 @@ export interface NvmeDriverOptions {
   served?: (index: number) => boolean;
   /** Worker thread: the main thread, which sends Aborts and resets the controller. */
   main?: NvmeMain;
-  /** Shadow doorbells when the controller offers Doorbell Buffer Config (default true; open() only). */
+  /** Shadow doorbells when the controller offers Doorbell Buffer Config (default false; open() only). */
   shadowDoorbells?: boolean;
 }
 
@@ -307,7 +307,7 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
         d.addQueue(i, { pair, lists, bounce });
       }
       // After the queues exist (the controller maps its buffers onto them), before any I/O.
-      if (o.shadowDoorbells !== false) await c.enableShadowDoorbells();
+      if (o.shadowDoorbells === true) await c.enableShadowDoorbells();
     } catch (err) {
       for (let i = 0; i < d.queues.length; i++) await c.deleteIoQueue(i + 1).catch(() => undefined);
       throw err;
