@@ -9,9 +9,15 @@
  * suppresses a needed write (the fake would never see the commands: the hang this guards);
  * NvmeController sending Doorbell Buffer Config after the queues exist and again after a reset.
  */
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
 import { HwQueue, type CompletionSink } from '../../block/hw-queue';
 import { BlkStatus, ReqOp } from '../../block/operations';
 import { CQE_SIZE, SQE_SIZE } from '../../drivers/nvme/command';
+import { ConfigError, loadConfig } from '../../config/load';
+import type { DiskConfig } from '../../config/disk-schema';
+import { checkSharedController } from '../../daemon/nvme-disk';
 import { NvmeController, type LogFn } from '../../drivers/nvme/controller';
 import { NvmeDriver } from '../../drivers/nvme/driver';
 import type { IdentifyNamespace } from '../../drivers/nvme/identify';
@@ -563,5 +569,23 @@ describe('NvmeController.enableShadowDoorbells and its reset', () => {
     } finally {
       await c.shutdown();
     }
+  });
+});
+
+describe('config: shadow_doorbells', () => {
+  const file = (content: unknown): string => {
+    const p = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'rnull-dbbuf-')), 'vm.json');
+    fs.writeFileSync(p, JSON.stringify(content));
+    return p;
+  };
+
+  test('driver nvme: default false; true from a file or the flag; refused with the null driver; the namespaces of one controller must agree', () => {
+    expect(loadConfig(undefined, { driver: 'nvme', pci: '0000:00:04.0' }).disks[0]).toMatchObject({ shadow_doorbells: false });
+    expect(loadConfig(undefined, { driver: 'nvme', pci: '0000:00:04.0', shadow_doorbells: true }).disks[0]).toMatchObject({ shadow_doorbells: true });
+    expect(loadConfig(file({ disks: [{ driver: 'nvme', pci: '0000:00:04.0', socket: '/tmp/d.sock', shadow_doorbells: true }] }), {}).disks[0]).toMatchObject({ shadow_doorbells: true });
+    expect(() => loadConfig(file({ disks: [{ shadow_doorbells: true }] }), {})).toThrow(ConfigError);
+    expect(() => loadConfig(file({ disks: [{ shadow_doorbells: true }] }), {})).toThrow(/shadow_doorbells: applies to driver "nvme" only/);
+    const base = { name: 'a', pci: '0000:00:05.0', nsid: 1, num_queues: 2, hw_queue_depth: 64, nvme_poll: false, shadow_doorbells: true } as DiskConfig;
+    expect(() => checkSharedController([base, { ...base, name: 'b', nsid: 2, shadow_doorbells: false }])).toThrow(/shadow_doorbells differ/);
   });
 });
