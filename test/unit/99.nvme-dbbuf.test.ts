@@ -232,10 +232,10 @@ describe('the driver against the fake controller (QEMU 7.2 model) with shadow do
     for (const d of drivers.splice(0)) d.close(); // their poll loops stop
   });
 
-  async function setup(offer: { updatesEventIdx: boolean } | null, shadowDoorbells: boolean | undefined = true): Promise<{ hw: FakeController; driver: NvmeDriver; hctx: HwQueue; ended: Array<[number, BlkStatus]> }> {
+  async function setup(offer: { updatesEventIdx: boolean } | null, on: boolean | 'default' = true): Promise<{ hw: FakeController; driver: NvmeDriver; hctx: HwQueue; ended: Array<[number, BlkStatus]> }> {
     const hw = new FakeController();
     hw.offerShadow = offer;
-    const driver = await NvmeDriver.open({ controller: hw as unknown as NvmeController, nsid: 1, namespace: NS, queues: 1, entries: 64, poll: true, log: () => undefined, shadowDoorbells });
+    const driver = await NvmeDriver.open({ controller: hw as unknown as NvmeController, nsid: 1, namespace: NS, queues: 1, entries: 64, poll: true, log: () => undefined, shadowDoorbells: on === 'default' ? undefined : on });
     drivers.push(driver);
     const ended: Array<[number, BlkStatus]> = [];
     const sink: CompletionSink = { requestEnded: (rq) => ended.push([rq.tag, rq.status]), requestTimedOut: () => undefined };
@@ -326,7 +326,7 @@ describe('the driver against the fake controller (QEMU 7.2 model) with shadow do
   });
 
   test('shadowDoorbells false or not given (the default), or a controller that does not offer them: the registers only', async () => {
-    for (const [offer, on] of [[{ updatesEventIdx: true }, false], [{ updatesEventIdx: true }, undefined], [null, true]] as const) {
+    for (const [offer, on] of [[{ updatesEventIdx: true }, false], [{ updatesEventIdx: true }, 'default'], [null, true]] as const) {
       const { hw, driver, hctx } = await setup(offer, on);
       expect(hw.shadow).toBeNull();
       expect(driver.stats()[0]).toMatchObject({ shadowDoorbells: false });
