@@ -23,7 +23,7 @@ const WORKLOADS = [
   { id: '4k-randread-qd32-2q', title: '4k randread QD32 x 2 queues', args: ['--rw', 'randread', '--bs', '4096', '--qd', '32', '--queues', '2'] },
   { id: '4k-randwrite-qd32', title: '4k randwrite QD32', args: ['--rw', 'randwrite', '--bs', '4096', '--qd', '32', '--queues', '1'] },
 ];
-const BACKENDS = ['rnull', 'rnull-poll', 'qsd', 'ceiling'];
+const BACKENDS = ['rnull', 'rnull-poll', 'rnull-db', 'rnull-poll-db', 'rnull-nodb', 'rnull-poll-nodb', 'qsd', 'ceiling'];
 
 function usage() {
   return `usage: node bench/nvme.js [options]
@@ -161,6 +161,23 @@ function table(med, opts) {
   return lines.join('\n');
 }
 
+/** rnull's doorbell writes per back-end and workload (round 1: rnull ctl stats after the run, ramp included). */
+function doorbells(runs, opts) {
+  const rn = opts.backends.filter((b) => b.startsWith('rnull'));
+  const rows = [];
+  for (const w of opts.workloads) {
+    for (const b of rn) {
+      const r = runs.find((x) => x.workload === w && x.backend === b && x.round === 1 && x.nvme && x.nvme.commands !== undefined);
+      if (r === undefined) continue;
+      const n = r.nvme;
+      const perKio = (v) => (n.commands > 0 ? ((1000 * (v ?? 0)) / n.commands).toFixed(0) : '—');
+      rows.push(`| ${WORKLOADS.find((x) => x.id === w).title} | ${b} | ${n.commands} | ${n.sq_doorbells ?? 0} | ${n.sq_doorbells_skipped ?? 0} | ${n.cq_doorbells ?? 0} | ${n.cq_doorbells_skipped ?? 0} | ${perKio((n.sq_doorbells ?? 0) + (n.cq_doorbells ?? 0))} |`);
+    }
+  }
+  if (rows.length === 0) return '';
+  return ['| workload | back-end | commands | SQ MMIO | SQ shadow only | CQ MMIO | CQ shadow only | MMIO doorbells per 1000 commands |', '|---|---|---:|---:|---:|---:|---:|---:|', ...rows].join('\n');
+}
+
 function target(med, opts) {
   const w = '4k-randread-qd32-2q';
   if (!opts.workloads.includes(w) || !opts.backends.includes('qsd')) return [];
@@ -243,6 +260,7 @@ async function main() {
     '',
     table(med, opts),
     '',
+    ...(doorbells(runs, opts) ? ['Doorbell writes (round 1, from `rnull ctl stats`; `-db`/`-nodb`: --shadow-doorbells true/false):', '', doorbells(runs, opts), ''] : []),
     ...targets.map((t) => `- Target: ${t.target}: **${t.status}** (${fx(t.factor)})`),
     `- DMAR faults in the guest's dmesg: ${dmar}`,
     `- qemu-storage-daemon start retries per run: ${qsdRetries.join(' ') || '—'}`,

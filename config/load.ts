@@ -206,7 +206,7 @@ const NULL_ONLY_KEYS: ReadonlyArray<keyof DiskOverrides> = ['size', 'blocksize',
  */
 function checkDriver(d: DiskConfig, raw: Record<string, unknown>, overrides: DiskOverrides, where: string): void {
   if (d.driver !== 'nvme') {
-    for (const k of ['pci', 'nvme_poll'] as const) {
+    for (const k of ['pci', 'nvme_poll', 'shadow_doorbells'] as const) {
       if (raw[k] !== undefined || overrides[k] !== undefined) throw new ConfigError(`${where}: ${k}: applies to driver "nvme" only, but driver is "${d.driver}"`);
     }
     return;

@@ -115,6 +115,7 @@ function buildCli(run: (o: CliOptions) => Promise<void>): Command {
     .option('--pci <address>', 'driver nvme: PCI address of the controller, bound to vfio-pci (e.g. 0000:00:04.0)')
     .option('--nsid <n>', 'driver nvme: namespace ID (default 1)', int('--nsid'))
     .option('--nvme-poll <bool>', 'driver nvme: poll completion queues instead of MSI-X interrupts (default false)', bool)
+    .option('--shadow-doorbells <bool>', 'driver nvme: shadow doorbells (Doorbell Buffer Config) when the controller offers them (default false)', bool)
     .option('--serial <text>', 'GET_ID serial, at most 20 ASCII characters (default "rnull")')
     .option('--management-socket <path>', 'serve the management API (rnull ctl) on this unix socket')
     .addOption(new Option('--log-level <level>', 'log level (default info)').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
@@ -182,6 +183,7 @@ export interface CliOptions {
   pci?: string;
   nsid?: number;
   nvmePoll?: boolean;
+  shadowDoorbells?: boolean;
   logLevel?: string;
 }
 

@@ -87,7 +87,7 @@ export async function openNvmeDisk(config: DiskConfig, log: Logger): Promise<Nvm
 
 /**
  * Disks naming the same controller (`pci`) are the namespaces of one controller: checks that
- * they agree on what belongs to the controller (num_queues, hw_queue_depth, nvme_poll) and name
+ * they agree on what belongs to the controller (num_queues, hw_queue_depth, nvme_poll, shadow_doorbells) and name
  * distinct namespaces. Throws NvmeSetupError saying which key differs.
  */
 export function checkSharedController(configs: readonly DiskConfig[]): void {
@@ -101,7 +101,7 @@ export function checkSharedController(configs: readonly DiskConfig[]): void {
     if (c.pci !== first.pci) throw new NvmeSetupError(`disks "${first.name}" and "${c.name}" name different controllers (${first.pci}, ${c.pci})`);
     if (nsids.has(c.nsid)) throw new NvmeSetupError(`disk "${c.name}": namespace ${c.nsid} of ${c.pci} is served by another disk already; give each disk its own nsid`);
     nsids.add(c.nsid);
-    for (const k of ['num_queues', 'hw_queue_depth', 'nvme_poll'] as const) {
+    for (const k of ['num_queues', 'hw_queue_depth', 'nvme_poll', 'shadow_doorbells'] as const) {
       if (c[k] !== first[k]) {
         throw new NvmeSetupError(
           `disks "${first.name}" and "${c.name}" are namespaces of controller ${c.pci}, which they share with one set of I/O queue pairs and one tag set, but their ${k} differ (${String(first[k])}, ${String(c[k])}): give them the same ${k}`,
@@ -147,7 +147,7 @@ export async function openNvmeDisks(configs: readonly DiskConfig[], log: Logger)
     const entries = Math.min(controller.cap.maxQueueEntries, 1024);
     // threads > 1: this (main) thread serves hardware queues i with i mod threads = 0 (daemon/nvme-thread.ts).
     const served = first.threads > 1 ? (i: number): boolean => i % first.threads === 0 : undefined;
-    const nvme = await NvmeDriver.open({ controller, namespaces, queues: first.num_queues, entries, poll: first.nvme_poll, log: clog, served });
+    const nvme = await NvmeDriver.open({ controller, namespaces, queues: first.num_queues, entries, poll: first.nvme_poll, log: clog, served, shadowDoorbells: first.shadow_doorbells });
     const tagSet = new TagSet({ nrHwQueues: first.num_queues, queueDepth: first.hw_queue_depth });
     const group = { open: configs.length };
     return configs.map((config, i) => {
@@ -168,7 +168,7 @@ export async function openNvmeDisks(configs: readonly DiskConfig[], log: Logger)
         ops: ns,
       });
       log.info(
-        { disk: config.name, pci: config.pci, nsid: config.nsid, blocks: ns.blocks, blockSize: ns.blockSize, maxTransfer: nvme.maxTransferBytes, vwc: nvme.volatileWriteCache, discard: nvme.discard, poll: config.nvme_poll, queues: config.num_queues, sharedWith: configs.length - 1 },
+        { disk: config.name, pci: config.pci, nsid: config.nsid, blocks: ns.blocks, blockSize: ns.blockSize, maxTransfer: nvme.maxTransferBytes, vwc: nvme.volatileWriteCache, discard: nvme.discard, poll: config.nvme_poll, shadowDoorbells: controller.shadowDoorbells, queues: config.num_queues, sharedWith: configs.length - 1 },
         'NVMe namespace opened',
       );
       return { disk, nvme, namespace: ns, group, driver: { badblocks: null, cache: null } };

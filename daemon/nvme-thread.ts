@@ -27,7 +27,8 @@ import { NvmeDriver, type AttachedQueue, type NvmeQueueStats, type SharedRegion 
 import type { IdentifyNamespace } from '../drivers/nvme/identify';
 import { QueuePair } from '../drivers/nvme/queue';
 import { Reg, cqHeadDoorbell, decodeCsts, sqTailDoorbell } from '../drivers/nvme/registers';
-import { vfioShareRead32, vfioShareView, vfioShareWrite32 } from '../native/vfio';
+import { DoorbellBuffer } from '../drivers/nvme/shadow-doorbell';
+import { vfioFence, vfioShareRead32, vfioShareView, vfioShareWrite32 } from '../native/vfio';
 import type { NvmeDisk } from './nvme-disk';
 
 /** What a worker thread needs to serve its queue pairs of an NVMe disk (structured-clonable). */
@@ -49,6 +50,8 @@ export interface NvmeWorkerSetup {
    * in a worker's own workerData, duplicates lent to it for its queues (-1 for the others).
    */
   eventfds: number[];
+  /** The Shadow Doorbell and EventIdx pages while the controller uses them (shadow doorbells), else null. */
+  doorbellBuffer?: { shadow: SharedRegion; eventIdx: SharedRegion } | null;
   /** The disk as the main thread built it. */
   disk: { capacitySectors: number; logicalBlockSize: number; serial: string; flush: boolean; discard: boolean; sizeMax: number; segMax: number };
 }
@@ -88,8 +91,20 @@ export function nvmeWorkerSetup(d: NvmeDisk): NvmeWorkerSetup {
     poll: d.nvme.poll,
     queues,
     eventfds: queues.map((q) => q.eventfd),
+    doorbellBuffer: sharedDoorbellBuffer(c),
     disk: { capacitySectors: disk.capacitySectors, logicalBlockSize: disk.logicalBlockSize, serial: disk.serial, flush: disk.flush, discard: disk.discard, sizeMax: disk.sizeMax ?? 0, segMax: disk.segMax ?? 0 },
   };
+}
+
+/** The controller's doorbell buffer pages as worker threads reach them, or null without shadow doorbells. */
+function sharedDoorbellBuffer(c: NvmeController): NvmeWorkerSetup['doorbellBuffer'] {
+  const b = c.doorbellBuffer;
+  if (!c.shadowDoorbells || b === null) return null;
+  const sh = (r: DmaRegion): SharedRegion => {
+    if (r.share === undefined) throw new Error('DMA memory without a share id cannot be used from another thread');
+    return { share: r.share, iova: r.iova, size: r.size };
+  };
+  return { shadow: sh(b.shadow), eventIdx: sh(b.eventIdx) };
 }
 
 /** What the main thread needs of the disk's worker threads (daemon/queue-workers.ts). */
@@ -145,6 +160,8 @@ export function buildNvmeWorkerDisk(config: DiskConfig, setup: NvmeWorkerSetup, 
   const stride = setup.doorbellStride;
   const region = (r: SharedRegion): DmaRegion => ({ id: 0, share: r.share, iova: r.iova, size: r.size, bytes: new Uint8Array(vfioShareView(r.share)) });
   const served = (i: number): boolean => i % config.threads === thread;
+  const db = setup.doorbellBuffer;
+  const dbbuf = db ? new DoorbellBuffer(region(db.shadow).bytes, region(db.eventIdx).bytes, stride, vfioFence) : null;
   const queues: AttachedQueue[] = setup.queues.map((q, i) => {
     const sq = region(q.sq);
     const cq = region(q.cq);
@@ -158,6 +175,7 @@ export function buildNvmeWorkerDisk(config: DiskConfig, setup: NvmeWorkerSetup, 
         cqHead: (v) => vfioShareWrite32(bar, cqHeadDoorbell(q.qid, stride), v),
       },
       onStale: (qid, c, reason) => log.warn(`${setup.bdf}: queue ${qid}: dropped completion cid 0x${c.cid.toString(16)} (${reason})`),
+      shadow: dbbuf?.forQueue(q.qid) ?? null,
     });
     const fd = setup.eventfds[i] ?? -1;
     return { pair: { qp, eventfd: served(i) && fd >= 0 ? fd : undefined, ring: { sq, cq } }, lists: region(q.lists), bounce: region(q.bounce) };

@@ -186,6 +186,13 @@ Napi::Value ShareMmio(const Napi::CallbackInfo& info, bool write) {
 Napi::Value ShareRead32(const Napi::CallbackInfo& info) { return ShareMmio(info, false); }
 Napi::Value ShareWrite32(const Napi::CallbackInfo& info) { return ShareMmio(info, true); }
 
+// vfioFence(): a full memory fence, for a store to DMA memory that must be visible to the device
+// before a later load from DMA memory (shadow doorbell, then its EventIdx).
+Napi::Value Fence(const Napi::CallbackInfo& info) {
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  return info.Env().Undefined();
+}
+
 }  // namespace
 
 void VfioDevice::Init(Napi::Env env, Napi::Object exports) {
@@ -223,6 +230,7 @@ void VfioDevice::Init(Napi::Env env, Napi::Object exports) {
   exports.Set("vfioShareView", Napi::Function::New(env, ShareView, "vfioShareView"));
   exports.Set("vfioShareRead32", Napi::Function::New(env, ShareRead32, "vfioShareRead32"));
   exports.Set("vfioShareWrite32", Napi::Function::New(env, ShareWrite32, "vfioShareWrite32"));
+  exports.Set("vfioFence", Napi::Function::New(env, Fence, "vfioFence"));
 }
 
 // new VfioDevice(groupPath, bdf): opens /dev/vfio/vfio, the group (e.g. "/dev/vfio/7") and the

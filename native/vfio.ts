@@ -90,6 +90,7 @@ interface VfioAddon {
   vfioShareView(share: number): ArrayBuffer;
   vfioShareRead32(share: number, offset: number): number;
   vfioShareWrite32(share: number, offset: number, value: number): void;
+  vfioFence(): void;
   vfioConstants: { PAGE_SIZE: number; MAX_DMA_BLOCK: number; MSIX_IRQ_INDEX: number; CONFIG_REGION_INDEX: number };
 }
 
@@ -181,6 +182,12 @@ export function vfioShareRead32(share: number, offset: number): number {
 export function vfioShareWrite32(share: number, offset: number, value: number): void {
   addon.vfioShareWrite32(share, offset, value);
 }
+
+/**
+ * A full memory fence (x86 MFENCE): every earlier store, to DMA memory too, is visible to the
+ * device before any later load. For a shadow doorbell store followed by its EventIdx load.
+ */
+export const vfioFence: () => void = addon.vfioFence;
 
 /** The raw constructor, for tests of argument checking. */
 export const VfioDevice = addon.VfioDevice;

@@ -11,7 +11,7 @@ import type { QueueSnapshot } from '../../virtqueue/ring-queue';
 import type { NvmeQueueStats } from '../../drivers/nvme/driver';
 
 /** One NVMe queue pair's counters as NvmeDriver.stats() gives them. */
-export type NvmeQueueCounters = NvmeQueueStats & { qid: number; stale: number; sqDoorbells: number; cqDoorbells: number; inFlight: number };
+export type NvmeQueueCounters = NvmeQueueStats & { qid: number; stale: number; sqDoorbells: number; cqDoorbells: number; inFlight: number; sqDoorbellsSkipped?: number; cqDoorbellsSkipped?: number; shadowDoorbells?: boolean };
 
 export interface ManagedDisk {
   readonly config: Pick<DiskConfig, 'name' | 'socket' | 'num_queues' | 'rotational' | 'shared_tags'>;

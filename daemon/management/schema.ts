@@ -95,6 +95,9 @@ message NvmeQueueStats {
   uint64 sq_doorbells = 14;
   uint64 cq_doorbells = 15;
   uint32 in_flight = 16;   // commands in flight
+  uint64 sq_doorbells_skipped = 17;  // shadow doorbells: SQ tails the EventIdx let go without an MMIO write
+  uint64 cq_doorbells_skipped = 18;  // likewise CQ heads
+  bool shadow_doorbells = 19;        // the queue publishes doorbells through the shadow page (Doorbell Buffer Config accepted)
 }
 `;
 
@@ -153,6 +156,9 @@ export interface NvmeQueueStatsMsg {
   sq_doorbells: number;
   cq_doorbells: number;
   in_flight: number;
+  sq_doorbells_skipped?: number;
+  cq_doorbells_skipped?: number;
+  shadow_doorbells?: boolean;
 }
 export interface ResponseMsg {
   ok: boolean;

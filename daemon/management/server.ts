@@ -314,5 +314,8 @@ function nvmeQueueStats(n: NvmeQueueCounters | undefined): NvmeQueueStatsMsg | u
     sq_doorbells: n.sqDoorbells,
     cq_doorbells: n.cqDoorbells,
     in_flight: n.inFlight,
+    sq_doorbells_skipped: n.sqDoorbellsSkipped ?? 0,
+    cq_doorbells_skipped: n.cqDoorbellsSkipped ?? 0,
+    shadow_doorbells: n.shadowDoorbells ?? false,
   };
 }

@@ -19,6 +19,7 @@ export const enum AdminOpcode {
   Abort = 0x08,
   SetFeatures = 0x09,
   GetFeatures = 0x0a,
+  DoorbellBufferConfig = 0x7c,
 }
 
 /** NVM command set opcodes (1.4, figure 346). */
@@ -199,6 +200,18 @@ export function createIoSq(qid: number, entries: number, iova: number, cqid: num
     cdw10: (((entries - 1) << 16) | qid) >>> 0,
     cdw11: ((cqid << 16) | 1) >>> 0, // QPRIO = 0 (urgent, unused with RR), PC = 1
   };
+}
+
+/**
+ * Doorbell Buffer Config (NVMe 1.3, 5.7; offered when OACS bit 8 is set): PRP1 the Shadow
+ * Doorbell buffer, PRP2 the EventIdx buffer, each one memory page at a page-aligned IOVA.
+ * RangeError for an address that is not page aligned.
+ */
+export function doorbellBufferConfig(shadowIova: number, eventIdxIova: number, pageSize = 4096): CommandFields {
+  for (const a of [shadowIova, eventIdxIova]) {
+    if (!Number.isSafeInteger(a) || a <= 0 || a % pageSize !== 0) throw new RangeError(`doorbell buffer address 0x${a.toString(16)} is not page aligned`);
+  }
+  return { opcode: AdminOpcode.DoorbellBufferConfig, prp1: shadowIova, prp2: eventIdxIova };
 }
 
 export function deleteIoSq(qid: number): CommandFields {

@@ -14,10 +14,12 @@
  *  5. CC (NVM command set, 4 KiB pages, 64/16-byte entries) with EN=1; wait RDY=1.
  *  6. Identify Controller; Set Features Number of Queues (the smaller granted SQ/CQ count is
  *     used).
- * I/O queue pairs are then created on demand (completion queue first).
+ * I/O queue pairs are then created on demand (completion queue first). Shadow doorbells
+ * (enableShadowDoorbells, when Identify's OACS offers Doorbell Buffer Config) are set up after
+ * the I/O queues exist and again after every reset.
  */
 import { native } from '../../native/index';
-import { enableBusMaster, openVfioDevice, vfioConstants, type IommuInfo, type NativeVfioDevice } from '../../native/vfio';
+import { enableBusMaster, openVfioDevice, vfioConstants, vfioFence, type IommuInfo, type NativeVfioDevice } from '../../native/vfio';
 import {
   CQE_SIZE,
   IdentifyCns,
@@ -27,6 +29,7 @@ import {
   createIoSq,
   deleteIoCq,
   deleteIoSq,
+  doorbellBufferConfig,
   grantedQueues,
   identify,
   setNumberOfQueues,
@@ -35,6 +38,7 @@ import {
 } from './command';
 import {
   IDENTIFY_SIZE,
+  OACS_DOORBELL_BUFFER_CONFIG,
   parseIdentifyController,
   parseIdentifyNamespace,
   parseNamespaceList,
@@ -43,6 +47,7 @@ import {
 } from './identify';
 import { IovaAllocator } from './iova';
 import { QueuePair } from './queue';
+import { DOORBELL_BUFFER_BYTES, DoorbellBuffer, type ShadowDoorbell } from './shadow-doorbell';
 import {
   CC_EN,
   CC_SHN_MASK,
@@ -290,6 +295,10 @@ export class NvmeController {
   private readonly ioQueues = new Map<number, CommandQueue>();
   private readonly rawQueues = new Map<number, IoQueuePair<unknown>>();
   private identifyBuf!: DmaRegion;
+  /** The Shadow Doorbell and EventIdx pages, once enableShadowDoorbells allocated them. */
+  private dbbuf: { buffer: DoorbellBuffer; shadow: DmaRegion; eventIdx: DmaRegion } | null = null;
+  /** The controller accepted Doorbell Buffer Config: I/O queues use shadow doorbells. */
+  shadowDoorbells = false;
   private readonly log: LogFn;
   private readonly adminTimeoutMs: number;
   private closed = false;
@@ -399,6 +408,70 @@ export class NvmeController {
     this.log('info', `${this.bdf}: NVMe ${this.version} "${this.identity.model}" serial ${this.identity.serial}, ${this.grantedIoQueues} I/O queue pairs granted`);
   }
 
+  /** Identify Controller's OACS offers Doorbell Buffer Config (shadow doorbells). */
+  get offersShadowDoorbells(): boolean {
+    return (this.identity.oacs & OACS_DOORBELL_BUFFER_CONFIG) !== 0;
+  }
+
+  /** The Shadow Doorbell and EventIdx pages (for worker threads' queue pairs), or null before enableShadowDoorbells. */
+  get doorbellBuffer(): { shadow: DmaRegion; eventIdx: DmaRegion; stride: number } | null {
+    return this.dbbuf === null ? null : { shadow: this.dbbuf.shadow, eventIdx: this.dbbuf.eventIdx, stride: this.cap.doorbellStride };
+  }
+
+  /**
+   * Shadow doorbells for the I/O queues (NVMe 1.3, 5.7; shadow-doorbell.ts): allocates the two
+   * pages once (shadow values, EventIdx entries "unknown"), writes each existing I/O queue's
+   * current SQ tail and CQ head into its shadow entries, sends Doorbell Buffer Config, and from
+   * then on every I/O queue (those created later too) publishes through the shadow entries. Call
+   * with the I/O queues idle (after creating them). Returns false, using the registers only,
+   * when OACS does not offer the command or the controller refuses it (logged); throws only
+   * what allocating DMA memory throws.
+   */
+  async enableShadowDoorbells(): Promise<boolean> {
+    if (this.shadowDoorbells) return true;
+    if (!this.offersShadowDoorbells) return false;
+    if (this.dbbuf === null) {
+      const shadow = this.dma.alloc(DOORBELL_BUFFER_BYTES);
+      const eventIdx = this.dma.alloc(DOORBELL_BUFFER_BYTES);
+      this.dbbuf = { buffer: new DoorbellBuffer(shadow.bytes, eventIdx.bytes, this.cap.doorbellStride, vfioFence), shadow, eventIdx };
+    }
+    const { buffer, shadow, eventIdx } = this.dbbuf;
+    buffer.reset();
+    const queues = this.allIoQueuePairs();
+    for (const qp of queues) {
+      const e = buffer.forQueue(qp.qid);
+      e.shadow.setUint32(e.sqOffset, qp.publishedSqTail, true);
+      e.shadow.setUint32(e.cqOffset, qp.publishedCqHead, true);
+    }
+    if (!(await this.sendDoorbellBufferConfig(shadow, eventIdx))) return false;
+    for (const qp of queues) qp.setShadow(buffer.forQueue(qp.qid));
+    return true;
+  }
+
+  /** Doorbell Buffer Config with the two pages; false (logged) if the controller refuses it. */
+  private async sendDoorbellBufferConfig(shadow: DmaRegion, eventIdx: DmaRegion): Promise<boolean> {
+    try {
+      await this.adminCommand(doorbellBufferConfig(shadow.iova, eventIdx.iova), 'Doorbell Buffer Config');
+    } catch (err) {
+      this.shadowDoorbells = false;
+      this.log('warn', `${this.bdf}: ${(err as Error).message}: the I/O queues use the doorbell registers only`);
+      return false;
+    }
+    this.shadowDoorbells = true;
+    this.log('info', `${this.bdf}: Doorbell Buffer Config accepted: the I/O queues use shadow doorbells`);
+    return true;
+  }
+
+  /** Every I/O queue pair (createIoQueue's and createIoQueuePair's). */
+  private allIoQueuePairs(): QueuePair<unknown>[] {
+    return [...[...this.ioQueues.values()].map((q) => q.qp as QueuePair<unknown>), ...[...this.rawQueues.values()].map((q) => q.qp)];
+  }
+
+  /** Queue `qid`'s shadow doorbell entries while shadow doorbells are on (I/O queues only), else null. */
+  private shadowFor(qid: number): ShadowDoorbell | null {
+    return this.shadowDoorbells && qid > 0 && this.dbbuf !== null ? this.dbbuf.buffer.forQueue(qid) : null;
+  }
+
   /** Bytes of the largest transfer one command may carry (MDTS), or Infinity if unlimited. */
   get maxTransferBytes(): number {
     return this.identity.mdts === 0 ? Infinity : 2 ** this.identity.mdts * this.cap.pageSizeMin;
@@ -464,6 +537,9 @@ export class NvmeController {
       throw new RangeError(`I/O queue size ${entries} not in 2..${Math.min(this.cap.maxQueueEntries, 4097)}`);
     }
     if (mode === 'interrupt' && qid >= this.eventfds.length) throw new Error(`no MSI-X vector ${qid} wired (${this.eventfds.length} vectors)`);
+    // Shadow doorbells on: the controller reads this queue's entries from its creation (a queue
+    // of the same qid before may have left values there).
+    if (this.shadowDoorbells && this.dbbuf !== null) this.dbbuf.buffer.resetQueue(qid);
     const sq = this.dma.alloc(entries * SQE_SIZE);
     const cq = this.dma.alloc(entries * CQE_SIZE);
     try {
@@ -496,6 +572,9 @@ export class NvmeController {
     const cc = this.regs.read32(Reg.CC);
     this.regs.write32(Reg.CC, (cc & ~CC_EN) >>> 0);
     await this.waitReady(false, 'reset: disable');
+    // The disabled controller has forgotten the doorbell buffers: nothing from before the reset
+    // (shadow values, EventIdx entries) may count once they are given again.
+    this.dbbuf?.buffer.reset();
     for (const q of this.rawQueues.values()) q.qp.resetRing(q.ring.cq.bytes);
     await whileDisabled();
     this.admin.qp.resetRing(this.admin.ring.cq.bytes);
@@ -509,6 +588,11 @@ export class NvmeController {
     for (const [qid, q] of this.rawQueues) {
       await this.adminCommand(createIoCq(qid, q.qp.entries, q.ring.cq.iova, q.eventfd !== undefined ? qid : null), `Create I/O CQ ${qid}`);
       await this.adminCommand(createIoSq(qid, q.qp.entries, q.ring.sq.iova, qid), `Create I/O SQ ${qid}`);
+    }
+    if (this.shadowDoorbells && this.dbbuf !== null && !(await this.sendDoorbellBufferConfig(this.dbbuf.shadow, this.dbbuf.eventIdx))) {
+      // Refused now: the EventIdx entries stay "unknown", so every queue (worker threads' too)
+      // still writes the registers; this thread's queues stop using the shadow entries.
+      for (const q of this.rawQueues.values()) q.qp.setShadow(null);
     }
     this.resets++;
     this.log('info', `${this.bdf}: controller reset done`);
@@ -591,6 +675,7 @@ export class NvmeController {
         cqHead: (v) => this.dev.write32(0, cqDb, v),
       },
       onStale: (q, c, reason) => this.log('warn', `${this.bdf}: queue ${q}: dropped completion cid 0x${c.cid.toString(16)} (${reason})`),
+      shadow: this.shadowFor(qid),
     });
   }
 

@@ -12,7 +12,10 @@
  * at each PRP-incompatible junction and at the transfer limit, on block boundaries); a request
  * finding its queue pair full waits in a FIFO and goes on as completions free command ids. The
  * SQ tail doorbell is rung once per batch (isLast / commitRqs, and once after each completion
- * batch that submitted), the CQ is reaped by phase with one CQ head doorbell per batch. Each
+ * batch that submitted), the CQ is reaped by phase with one CQ head doorbell per batch; with
+ * shadow doorbells (shadowDoorbells, when the controller offers Doorbell Buffer Config) a
+ * doorbell is a store into the shadow page and an MMIO write only when the controller's
+ * EventIdx asks for it (sqDoorbellsSkipped/cqDoorbellsSkipped count the others). Each
  * queue pair completes by its MSI-X eventfd (default) or by a poll loop (setImmediate) while
  * commands are in flight.
  *
@@ -41,6 +44,7 @@ import type { DmaRegion, IoQueuePair, LogFn, NvmeController } from './controller
 import type { IdentifyNamespace } from './identify';
 import { NvmeNamespace, type NsQueue, type NvmeQueueOwner } from './namespace';
 import { PRP_LIST_ENTRIES, PRP_PAGE, PrpBuilder } from './prp';
+import type { QueueStats } from './queue';
 
 const TAG_SPACE = 1 << 16; // block/request.ts TAG_BITS
 /** Write Zeroes: at most 65536 blocks per command (NLB is 16 bits). */
@@ -174,7 +178,12 @@ export interface NvmeDriverOptions {
   served?: (index: number) => boolean;
   /** Worker thread: the main thread, which sends Aborts and resets the controller. */
   main?: NvmeMain;
+  /** Shadow doorbells when the controller offers Doorbell Buffer Config (default false; open() only). */
+  shadowDoorbells?: boolean;
 }
+
+/** One queue pair's counters as stats() gives them: the driver's, the queue pair's, and its state. */
+export type NvmeQueueCounters = NvmeQueueStats & QueueStats & { qid: number; inFlight: number; shadowDoorbells: boolean };
 
 /**
  * The worker threads serving some of the controller's queue pairs, as the main thread's driver
@@ -193,7 +202,7 @@ export interface NvmePeers {
   /** Namespace `ns` (index) has new chunk IOVAs (memory table mapped; empty: released). */
   chunkIova(ns: number, chunkIova: Float64Array): void;
   /** The workers' queue pair counters, by hardware queue index. */
-  stats?(): Promise<Array<[number, NvmeQueueStats & { qid: number; submitted: number; completed: number; stale: number; sqDoorbells: number; cqDoorbells: number; inFlight: number }]>>;
+  stats?(): Promise<Array<[number, NvmeQueueCounters]>>;
 }
 
 /** The main thread, as a worker thread's driver sees it (messages, no reply). */
@@ -297,6 +306,8 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
         const bounce = c.dma.alloc(BOUNCE_SLOTS * d.maxTransferBytes);
         d.addQueue(i, { pair, lists, bounce });
       }
+      // After the queues exist (the controller maps its buffers onto them), before any I/O.
+      if (o.shadowDoorbells === true) await c.enableShadowDoorbells();
     } catch (err) {
       for (let i = 0; i < d.queues.length; i++) await c.deleteIoQueue(i + 1).catch(() => undefined);
       throw err;
@@ -661,8 +672,8 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
   }
 
   /** Per-queue-pair counters with the queue pair's own (shared by every namespace on it). */
-  stats(): Array<NvmeQueueStats & { qid: number; submitted: number; completed: number; stale: number; sqDoorbells: number; cqDoorbells: number; inFlight: number }> {
-    return this.queues.map((q, i) => this.remoteStats.get(i) ?? { qid: q.pair.qp.qid, ...q.stats, ...q.pair.qp.stats, inFlight: q.pair.qp.inFlight });
+  stats(): NvmeQueueCounters[] {
+    return this.queues.map((q, i) => this.remoteStats.get(i) ?? { qid: q.pair.qp.qid, ...q.stats, ...q.pair.qp.stats, inFlight: q.pair.qp.inFlight, shadowDoorbells: q.pair.qp.shadowed });
   }
 
   /** Asks the worker threads for the counters of the queue pairs they serve (then in stats()). */

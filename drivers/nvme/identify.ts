@@ -72,6 +72,9 @@ export function parseIdentifyController(b: Uint8Array): IdentifyController {
   };
 }
 
+/** OACS bit 8: the controller supports Doorbell Buffer Config (shadow doorbells). */
+export const OACS_DOORBELL_BUFFER_CONFIG = 1 << 8;
+
 /** ONCS bits (1.4 figure 247, byte 521:520). */
 export const ONCS_COMPARE = 1 << 0;
 export const ONCS_WRITE_UNCORRECTABLE = 1 << 1;

@@ -11,8 +11,13 @@
  *
  * At most `entries - 1` commands are in flight (tags), so neither ring can overflow: the
  * controller never has more unconsumed SQEs or unreaped CQEs than commands outstanding.
+ *
+ * With shadow doorbells (shadow-doorbell.ts; setShadow) each new SQ tail and CQ head is stored
+ * in the queue's Shadow Doorbell entries, and the doorbell register is written only when the
+ * controller's EventIdx entry asks for it (needEvent); the writes left out are counted.
  */
 import { CQE_SIZE, SQE_SIZE, readCqe, writeSqe, type CommandFields, type Completion } from './command';
+import { needEvent, type ShadowDoorbell } from './shadow-doorbell';
 
 export const TAG_BITS = 12;
 export const MAX_TAGS = 1 << TAG_BITS;
@@ -40,6 +45,8 @@ export interface QueuePairOptions {
   maxBatch?: number;
   /** Told about every dropped completion. */
   onStale?: (qid: number, c: Completion, reason: string) => void;
+  /** Shadow doorbell entries to use from the start (see setShadow). */
+  shadow?: ShadowDoorbell | null;
 }
 
 export interface QueueStats {
@@ -51,6 +58,9 @@ export interface QueueStats {
   sqDoorbells: number;
   /** CQ head doorbell writes. */
   cqDoorbells: number;
+  /** SQ tails / CQ heads published in the shadow doorbell only (the EventIdx did not ask for the write). */
+  sqDoorbellsSkipped: number;
+  cqDoorbellsSkipped: number;
 }
 
 export class QueuePair<T> {
@@ -58,7 +68,7 @@ export class QueuePair<T> {
   readonly entries: number;
   /** Commands that can be in flight at once. */
   readonly capacity: number;
-  readonly stats: QueueStats = { submitted: 0, completed: 0, stale: 0, sqDoorbells: 0, cqDoorbells: 0 };
+  readonly stats: QueueStats = { submitted: 0, completed: 0, stale: 0, sqDoorbells: 0, cqDoorbells: 0, sqDoorbellsSkipped: 0, cqDoorbellsSkipped: 0 };
 
   private readonly sqView: DataView;
   private readonly cqView: DataView;
@@ -72,7 +82,10 @@ export class QueuePair<T> {
   /** Last SQ head the controller reported. */
   private sqHeadSeen = 0;
   private cqHead = 0;
+  /** The CQ head the controller was last told. */
+  private cqHeadRung = 0;
   private phase = 1;
+  private shadow: ShadowDoorbell | null = null;
 
   private readonly gen: Uint8Array;
   private readonly ctx: (T | undefined)[];
@@ -98,6 +111,29 @@ export class QueuePair<T> {
     this.busy = new Uint8Array(this.capacity);
     // Pop from the end: tag 0 first.
     this.freeTags = Array.from({ length: this.capacity }, (_, i) => this.capacity - 1 - i);
+    if (o.shadow) this.setShadow(o.shadow);
+  }
+
+  /**
+   * Uses shadow doorbell entries `s` from now on (null: the registers only). Set it when the
+   * controller has accepted the buffers, with the entries holding this queue's current SQ tail
+   * and CQ head (Doorbell Buffer Config on a fresh queue: both 0).
+   */
+  setShadow(s: ShadowDoorbell | null): void {
+    this.shadow = s;
+  }
+
+  /** The SQ tail and CQ head the controller was last told (doorbell or shadow). */
+  get publishedSqTail(): number {
+    return this.sqTailRung;
+  }
+  get publishedCqHead(): number {
+    return this.cqHeadRung;
+  }
+
+  /** Whether the queue uses shadow doorbells. */
+  get shadowed(): boolean {
+    return this.shadow !== null;
   }
 
   /** Commands submitted and not yet completed (or abandoned). */
@@ -212,20 +248,66 @@ export class QueuePair<T> {
       this.stats.completed++;
       complete(ctx, dw3 >>> 17, dw0, tag);
     }
-    if (n > 0) {
-      this.doorbells.cqHead(this.cqHead);
-      this.stats.cqDoorbells++;
+    if (n > 0) this.publishCqHead();
+    return n;
+  }
+
+  /** How many new completions the CQ holds now, up to `max`, consuming none (diagnostics, tests). */
+  peek(max: number): number {
+    let n = 0;
+    let head = this.cqHead;
+    let phase = this.phase;
+    while (n < max && n < this.entries) {
+      if (((this.cqView.getUint32(head * CQE_SIZE + 12, true) >>> 16) & 1) !== phase) break;
+      n++;
+      if (++head === this.entries) {
+        head = 0;
+        phase ^= 1;
+      }
     }
     return n;
   }
 
-  /** Rings the SQ tail doorbell if commands were added since the last commit. Returns whether it rang. */
+  /**
+   * Tells the controller the SQ tail if commands were added since the last commit: the doorbell
+   * register, or with shadow doorbells the shadow entry (and the register if the EventIdx asks).
+   * Returns whether there was anything to tell.
+   */
   commit(): boolean {
-    if (this.sqTail === this.sqTailRung) return false;
-    this.doorbells.sqTail(this.sqTail);
-    this.sqTailRung = this.sqTail;
+    const tail = this.sqTail;
+    const old = this.sqTailRung;
+    if (tail === old) return false;
+    this.sqTailRung = tail;
+    const s = this.shadow;
+    if (s !== null) {
+      s.shadow.setUint32(s.sqOffset, tail, true);
+      s.fence();
+      if (!needEvent(s.eventIdx.getUint32(s.sqOffset, true), tail, old, this.entries)) {
+        this.stats.sqDoorbellsSkipped++;
+        return true;
+      }
+    }
+    this.doorbells.sqTail(tail);
     this.stats.sqDoorbells++;
     return true;
+  }
+
+  /** Tells the controller the CQ head (after a completion batch), as commit() does the SQ tail. */
+  private publishCqHead(): void {
+    const head = this.cqHead;
+    const old = this.cqHeadRung;
+    this.cqHeadRung = head;
+    const s = this.shadow;
+    if (s !== null) {
+      s.shadow.setUint32(s.cqOffset, head, true);
+      s.fence();
+      if (!needEvent(s.eventIdx.getUint32(s.cqOffset, true), head, old, this.entries)) {
+        this.stats.cqDoorbellsSkipped++;
+        return;
+      }
+    }
+    this.doorbells.cqHead(head);
+    this.stats.cqDoorbells++;
   }
 
   /**
@@ -267,10 +349,7 @@ export class QueuePair<T> {
       this.stats.completed++;
       done.push([ctx, c]);
     }
-    if (n > 0) {
-      this.doorbells.cqHead(this.cqHead);
-      this.stats.cqDoorbells++;
-    }
+    if (n > 0) this.publishCqHead();
     for (const [ctx, c] of done) complete(ctx, c);
     return n;
   }
@@ -306,6 +385,7 @@ export class QueuePair<T> {
     this.sqTailRung = 0;
     this.sqHeadSeen = 0;
     this.cqHead = 0;
+    this.cqHeadRung = 0;
     this.phase = 1;
     cqMemory.fill(0);
     return lost;

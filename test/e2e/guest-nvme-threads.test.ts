@@ -81,6 +81,12 @@ describe('NVMe-backed disk with threads 2 in a TCG guest', () => {
     });
   });
 
+  test('shadow doorbells (--shadow-doorbells true): Doorbell Buffer Config at start and after the reset; the worker thread\'s queue pair publishes through them too', () => {
+    expect(count(g.report, 'dbbc_logged')).toBe(2);
+    expect(count(g.report, 'q0_shadow_doorbells')).toBe(1);
+    expect(count(g.report, 'q1_shadow_doorbells')).toBe(1);
+  });
+
   test('guest memory mapped for DMA once per front-end; no error logged; clean shutdown on SIGTERM', () => {
     expect(count(g.report, 'dma_mapped_logged')).toBe(2);
     expect(count(g.report, 'errors_logged')).toBe(0);

@@ -96,6 +96,10 @@ describe('NVMe timeout ladder in a TCG guest: throttled drive, short io_timeout'
     }
   });
 
+  test('shadow doorbells (--shadow-doorbells true): Doorbell Buffer Config accepted at start and again after every reset', () => {
+    expect(n('dbbc_logged')).toBe(1 + n('reset_done_logged'));
+  });
+
   test('nothing in flight at the end; no completion counted twice', () => {
     expect(n('final_in_flight')).toBe(0);
     expect(n('final_late')).toBe(0);

@@ -3,6 +3,8 @@
 // front-end (vhost-bench, bench/client) against several back-ends of one emulated NVMe controller
 // bound to vfio-pci, interleaved: for every round, every workload, every back-end (A B C A B C):
 //  - rnull:      `rnull --driver nvme` (MSI-X completions), rnull-poll: the same with --nvme-poll;
+//                -db / -nodb suffixes (rnull-db, rnull-poll-nodb, ...): the same with --shadow-doorbells
+//                true / false (the plain names take the daemon's default);
 //  - qsd:        qemu-storage-daemon's `nvme` block driver on the same controller, exported as
 //                vhost-user-blk from an iothread (its event loop polls adaptively);
 //  - ceiling:    bench/ceiling's do-nothing back-end (touches no data: the ceiling).
@@ -28,13 +30,18 @@ function backendCommand(plan, name, sock, profDir) {
   switch (name) {
     case 'rnull':
     case 'rnull-poll':
+    case 'rnull-db':
+    case 'rnull-poll-db':
+    case 'rnull-nodb':
+    case 'rnull-poll-nodb':
       return [
         process.execPath,
         ...(plan.nodeFlags ?? []),
         ...(profDir ? ['--cpu-prof', '--cpu-prof-interval', '2000', '--cpu-prof-dir', profDir] : []),
         path.join(ROOT, 'dist', 'daemon', 'main.js'),
         '--driver', 'nvme', '--pci', plan.bdf, '--nsid', String(plan.nsid), '--socket', sock,
-        '--num-queues', '2', '--nvme-poll', name === 'rnull-poll' ? 'true' : 'false', '--log-level', 'warn',
+        '--num-queues', '2', '--nvme-poll', name.startsWith('rnull-poll') ? 'true' : 'false', '--log-level', 'warn',
+        ...(name.endsWith('-nodb') ? ['--shadow-doorbells', 'false'] : name.endsWith('-db') ? ['--shadow-doorbells', 'true'] : []),
         '--management-socket', MGMT, ...(plan.rnullArgs ?? []),
       ];
     case 'qsd':

@@ -161,7 +161,7 @@ async function runCase(plan, c) {
   const sock = `/run/${k}.sock`;
   const logFile = `/run/${k}.log`;
   const mgmt = `/run/${k}.mgmt`;
-  const args = ['--driver', 'nvme', '--pci', c.bdf, '--nsid', String(c.nsid), '--socket', sock, '--num-queues', '2', '--nvme-poll', String(c.poll), '--io-timeout', '20000', '--management-socket', mgmt];
+  const args = ['--driver', 'nvme', '--pci', c.bdf, '--nsid', String(c.nsid), '--socket', sock, '--num-queues', '2', '--nvme-poll', String(c.poll), '--io-timeout', '20000', '--management-socket', mgmt, '--shadow-doorbells', 'true'];
   const d = startDaemon(args, logFile);
   try {
     await waitFor(() => fs.existsSync(sock), 30000, `${k}: the daemon's socket`);
@@ -195,7 +195,7 @@ async function runCase(plan, c) {
     if (st.queues !== null) {
       const sum = (f) => st.queues.reduce((n, q) => n + Number((q.nvme || {})[f] || 0), 0);
       val(`${k}_ctl_qids`, st.queues.map((q) => (q.nvme || {}).qid).join(','));
-      for (const f of ['commands', 'splits', 'bounces', 'aborts', 'resets', 'retries', 'timeouts', 'waits', 'errors', 'late', 'stale', 'interrupts', 'sq_doorbells', 'cq_doorbells', 'in_flight']) val(`${k}_ctl_${f}`, sum(f));
+      for (const f of ['commands', 'splits', 'bounces', 'aborts', 'resets', 'retries', 'timeouts', 'waits', 'errors', 'late', 'stale', 'interrupts', 'sq_doorbells', 'cq_doorbells', 'in_flight', 'sq_doorbells_skipped', 'cq_doorbells_skipped', 'shadow_doorbells']) val(`${k}_ctl_${f}`, sum(f));
     }
   } finally {
     val(`${k}_exit`, await stopDaemon(d, 20000));
@@ -204,6 +204,7 @@ async function runCase(plan, c) {
     val(`${k}_dma_mapped_logged`, logCount(log, /guest memory mapped for DMA/g));
     val(`${k}_errors_logged`, logCount(log, /"level":50/g));
     val(`${k}_warnings_logged`, logCount(log, /"level":40/g));
+    val(`${k}_dbbc_logged`, logCount(log, /Doorbell Buffer Config accepted/g));
     printLog(`${k} daemon`, log);
   }
 }

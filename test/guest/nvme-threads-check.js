@@ -24,7 +24,7 @@ const MGMT = '/run/t.mgmt';
 runCheck('nvme-threads-check', async (plan) => {
   const sock = '/run/t.sock';
   const logFile = '/run/t.log';
-  const args = ['--driver', 'nvme', '--pci', plan.bdf, '--nsid', String(plan.nsid), '--socket', sock, '--num-queues', '2', '--threads', '2', '--io-timeout', '20000', '--management-socket', MGMT];
+  const args = ['--driver', 'nvme', '--pci', plan.bdf, '--nsid', String(plan.nsid), '--socket', sock, '--num-queues', '2', '--threads', '2', '--io-timeout', '20000', '--management-socket', MGMT, '--shadow-doorbells', 'true'];
   const d = startDaemon(args, logFile);
   try {
     await waitFor(() => fs.existsSync(sock), 30000, 'the daemon\'s socket');
@@ -55,7 +55,7 @@ runCheck('nvme-threads-check', async (plan) => {
       val(`q${i}_thread`, q.thread);
       const n = q.nvme || {};
       val(`q${i}_qid`, n.qid);
-      for (const f of ['commands', 'resets', 'interrupts', 'errors', 'late', 'stale', 'in_flight']) val(`q${i}_${f}`, Number(n[f] || 0));
+      for (const f of ['commands', 'resets', 'interrupts', 'errors', 'late', 'stale', 'in_flight', 'shadow_doorbells']) val(`q${i}_${f}`, Number(n[f] || 0));
     });
   } finally {
     val('exit', await stopDaemon(d, 20000));
@@ -63,6 +63,7 @@ runCheck('nvme-threads-check', async (plan) => {
     val('shutdown_logged', /NVMe controller shut down/.test(log) ? 1 : 0);
     val('dma_mapped_logged', logCount(log, /guest memory mapped for DMA/g));
     val('errors_logged', logCount(log, /"level":50/g));
+    val('dbbc_logged', logCount(log, /Doorbell Buffer Config accepted/g));
     printLog('daemon', log);
   }
 });

@@ -75,7 +75,7 @@ async function stats(k) {
 
 runCheck('nvme-timeout-check', async (plan) => {
   const logFile = '/run/t.log';
-  const args = ['--driver', 'nvme', '--pci', plan.bdf, '--nsid', String(plan.nsid), '--socket', '/run/t.sock', '--num-queues', '1', '--io-timeout', String(plan.ioTimeoutMs), '--management-socket', '/run/t.mgmt'];
+  const args = ['--driver', 'nvme', '--pci', plan.bdf, '--nsid', String(plan.nsid), '--socket', '/run/t.sock', '--num-queues', '1', '--io-timeout', String(plan.ioTimeoutMs), '--management-socket', '/run/t.mgmt', '--shadow-doorbells', 'true'];
   const daemon = startDaemon(args, logFile);
   const ram = new GuestRam([{ gpa: 0, size: 32 << 20, uaddr: 0x7f0000000000 }]);
   let fe = null;
@@ -123,6 +123,7 @@ runCheck('nvme-timeout-check', async (plan) => {
     val('failed_logged', logCount(log, /failed after \d+ controller resets/g));
     val('shutdown_logged', /NVMe controller shut down/.test(log) ? 1 : 0);
     val('errors_logged', logCount(log, /"level":50/g));
+    val('dbbc_logged', logCount(log, /Doorbell Buffer Config accepted/g));
     printLog('daemon', log, { max: 30, tail: 0 });
   }
 });

@@ -14,7 +14,7 @@ describe('loadConfig()', () => {
   test('no file: one 1 GiB memory-backed disk at ./rnull.sock with 512-byte blocks', () => {
     const c = loadConfig(undefined, {});
     expect(c.disks).toEqual([
-      { name: 'rnull', socket: './rnull.sock', socket_mode: '0600', socket_group: '', size: 1024, blocksize: 512, memory_backed: true, store: expect.stringMatching(/\/rnull-[0-9a-f]{12}\.store$/), store_fresh: false, store_remove_on_exit: false, num_queues: Math.min(64, os.availableParallelism()), threads: 1, cpus: [], read_only: false, serial: 'rnull', poll_us: 50, irqmode: 0, completion_nsec: null, io_timeout: 30000, discard: false, badblocks: [], badblocks_once: false, mbps: 0, cache_size: 0, hw_queue_depth: 1024, submit_queues: null, shared_tags: false, nr_devices: 1, rotational: false, driver: 'null', pci: '', nsid: 1, nvme_poll: false },
+      { name: 'rnull', socket: './rnull.sock', socket_mode: '0600', socket_group: '', size: 1024, blocksize: 512, memory_backed: true, store: expect.stringMatching(/\/rnull-[0-9a-f]{12}\.store$/), store_fresh: false, store_remove_on_exit: false, num_queues: Math.min(64, os.availableParallelism()), threads: 1, cpus: [], read_only: false, serial: 'rnull', poll_us: 50, irqmode: 0, completion_nsec: null, io_timeout: 30000, discard: false, badblocks: [], badblocks_once: false, mbps: 0, cache_size: 0, hw_queue_depth: 1024, submit_queues: null, shared_tags: false, nr_devices: 1, rotational: false, driver: 'null', pci: '', nsid: 1, nvme_poll: false, shadow_doorbells: false },
     ]);
     expect(c.log_level).toBe('info');
     expect(c.management_socket).toBe('');
