@@ -5,7 +5,7 @@
  */
 import { NvmeController } from '../../drivers/nvme/controller';
 import { native } from '../../native';
-import type { DmaAllocation, IommuInfo, NativeVfioDevice, RegionInfo } from '../../native/vfio';
+import { FakeVfioDevice } from '../helpers/fake-vfio-device';
 
 interface FakeOptions {
   /** CAP.TO in 500 ms units. */
@@ -21,7 +21,7 @@ interface FakeOptions {
 }
 
 /** A fake NVMe controller behind a fake VFIO device. Events are recorded in order. */
-class FakeNvme implements NativeVfioDevice {
+class FakeNvme extends FakeVfioDevice {
   readonly events: string[] = [];
   closed = false;
   cc = 0;
@@ -32,33 +32,17 @@ class FakeNvme implements NativeVfioDevice {
   pciCommand = 0;
   msix: number[] = [];
   msixAtEnable = false;
-  private readonly blocks = new Map<number, { bytes: Uint8Array; iova?: number }>();
-  private nextId = 1;
   private sqHead = 0;
   private cqTail = 0;
   private phase = 1;
   constructor(private readonly o: FakeOptions = {}) {
+    super([{ start: 0, end: 0xfedfffff }, { start: 0xfef00000, end: 2 ** 39 - 1 }]);
     if (o.enabled === true) {
       this.cc = 1;
       this.csts = 1;
     }
   }
 
-  info(): ReturnType<NativeVfioDevice['info']> {
-    return { iommuType: 'TYPE1v2', numRegions: 9, numIrqs: 5, configSize: 4096 };
-  }
-  iommuInfo(): IommuInfo {
-    return { pageSizes: 0x40201000n, minPageSize: 4096, ranges: [{ start: 0, end: 0xfedfffff }, { start: 0xfef00000, end: 2 ** 39 - 1 }] };
-  }
-  regionInfo(): RegionInfo {
-    return { size: 16384, offset: 0, flags: 7, read: true, write: true, mmap: true };
-  }
-  irqCount(): number {
-    return 65;
-  }
-  mapBar(): number {
-    return 16384;
-  }
   read32(_bar: number, off: number): number {
     const cap = 0x7ffn | (1n << 16n) | (BigInt(this.o.to ?? 1) << 24n) | (1n << 37n) | (4n << 52n);
     switch (off) {
@@ -103,12 +87,6 @@ class FakeNvme implements NativeVfioDevice {
     else if (off === 0x30) this.acq = v;
     else if (off === 0x1000) this.adminDoorbell(v);
   }
-  read64(): bigint {
-    throw new Error('the driver reads 64-bit registers as two dwords');
-  }
-  write64(): void {
-    throw new Error('unused');
-  }
   configRead(off: number): number {
     return off === 4 ? this.pciCommand : 0;
   }
@@ -118,43 +96,13 @@ class FakeNvme implements NativeVfioDevice {
       this.events.push(`PCI command 0x${v.toString(16)}`);
     }
   }
-  dmaAlloc(size: number): DmaAllocation {
-    const id = this.nextId++;
-    const buffer = new ArrayBuffer(size);
-    this.blocks.set(id, { bytes: new Uint8Array(buffer) });
-    return { id, buffer };
-  }
-  dmaMap(id: number, iova: number): void {
-    this.blocks.get(id)!.iova = iova;
-  }
-  dmaUnmap(id: number): void {
-    delete this.blocks.get(id)!.iova;
-  }
-  dmaFree(id: number): void {
-    this.blocks.delete(id);
-  }
-  dmaMapGuest(): number {
-    throw new Error('not emulated');
-  }
-  dmaUnmapGuest(): void {}
   setMsix(fds: number[]): void {
     this.events.push(`setMsix(${fds.length})`);
     this.msix = fds;
   }
-  reset(): void {}
   close(): void {
     this.closed = true;
     this.events.push('close');
-  }
-
-  /** DMA memory at an IOVA (must lie in one mapped block). */
-  mem(iova: number, len: number): Uint8Array {
-    for (const b of this.blocks.values()) {
-      if (b.iova !== undefined && iova >= b.iova && iova + len <= b.iova + b.bytes.byteLength) {
-        return b.bytes.subarray(iova - b.iova, iova - b.iova + len);
-      }
-    }
-    throw new Error(`DMA to unmapped IOVA 0x${iova.toString(16)}`);
   }
 
   private adminDoorbell(tail: number): void {

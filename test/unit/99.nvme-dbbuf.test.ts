@@ -24,9 +24,10 @@ import type { IdentifyNamespace } from '../../drivers/nvme/identify';
 import { QueuePair } from '../../drivers/nvme/queue';
 import { DOORBELL_BUFFER_BYTES, DoorbellBuffer, EVENT_IDX_UNKNOWN, needEvent, type ShadowDoorbell } from '../../drivers/nvme/shadow-doorbell';
 import type { NativeGuestMemory } from '../../native';
-import { vfioFence, type DmaAllocation, type IommuInfo, type NativeVfioDevice, type RegionInfo } from '../../native/vfio';
+import { vfioFence } from '../../native/vfio';
 import { dispatchSegments } from '../helpers/dispatch';
 import { FakeController, postCqe, type FakeCq } from '../helpers/fake-nvme';
+import { FakeVfioDevice } from '../helpers/fake-vfio-device';
 
 /** The circular window [old, new) of a ring of `entries`: does it hold `ei`? */
 function inWindow(ei: number, oldIdx: number, newIdx: number, entries: number): boolean {
@@ -344,7 +345,7 @@ describe('the driver against the fake controller (QEMU 7.2 model) with shadow do
  * admin queue (Identify with OACS, Number of Queues, Create CQ/SQ, Doorbell Buffer Config), and
  * the I/O SQ doorbell registers recorded. Polled admin completions (no MSI-X).
  */
-class DbbcDevice implements NativeVfioDevice {
+class DbbcDevice extends FakeVfioDevice {
   readonly events: string[] = [];
   /** I/O SQ tail register writes: "qid:tail". */
   readonly mmio: string[] = [];
@@ -354,26 +355,11 @@ class DbbcDevice implements NativeVfioDevice {
   private aqa = 0;
   private asq = 0;
   private acq = 0;
-  private readonly blocks = new Map<number, { bytes: Uint8Array; iova?: number }>();
-  private nextId = 1;
   private sqHead = 0;
   private cqTail = 0;
   private phase = 1;
-  constructor(private readonly o: { oacs: number; refuseDbbc?: boolean }) {}
-  info(): ReturnType<NativeVfioDevice['info']> {
-    return { iommuType: 'TYPE1v2', numRegions: 9, numIrqs: 5, configSize: 4096 };
-  }
-  iommuInfo(): IommuInfo {
-    return { pageSizes: 0x40201000n, minPageSize: 4096, ranges: [{ start: 0, end: 2 ** 39 - 1 }] };
-  }
-  regionInfo(): RegionInfo {
-    return { size: 16384, offset: 0, flags: 7, read: true, write: true, mmap: true };
-  }
-  irqCount(): number {
-    return 65;
-  }
-  mapBar(): number {
-    return 16384;
+  constructor(private readonly o: { oacs: number; refuseDbbc?: boolean }) {
+    super();
   }
   read32(_bar: number, off: number): number {
     const cap = 0x7ffn | (1n << 16n) | (1n << 24n) | (1n << 37n) | (4n << 52n); // DSTRD 0: stride 4
@@ -406,44 +392,12 @@ class DbbcDevice implements NativeVfioDevice {
     else if (off === 0x1000) this.admin(v);
     else if (off > 0x1000 && (off - 0x1000) % 8 === 0) this.mmio.push(`${(off - 0x1000) / 8}:${v}`);
   }
-  read64(): bigint {
-    throw new Error('unused');
-  }
-  write64(): void {
-    throw new Error('unused');
-  }
   configRead(): number {
     return 0;
   }
   configWrite(): void {}
-  dmaAlloc(size: number): DmaAllocation {
-    const id = this.nextId++;
-    const buffer = new ArrayBuffer(size);
-    this.blocks.set(id, { bytes: new Uint8Array(buffer) });
-    return { id, buffer };
-  }
-  dmaMap(id: number, iova: number): void {
-    this.blocks.get(id)!.iova = iova;
-  }
-  dmaUnmap(id: number): void {
-    delete this.blocks.get(id)!.iova;
-  }
-  dmaFree(id: number): void {
-    this.blocks.delete(id);
-  }
-  dmaMapGuest(): number {
-    throw new Error('not emulated');
-  }
-  dmaUnmapGuest(): void {}
   setMsix(): void {}
-  reset(): void {}
   close(): void {}
-  mem(iova: number, len: number): Uint8Array {
-    for (const b of this.blocks.values()) {
-      if (b.iova !== undefined && iova >= b.iova && iova + len <= b.iova + b.bytes.byteLength) return b.bytes.subarray(iova - b.iova, iova - b.iova + len);
-    }
-    throw new Error(`DMA to unmapped IOVA 0x${iova.toString(16)}`);
-  }
   private admin(tail: number): void {
     const entries = (this.aqa & 0xfff) + 1;
     while (this.sqHead !== tail) {
