@@ -23,7 +23,7 @@ import { Disk } from '../block/disk';
 import { TagSet } from '../block/tag-set';
 import type { DiskConfig } from '../config/disk-schema';
 import type { DmaRegion, NvmeController } from '../drivers/nvme/controller';
-import { NvmeDriver, type AttachedQueue, type NvmeQueueStats, type SharedRegion } from '../drivers/nvme/driver';
+import { NvmeDriver, sharedRegion, type AttachedQueue, type NvmeQueueStats, type SharedRegion } from '../drivers/nvme/driver';
 import type { IdentifyNamespace } from '../drivers/nvme/identify';
 import { QueuePair } from '../drivers/nvme/queue';
 import { Reg, cqHeadDoorbell, decodeCsts, sqTailDoorbell } from '../drivers/nvme/registers';
@@ -100,11 +100,7 @@ export function nvmeWorkerSetup(d: NvmeDisk): NvmeWorkerSetup {
 function sharedDoorbellBuffer(c: NvmeController): NvmeWorkerSetup['doorbellBuffer'] {
   const b = c.doorbellBuffer;
   if (!c.shadowDoorbells || b === null) return null;
-  const sh = (r: DmaRegion): SharedRegion => {
-    if (r.share === undefined) throw new Error('DMA memory without a share id cannot be used from another thread');
-    return { share: r.share, iova: r.iova, size: r.size };
-  };
-  return { shadow: sh(b.shadow), eventIdx: sh(b.eventIdx) };
+  return { shadow: sharedRegion(b.shadow), eventIdx: sharedRegion(b.eventIdx) };
 }
 
 /** What the main thread needs of the disk's worker threads (daemon/queue-workers.ts). */

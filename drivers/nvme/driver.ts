@@ -227,6 +227,12 @@ export interface SharedRegion {
   size: number;
 }
 
+/** DMA memory `r` as another thread reaches it. @throws Error if it has no share id. */
+export function sharedRegion(r: DmaRegion): SharedRegion {
+  if (r.share === undefined) throw new Error('DMA memory without a share id cannot be used from another thread');
+  return { share: r.share, iova: r.iova, size: r.size };
+}
+
 /** Most namespaces one driver serves (command contexts keep the index in a byte). */
 export const MAX_NAMESPACES = 255;
 
@@ -344,18 +350,14 @@ export class NvmeDriver implements Operations, NvmeQueueOwner {
 
   /** Each queue pair's memory as other threads reach it (share ids; DMA memory with shares only). */
   sharedLayout(): Array<{ qid: number; entries: number; eventfd: number; sq: SharedRegion; cq: SharedRegion; lists: SharedRegion; bounce: SharedRegion }> {
-    const sh = (r: DmaRegion): SharedRegion => {
-      if (r.share === undefined) throw new Error('DMA memory without a share id cannot be used from another thread');
-      return { share: r.share, iova: r.iova, size: r.size };
-    };
     return this.queues.map((q) => ({
       qid: q.pair.qp.qid,
       entries: q.pair.qp.entries,
       eventfd: q.pair.eventfd ?? -1,
-      sq: sh(q.pair.ring.sq),
-      cq: sh(q.pair.ring.cq),
-      lists: sh(q.lists),
-      bounce: sh(q.bounceRegion),
+      sq: sharedRegion(q.pair.ring.sq),
+      cq: sharedRegion(q.pair.ring.cq),
+      lists: sharedRegion(q.lists),
+      bounce: sharedRegion(q.bounceRegion),
     }));
   }
 

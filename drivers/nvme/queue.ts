@@ -279,13 +279,9 @@ export class QueuePair<T> {
     if (tail === old) return false;
     this.sqTailRung = tail;
     const s = this.shadow;
-    if (s !== null) {
-      s.shadow.setUint32(s.sqOffset, tail, true);
-      s.fence();
-      if (!needEvent(s.eventIdx.getUint32(s.sqOffset, true), tail, old, this.entries)) {
-        this.stats.sqDoorbellsSkipped++;
-        return true;
-      }
+    if (s !== null && this.leftToShadow(s, s.sqOffset, tail, old)) {
+      this.stats.sqDoorbellsSkipped++;
+      return true;
     }
     this.doorbells.sqTail(tail);
     this.stats.sqDoorbells++;
@@ -298,16 +294,23 @@ export class QueuePair<T> {
     const old = this.cqHeadRung;
     this.cqHeadRung = head;
     const s = this.shadow;
-    if (s !== null) {
-      s.shadow.setUint32(s.cqOffset, head, true);
-      s.fence();
-      if (!needEvent(s.eventIdx.getUint32(s.cqOffset, true), head, old, this.entries)) {
-        this.stats.cqDoorbellsSkipped++;
-        return;
-      }
+    if (s !== null && this.leftToShadow(s, s.cqOffset, head, old)) {
+      this.stats.cqDoorbellsSkipped++;
+      return;
     }
     this.doorbells.cqHead(head);
     this.stats.cqDoorbells++;
+  }
+
+  /**
+   * Stores `value` in the shadow entry at `offset`, then (after a full fence) reads the
+   * controller's EventIdx entry there: true when moving from `old` to `value` does not pass it,
+   * so the register write can be left out.
+   */
+  private leftToShadow(s: ShadowDoorbell, offset: number, value: number, old: number): boolean {
+    s.shadow.setUint32(offset, value, true);
+    s.fence();
+    return !needEvent(s.eventIdx.getUint32(offset, true), value, old, this.entries);
   }
 
   /**
