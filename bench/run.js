@@ -82,6 +82,8 @@ const HELP = `usage: node bench/run.js [options]        (npm run bench -- [optio
                       "rnull before" in the same interleaved rounds: a before/after table of two
                       builds (e.g. git worktree add /tmp/before <rev> && (cd /tmp/before && npm ci
                       && npm run build))
+  --baseline-node-flags FLAGS  node flags for the --baseline back-end only (space-separated): with
+                      --baseline set to this checkout, an A/B of V8 flags on one build
   --workloads LIST    comma-separated filters on case ids "<disk>/<workload>" (see --list): a full id
                       selects that case, anything else every id containing it, e.g.
                       "null/4k-randread-qd32,mem/" or "qd32" (default: all ${allCases().length} cases)
@@ -123,6 +125,7 @@ function parseArgs(argv) {
     timeoutMs: 5000,
     out: path.join(__dirname, 'out'),
     baseline: null,
+    baselineNodeFlags: [],
     quick: false,
     build: true,
     list: false,
@@ -167,6 +170,7 @@ function parseArgs(argv) {
       case '--timeout-ms': o.timeoutMs = num(a, val(), 100, 600000, true); break;
       case '--out': o.out = path.resolve(String(val())); break;
       case '--baseline': o.baseline = path.resolve(String(val())); break;
+      case '--baseline-node-flags': o.baselineNodeFlags = String(val()).split(' ').filter(Boolean); break;
       case '--quick': o.quick = true; break;
       case '--no-build': o.build = false; break;
       case '--list': o.list = true; break;
@@ -382,7 +386,8 @@ async function startBackend(ctx, backend, disk, completionNs = 0) {
     // An older build without store files keeps a memory-backed disk in its heap.
     if (disk === 'mem' && rnullKnows(main, '--store ')) image = path.join(ctx.shm, `rnull-bench-${process.pid}-${n}.store`);
     const cpus = rnullCpus(o);
-    const base = rnullArgs(main, disk, socket, o.size, o.rnullThreads, image, completionNs);
+    const flags = backend === 'base' ? o.baselineNodeFlags : [];
+    const base = [...flags, ...rnullArgs(main, disk, socket, o.size, o.rnullThreads, image, completionNs)];
     if (cpus === null) [cmd, args] = pinned(o, o.backendCpu, process.execPath, base);
     // Each thread pins itself (rnull --cpus); taskset keeps Node's other threads on those CPUs.
     else [cmd, args] = pinned(o, [...new Set(cpus)].join(','), process.execPath, [...base, '--cpus', cpus.join(',')]);

@@ -419,6 +419,8 @@ int run(const Options& o) {
     j.num("stat_ticks", have_be ? be1.stat_ticks - be0.stat_ticks : uint64_t(0));
     j.num("schedstat_ns", have_sched ? be1.schedstat_ns - be0.schedstat_ns : uint64_t(0));
     j.num("threads", be1.threads);
+    j.num("stime_ticks", have_be ? be1.stime_ticks - be0.stime_ticks : uint64_t(0));
+    j.num("main_thread_schedstat_ns", have_sched ? be1.main_schedstat_ns - be0.main_schedstat_ns : uint64_t(0));
     j.num("utilization", have_sched && cpu_window_s > 0 ? double(be1.schedstat_ns - be0.schedstat_ns) / 1e9 / cpu_window_s : NAN);
     j.close();
     j.num("client_cpu_us_per_io", self_us);

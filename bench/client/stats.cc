@@ -91,6 +91,7 @@ CpuSample sample_process_cpu(int pid) {
         if (i == 15) stime = std::strtoull(field.c_str(), nullptr, 10);
       }
       s.stat_ticks = utime + stime;
+      s.stime_ticks = stime;
       s.ok = true;
     }
   }
@@ -103,7 +104,9 @@ CpuSample sample_process_cpu(int pid) {
       if (e->d_name[0] == '.') continue;
       std::string st;
       if (!read_file(base + "/task/" + e->d_name + "/schedstat", st)) continue;
-      total += std::strtoull(st.c_str(), nullptr, 10);
+      const uint64_t ns = std::strtoull(st.c_str(), nullptr, 10);
+      total += ns;
+      if (std::to_string(pid) == e->d_name) s.main_schedstat_ns = ns;
       n++;
       any = true;
     }

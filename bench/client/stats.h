@@ -85,6 +85,8 @@ struct QueueCounters {
 struct CpuSample {
   bool ok = false;
   uint64_t stat_ticks = 0;
+  uint64_t stime_ticks = 0;        // the kernel-mode part of stat_ticks
+  uint64_t main_schedstat_ns = 0;  // the thread whose tid is PID (Node's event loop)
   bool schedstat_ok = false;
   uint64_t schedstat_ns = 0;
   int threads = 0;

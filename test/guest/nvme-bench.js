@@ -183,6 +183,7 @@ async function oneRun(plan, round, w, name) {
       rec.lat_us = j.lat_us;
       rec.cpu_us_per_io = j.backend_cpu_us_per_io ? j.backend_cpu_us_per_io.schedstat : null;
       rec.backend_util = j.backend_cpu ? j.backend_cpu.utilization : null;
+      if (j.backend_cpu) rec.backend_cpu = j.backend_cpu; // window, ticks (user+system), main thread
       rec.errors = j.errors.total;
       rec.notifications = j.notifications;
       rec.warnings = j.warnings;
