@@ -29,7 +29,8 @@ function usage() {
   return `usage: node bench/nvme.js [options]
   --rounds N          rounds, each runs every workload on every back-end (default 3)
   --runtime S         measured seconds per run (default 4)
-  --ramp S            warm-up seconds per run (default 1)
+  --ramp S            warm-up seconds per run, every back-end (default 8: under TCG, V8's optimizing
+                      compiler still runs on rnull's pinned vCPU for several seconds after a start)
   --workloads LIST    comma-separated ids (default all: ${WORKLOADS.map((w) => w.id).join(', ')})
   --backends LIST     comma-separated, from ${BACKENDS.join(', ')} (default rnull,qsd,ceiling)
   --size MIB          namespace size (default 1024; a sparse host file)
@@ -44,7 +45,7 @@ function usage() {
 }
 
 function parseArgs(argv) {
-  const o = { rounds: 3, runtime: 4, ramp: 1, workloads: WORKLOADS.map((w) => w.id), backends: ['rnull', 'qsd', 'ceiling'], size: 1024, cpuProf: false, nodeFlags: [], rnullArgs: [], clock: 'tsc', timeout: 0, build: true, keep: false };
+  const o = { rounds: 3, runtime: 4, ramp: 8, workloads: WORKLOADS.map((w) => w.id), backends: ['rnull', 'qsd', 'ceiling'], size: 1024, cpuProf: false, nodeFlags: [], rnullArgs: [], clock: 'tsc', timeout: 0, build: true, keep: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = () => {
