@@ -34,6 +34,9 @@ export interface CompletionSink {
 
 const TAG_SPACE = 1 << TAG_BITS;
 
+/** spinEndNs(): a time already past, so the ring's polling spin ends before it starts. */
+export const SPIN_NONE = 1;
+
 export class HwQueue {
   readonly index: number;
   readonly depth: number;
@@ -52,6 +55,21 @@ export class HwQueue {
    * the timer in time.
    */
   pollEndNs = 0;
+  /**
+   * Set by a driver (in initHctx) whose requests end later, through the event loop (an interrupt
+   * eventfd, a poll tick), not inside queue_rq or the drain. While such a request is in flight
+   * the queue's ring is not spun on (spinEndNs): the thread would be busy in the spin while the
+   * interrupt that ends the request waits for the event loop.
+   */
+  completesAsync = false;
+  /**
+   * When the polling spin of this queue's ring must end (monotonic ns): pollEndNs, or
+   * SPIN_NONE (no spin at all) while a request of an asynchronously completing driver is in
+   * flight.
+   */
+  spinEndNs(): number {
+    return this.completesAsync && this.inFlight > 0 ? SPIN_NONE : this.pollEndNs;
+  }
   /**
    * Open completion batches (begin/endCompletionBatch): while > 0 the sink waits for the end of
    * the batch to publish, instead of scheduling a publish of its own for the next event-loop turn.

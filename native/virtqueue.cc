@@ -309,7 +309,10 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
     uint16_t pending = ring_.PopChains(availIdx, max, batchBytes_, &count, &bytes);
     // Hand over what we have; the caller comes back for more (notifications stay off meanwhile).
     if (ring_.broken() || count > 0 || pending > 0) break;
-    if (!spun && pollNs_ > 0) {
+    // info[2] already past (a timer due, or SPIN_NONE: the driver has requests in flight that
+    // end through the event loop): no spin, not counted as one.
+    const bool spinBarred = infoSpinLimit_ && info_[2] > 0 && info_[2] <= static_cast<double>(NowNs());
+    if (!spun && pollNs_ > 0 && !spinBarred) {
       spun = true;
       spins_++;
       ring_.SuppressKicks();

@@ -407,7 +407,7 @@ export class VirtioBlkQueue implements CompletionSink, RingQueue {
         }
         const toPublish = this.usedCount;
         this.usedCount = 0;
-        this.info[2] = this.hctx.pollEndNs; // pop's polling spin ends before a timer's deadline
+        this.info[2] = this.hctx.spinEndNs(); // before a timer's deadline; none with device I/O in flight
         const n = resubmitOnly ? this.vq.pop(toPublish, room, true) : this.vq.pop(toPublish, room);
         if (toPublish > 0) this.published(this.info[1]);
         if (n <= 0) {

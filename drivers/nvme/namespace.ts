@@ -161,6 +161,7 @@ export class NvmeNamespace implements Operations {
   }
 
   initHctx(hctx: HwQueue): void {
+    hctx.completesAsync = true; // completions come by MSI-X eventfd or poll tick
     this.owner.attachHctx(this, hctx);
   }
 
