@@ -310,9 +310,8 @@ Napi::Value Virtqueue::Pop(const Napi::CallbackInfo& info) {
     // Hand over what we have; the caller comes back for more (notifications stay off meanwhile).
     if (ring_.broken() || count > 0 || pending > 0) break;
     // info[2] already past (a timer due, or SPIN_NONE: the driver has requests in flight that
-    // end through the event loop): no spin, not counted as one.
-    const bool spinBarred = infoSpinLimit_ && info_[2] > 0 && info_[2] <= static_cast<double>(NowNs());
-    if (!spun && pollNs_ > 0 && !spinBarred) {
+    // end through the event loop): no spin, not counted as one. The clock is read only then.
+    if (!spun && pollNs_ > 0 && !(infoSpinLimit_ && info_[2] > 0 && info_[2] <= static_cast<double>(NowNs()))) {
       spun = true;
       spins_++;
       ring_.SuppressKicks();

@@ -4,7 +4,7 @@
  * a bump allocator and accessors by guest-physical address.
  */
 import { native, NativeGuestMemory } from '../../native';
-import type { MemRegion } from '../../virtqueue/guest-memory';
+import { GuestMemoryMap, type MemRegion } from '../../virtqueue/guest-memory';
 
 export interface RamLayout {
   gpa: number;
@@ -72,6 +72,11 @@ export class GuestRam {
   uaddr(gpa: number): number {
     for (const r of this.regions) if (gpa >= r.gpa && gpa < r.gpa + r.size) return r.uaddr + (gpa - r.gpa);
     throw new Error(`gpa 0x${gpa.toString(16)} not in test RAM`);
+  }
+
+  /** The back-end's own mapping of these regions, as SET_MEM_TABLE would give it (release it first). */
+  memoryMap(): GuestMemoryMap {
+    return new GuestMemoryMap(this.regions, this.regions.map(() => this.fd));
   }
 
   close(): void {

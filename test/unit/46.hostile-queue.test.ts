@@ -36,7 +36,7 @@ describe('a ring start that fails half-way (kick fd epoll refuses: /dev/null) le
 
   test('main thread: VirtioBlkQueue.start throws, the queue is not running, and a fresh start serves requests', async () => {
     be = startBackend({ num_queues: 1 });
-    const memory = new GuestMemoryMap(ram.regions, ram.regions.map(() => ram.fd));
+    const memory = ram.memoryMap();
     const hctx = hctxOf(be.disk, 0);
     const q = new VirtioBlkQueue(0, hctx, be.disk, silent);
     const ring = new DriverRing(ram, 16);
@@ -48,7 +48,7 @@ describe('a ring start that fails half-way (kick fd epoll refuses: /dev/null) le
     expect(q.isRunning).toBe(false);
     // Nothing kept the memory: it can be released and mapped again.
     memory.release();
-    const memory2 = new GuestMemoryMap(ram.regions, ram.regions.map(() => ram.fd));
+    const memory2 = ram.memoryMap();
     const kick = native.eventfd();
     fds.push(kick);
     q.start(ring.setup(memory2, kick), true);

@@ -11,7 +11,7 @@ import { BlkStatus, type Operations } from '../../block/operations';
 import type { Request } from '../../block/request';
 import { native } from '../../native';
 import { VirtioBlkQueue } from '../../virtqueue/blk-queue';
-import { GuestMemoryMap } from '../../virtqueue/guest-memory';
+import type { GuestMemoryMap } from '../../virtqueue/guest-memory';
 import { startBackend, TestBackend, until } from '../helpers/backend';
 import { DriverRing, offerRead } from '../helpers/driver-ring';
 import { GuestRam } from '../helpers/guest-ram';
@@ -48,7 +48,7 @@ describe('completion batches (HwQueue.begin/endCompletionBatch)', () => {
   beforeEach(() => {
     held.length = 0;
     ram = new GuestRam();
-    memory = new GuestMemoryMap(ram.regions, ram.regions.map(() => ram.fd));
+    memory = ram.memoryMap();
     kick = native.eventfd();
     be = startBackend({ num_queues: 1 }, holding);
   });
@@ -116,7 +116,7 @@ describe('polling siblings: a spin on one virtqueue ends when another of the thr
 
   beforeEach(() => {
     ram = new GuestRam();
-    memory = new GuestMemoryMap(ram.regions, ram.regions.map(() => ram.fd));
+    memory = ram.memoryMap();
     be = startBackend({ num_queues: 2 });
   });
   afterEach(async () => {

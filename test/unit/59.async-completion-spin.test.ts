@@ -13,7 +13,7 @@ import { BlkStatus, type Operations } from '../../block/operations';
 import type { Request } from '../../block/request';
 import { native } from '../../native';
 import { VirtioBlkQueue } from '../../virtqueue/blk-queue';
-import { GuestMemoryMap } from '../../virtqueue/guest-memory';
+import type { GuestMemoryMap } from '../../virtqueue/guest-memory';
 import { startBackend, TestBackend } from '../helpers/backend';
 import { DriverRing, offerRead } from '../helpers/driver-ring';
 import { GuestRam } from '../helpers/guest-ram';
@@ -51,7 +51,7 @@ describe('no polling spin while an asynchronously completing driver has requests
   beforeEach(() => {
     held.length = 0;
     ram = new GuestRam();
-    memory = new GuestMemoryMap(ram.regions, ram.regions.map(() => ram.fd));
+    memory = ram.memoryMap();
     kick = native.eventfd();
   });
   afterEach(async () => {
